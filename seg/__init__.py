@@ -1,0 +1,10 @@
+"""Semantic segmentation with Coordinate Attention encoders.
+
+Importing the package registers the attention-equipped encoders in
+segmentation-models-pytorch, so ``smp.create_model(..., encoder_name="mobilenet_v2_ca")``
+works after ``import seg``.
+"""
+
+__version__ = "0.1.0"
+
+from seg.encoders import register as _register  # noqa: E402,F401  (side effect: smp registration)
