@@ -1,0 +1,1 @@
+"""Attention-equipped encoders for segmentation-models-pytorch (registered by ``register``)."""

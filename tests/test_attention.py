@@ -1,0 +1,113 @@
+"""CoordAttention against the official block, odd shapes, gradients; SE/CBAM and the factory."""
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import shared_path
+from seg.attention import CBAM, CoordAttention, SqueezeExcite, make_attention
+
+FIXTURE = ("fixtures", "official_ca", "coordatt_block.pt")
+
+
+def _n_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.fixture(scope="module")
+def official():
+    return torch.load(shared_path(*FIXTURE), weights_only=True)
+
+
+@pytest.fixture()
+def official_block(official):
+    block = CoordAttention(official["x"].shape[1])
+    block.load_state_dict(official["state_dict"], strict=True)
+    return block
+
+
+def test_matches_official_in_eval_mode(official, official_block):
+    with torch.no_grad():
+        y = official_block.eval()(official["x"])
+    torch.testing.assert_close(y, official["y_eval"], atol=1e-5, rtol=1e-5)
+
+
+def test_matches_official_in_train_mode(official, official_block):
+    with torch.no_grad():
+        y = official_block.train()(official["x"])
+    torch.testing.assert_close(y, official["y_train"], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("channels", [16, 96, 256, 960])
+def test_param_count_follows_paper_formula(channels):
+    mip = max(8, channels // 32)
+    expected = channels * mip + mip + 2 * mip + 2 * (mip * channels + channels)
+    assert _n_params(CoordAttention(channels)) == expected
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(2, 16, 7, 12), (2, 16, 1, 9), (2, 16, 9, 1), (2, 16, 5, 3), (1, 16, 11, 13), (1, 16, 1, 1)],
+    ids=["h!=w", "1xW", "Hx1", "odd", "batch1", "1x1-batch1"],
+)
+@pytest.mark.parametrize("name", ["ca", "se", "cbam"])
+def test_any_shape_in_train_mode(name, shape):
+    block = make_attention(name, shape[1]).train()
+    x = torch.randn(shape)
+    y = block(x)
+    assert y.shape == x.shape
+    assert torch.isfinite(y).all()
+
+
+def test_ca_reads_size_at_every_call():
+    block = CoordAttention(16).eval()
+    for shape in [(1, 16, 8, 8), (1, 16, 4, 20)]:
+        x = torch.randn(shape)
+        gate = block(x) / x
+        # A separable gate: every 2x2 minor of gate[n, c] has zero determinant (rank 1).
+        g = gate[0, 0]
+        assert torch.allclose(g[0, 0] * g[1:, 1:], g[0, 1:] * g[1:, :1], atol=1e-5)
+
+
+def test_channels_last_input_gives_same_values():
+    block = CoordAttention(32).eval()
+    x = torch.randn(2, 32, 9, 14)
+    y_cl = block(x.to(memory_format=torch.channels_last))
+    torch.testing.assert_close(y_cl, block(x))
+
+
+def test_gate_is_true_sigmoid_not_hard():
+    block = CoordAttention(8).eval()
+    with torch.no_grad():
+        for conv in (block.conv_h, block.conv_w):
+            conv.weight.zero_()
+            conv.bias.fill_(1.0)
+    x = torch.ones(1, 8, 3, 4)
+    expected = torch.sigmoid(torch.tensor(1.0)) ** 2  # hard sigmoid would give (4/6)**2
+    torch.testing.assert_close(block(x), torch.full_like(x, expected.item()))
+
+
+def test_gradcheck_float64():
+    block = CoordAttention(8).double().train()
+    x = torch.randn(2, 8, 3, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(block, (x,))
+
+
+@pytest.mark.parametrize(
+    "name, cls", [("ca", CoordAttention), ("se", SqueezeExcite), ("cbam", CBAM), ("none", nn.Identity)]
+)
+def test_factory_builds_each_name(name, cls):
+    assert type(make_attention(name, 64)) is cls
+
+
+def test_factory_rejects_unknown_name_listing_valid_ones():
+    with pytest.raises(ValueError, match=r"'eca'.*\['ca', 'cbam', 'none', 'se'\]"):
+        make_attention("eca", 64)
+
+
+def test_gates_keep_values_bounded_by_input():
+    # Every gate lies in (0, 1), so |out| <= |in| elementwise.
+    x = torch.randn(2, 32, 6, 6)
+    for name in ("ca", "se", "cbam"):
+        y = make_attention(name, 32).eval()(x)
+        assert (y.abs() <= x.abs() + 1e-6).all(), name
