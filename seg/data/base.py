@@ -1,0 +1,124 @@
+"""Shared reading and checking for the segmentation datasets.
+
+Every dataset is a list of (image path, mask path) pairs plus a way to turn a mask file into
+train labels. Items are checked as they are read (sizes, label range) because training silently
+on a broken mask is far more expensive than two ``np.any`` calls per item.
+"""
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+import cv2
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
+
+from seg.data.palette import IGNORE_INDEX
+
+PairTransform = Callable[[np.ndarray, np.ndarray], tuple]
+MAX_LISTED = 5  # how many offending files an error message names
+
+
+class DatasetError(ValueError):
+    """A dataset file or layout is not what the reader expects."""
+
+
+def read_image(path: Path) -> np.ndarray:
+    """Read an image as HxWx3 uint8 RGB with OpenCV."""
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR_RGB)
+    if image is None:
+        raise DatasetError(f"cannot read image {path}: the file is missing, unreadable or not an image")
+    return image
+
+
+def read_label_png(path: Path) -> np.ndarray:
+    """Read a label PNG as an HxW uint8 array of class indices.
+
+    Palette ("P") PNGs are decoded through PIL because OpenCV expands them to the palette's
+    RGB colours, which would silently turn class indices into colours.
+    """
+    try:
+        with Image.open(path) as png:
+            if png.mode not in ("P", "L"):
+                raise DatasetError(f"label {path} has PIL mode {png.mode!r}; expected a palette ('P') or "
+                                   "8-bit grayscale ('L') PNG holding class indices")
+            return np.asarray(png)
+    except (OSError, SyntaxError) as err:  # PIL raises these for missing or corrupt files
+        raise DatasetError(f"cannot read label {path}: {err}") from err
+
+
+def list_ids(list_file: Path, layout: str) -> list[str]:
+    """Read a split list (one id per line), explaining the expected layout when it is absent."""
+    if not list_file.is_file():
+        raise DatasetError(f"split list {list_file} not found; expected layout:\n{layout}")
+    ids = [line.split()[0] for line in list_file.read_text().splitlines() if line.strip()]
+    if not ids:
+        raise DatasetError(f"split list {list_file} is empty")
+    return ids
+
+
+def check_present(paths: Sequence[Path], source: str) -> None:
+    """Raise naming the first few of ``paths`` that do not exist (listing each folder once)."""
+    listings: dict[Path, set[str]] = {}
+    missing = []
+    for path in paths:
+        if path.parent not in listings:
+            folder = path.parent
+            listings[folder] = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+        if path.name not in listings[path.parent]:
+            missing.append(str(path))
+    if missing:
+        shown = "\n  ".join(missing[:MAX_LISTED])
+        raise DatasetError(f"{len(missing)} file(s) listed by {source} are missing, e.g.:\n  {shown}")
+
+
+def check_label_range(mask: np.ndarray, num_classes: int, path: Path) -> None:
+    """Raise when ``mask`` holds a value outside 0..num_classes-1 and the ignore index."""
+    if mask.max(initial=0) < num_classes:
+        return
+    bad = (mask >= num_classes) & (mask != IGNORE_INDEX)
+    if bad.any():
+        values = np.unique(mask[bad])[:MAX_LISTED].tolist()
+        raise DatasetError(f"label {path} holds values {values}; expected 0..{num_classes - 1} "
+                           f"or {IGNORE_INDEX} (ignore)")
+
+
+class SegmentationDataset(Dataset):
+    """(image, mask) pairs; subclasses fill ``samples`` and set ``classes`` and ``palette``.
+
+    Without a transform an item is (HxWx3 uint8 RGB array, HxW uint8 mask with 255 = ignore).
+    With one, the item is whatever ``transform(image, mask)`` returns (tensors for ours).
+    """
+
+    classes: tuple[str, ...] = ()
+    palette: np.ndarray = np.zeros((0, 3), dtype=np.uint8)
+
+    def __init__(self, samples: list[tuple[Path, Path]], transform: PairTransform | None = None) -> None:
+        self.samples = samples
+        self.transform = transform
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load_mask(self, index: int) -> np.ndarray:
+        """Train labels of sample ``index`` (HxW uint8, 255 = ignore); overridden per dataset."""
+        return read_label_png(self.samples[index][1])
+
+    def __getitem__(self, index: int):
+        image_path, mask_path = self.samples[index]
+        image = read_image(image_path)
+        mask = self.load_mask(index)
+        if image.shape[:2] != mask.shape:
+            raise DatasetError(f"image {image_path} is {image.shape[1]}x{image.shape[0]} but its mask "
+                               f"{mask_path} is {mask.shape[1]}x{mask.shape[0]}; expected equal sizes")
+        check_label_range(mask, self.num_classes, mask_path)
+        if self.transform is None:
+            return image, mask
+        return self.transform(image, mask)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({len(self)} samples, {self.num_classes} classes)"

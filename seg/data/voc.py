@@ -1,0 +1,50 @@
+"""Pascal VOC 2012 semantic segmentation, including the SBD-augmented ``train_aug`` split."""
+
+from pathlib import Path
+
+from seg.data.base import PairTransform, SegmentationDataset, check_present, list_ids
+from seg.data.palette import voc_palette
+
+VOC_CLASSES = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)
+AUG_SPLIT = "train_aug"
+VOC_LAYOUT = """  <root>/VOCdevkit/VOC2012/   (or <root> itself being that folder)
+    JPEGImages/<id>.jpg
+    SegmentationClass/<id>.png          palette PNG, class index per pixel, 255 = void
+    SegmentationClassAug/<id>.png       only for split 'train_aug' (datasets/prepare_voc_aug.py)
+    ImageSets/Segmentation/<split>.txt  one id per line (train, val, trainval, train_aug)"""
+
+
+def find_voc_dir(root: str | Path) -> Path:
+    """The VOC2012 folder under ``root`` (``root`` may be its parent, grandparent or the folder itself)."""
+    root = Path(root)
+    for candidate in (root / "VOCdevkit" / "VOC2012", root / "VOC2012", root):
+        if (candidate / "JPEGImages").is_dir():
+            return candidate
+    raise FileNotFoundError(f"no VOC2012 folder with JPEGImages/ under {root}; expected layout:\n{VOC_LAYOUT}")
+
+
+class VOCSegmentation(SegmentationDataset):
+    """Pascal VOC 2012 segmentation: 21 classes, palette PNG masks read as indices, 255 = void.
+
+    Args:
+        root: folder holding ``VOCdevkit/VOC2012`` (or the VOC2012 folder itself).
+        split: name of a list in ``ImageSets/Segmentation`` (``train``, ``val``, ``trainval``, ``train_aug``);
+            ``train_aug`` reads its masks from ``SegmentationClassAug``.
+        transform: optional ``transform(image, mask) -> (image, mask)``.
+    """
+
+    classes = VOC_CLASSES
+    palette = voc_palette(len(VOC_CLASSES))
+
+    def __init__(self, root: str | Path, split: str = "train", transform: PairTransform | None = None) -> None:
+        self.root = find_voc_dir(root)
+        self.split = split
+        list_file = self.root / "ImageSets" / "Segmentation" / f"{split}.txt"
+        ids = list_ids(list_file, VOC_LAYOUT)
+        mask_dir = self.root / ("SegmentationClassAug" if split == AUG_SPLIT else "SegmentationClass")
+        samples = [(self.root / "JPEGImages" / f"{i}.jpg", mask_dir / f"{i}.png") for i in ids]
+        check_present([p for pair in samples for p in pair], list_file)
+        super().__init__(samples, transform)
