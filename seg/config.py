@@ -1,0 +1,287 @@
+"""Typed run configuration: dataclass defaults, then one YAML file, then ``key=value`` overrides.
+
+The dataclasses below are the single source of truth for every key and default. A YAML file
+holds only what differs from them (no ``_base_`` inheritance); overrides such as
+``optim.lr=0.02`` or ``model.encoder=mobilenet_v2_se`` are parsed with ``yaml.safe_load`` and
+checked against the field's type. Every user error raises :class:`ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file, override or stored config dict that does not fit the schema."""
+
+
+@dataclass
+class DataConfig:
+    name: Literal["synthetic", "voc", "cityscapes", "camvid"] = "synthetic"
+    root: str = "data"
+    train_split: str = "train"
+    val_split: str = "val"
+    num_classes: int = 21
+    crop_size: int = 513
+    scale_range: tuple[float, float] = (0.5, 2.0)
+    hflip: bool = True
+    jitter: bool = False
+    batch_size: int = 16
+    val_batch_size: int = 1
+    num_workers: int = 4
+    synthetic_train_images: int = 256
+    synthetic_val_images: int = 32
+    synthetic_image_size: int = 128
+
+
+@dataclass
+class ModelConfig:
+    arch: Literal["deeplabv3"] = "deeplabv3"
+    encoder: str = "mobilenet_v2_ca"
+    encoder_weights: Optional[str] = None  # local path or URL; None = random init
+    output_stride: Literal[8, 16] = 16
+    atrous_rates: tuple[int, int, int] = (6, 12, 18)
+    aspp_separable: bool = True
+    decoder_channels: int = 256
+    aux_loss: bool = False
+    aux_weight: float = 0.4
+    fused_ca: bool = True  # use fused CA kernels on CUDA when they are available
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.007
+    momentum: float = 0.9
+    weight_decay: float = 4e-5
+    encoder_lr_mult: float = 1.0
+    warmup_iters: int = 0
+    poly_power: float = 0.9
+    grad_clip: Optional[float] = None
+
+
+@dataclass
+class TrainConfig:
+    iters: int = 30000
+    eval_interval: int = 2000
+    log_interval: int = 50
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    channels_last: bool = False
+    compile: bool = False
+    seed: int = 0
+    vis_images: int = 4  # fixed val images shown in TensorBoard
+    ca_maps: bool = False
+    device: str = "auto"
+
+
+@dataclass
+class EvalConfig:
+    mode: Literal["whole", "slide"] = "whole"
+    crop_size: Optional[int] = None  # slide window; required when mode is "slide"
+    stride: Optional[int] = None
+    scales: tuple[float, ...] = (1.0,)
+    flip: bool = False
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+SECTIONS = {f.name: get_type_hints(Config)[f.name] for f in fields(Config)}
+FIELD_TYPES = {f"{s}.{name}": tp for s, cls in SECTIONS.items() for name, tp in get_type_hints(cls).items()}
+
+# (key, test, what the value must be): checked after file and overrides are merged.
+RULES = [
+    *((key, lambda v: v > 0, "> 0") for key in (
+        "data.num_classes", "data.crop_size", "data.batch_size", "data.val_batch_size",
+        "data.synthetic_train_images", "data.synthetic_val_images", "data.synthetic_image_size",
+        "model.decoder_channels", "optim.lr", "train.iters", "train.eval_interval", "train.log_interval")),
+    *((key, lambda v: v >= 0, ">= 0") for key in (
+        "data.num_workers", "model.aux_weight", "optim.momentum", "optim.weight_decay",
+        "optim.encoder_lr_mult", "optim.warmup_iters", "optim.poly_power", "train.vis_images")),
+    ("data.scale_range", lambda v: 0 < v[0] <= v[1], "(min, max) with 0 < min <= max"),
+    ("model.atrous_rates", lambda v: all(r > 0 for r in v), "positive dilation rates"),
+    ("optim.grad_clip", lambda v: v is None or v > 0, "None or > 0"),
+    ("eval.crop_size", lambda v: v is None or v > 0, "None or > 0"),
+    ("eval.stride", lambda v: v is None or v > 0, "None or > 0"),
+    ("eval.scales", lambda v: len(v) > 0 and all(s > 0 for s in v), "a non-empty list of positive scales"),
+]
+
+
+class _Mismatch(Exception):
+    """Internal: a value does not match a type; turned into a ConfigError naming the key."""
+
+
+def _type_name(tp: Any) -> str:
+    origin, args = get_origin(tp), get_args(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (Union, types.UnionType):
+        return " or ".join("None" if a is type(None) else _type_name(a) for a in args)
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"list of {_type_name(args[0])}"
+        return f"list of {len(args)} {_type_name(args[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """Return ``value`` converted to ``tp`` (int -> float, list -> tuple) or raise _Mismatch."""
+    origin, args = get_origin(tp), get_args(tp)
+    if origin is Literal:
+        # type() check too, so that True does not pass for 1 and 16.0 not for 16
+        if any(type(value) is type(a) and value == a for a in args):
+            return value
+        raise _Mismatch
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is not type(None):
+                try:
+                    return _coerce(value, arg)
+                except _Mismatch:
+                    pass
+        raise _Mismatch
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise _Mismatch
+        elems = [args[0]] * len(value) if args[-1] is Ellipsis else list(args)
+        if len(elems) != len(value):
+            raise _Mismatch
+        return tuple(_coerce(v, t) for v, t in zip(value, elems))
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp in (bool, str) and isinstance(value, tp):
+        return value
+    raise _Mismatch
+
+
+def _suggest(key: str) -> str:
+    """Hint naming the nearest valid key(s) for an unknown dotted ``key``."""
+    section, _, leaf = key.rpartition(".")
+    if not section:  # a top-level name: a misspelt section, or a field put outside its section
+        same_leaf = [k for k in FIELD_TYPES if k.endswith("." + leaf)]
+        close = same_leaf or difflib.get_close_matches(leaf, list(SECTIONS), n=1)
+        return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else f"; sections are {list(SECTIONS)}"
+    in_section = [k.split(".", 1)[1] for k in FIELD_TYPES if k.startswith(section + ".")]
+    # the exact name in another section beats a near spelling in this one: train.crop_size -> data.crop_size
+    close = [k for k in FIELD_TYPES if k.endswith("." + leaf)]
+    close = close or [f"{section}.{c}" for c in difflib.get_close_matches(leaf, in_section, n=1)]
+    close = close or difflib.get_close_matches(key, list(FIELD_TYPES), n=1)
+    if close:
+        return f"; did you mean {' or '.join(repr(c) for c in close)}?"
+    return f"; valid keys in '{section}': {in_section}"
+
+
+def _check(key: str, value: Any, source: str) -> Any:
+    tp = FIELD_TYPES[key]
+    try:
+        return _coerce(value, tp)
+    except _Mismatch:
+        raise ConfigError(
+            f"{source}: '{key}' expects {_type_name(tp)}, got {value!r} ({type(value).__name__})") from None
+
+
+def _apply(cfg: Config, data: Any, source: str) -> None:
+    """Merge a ``{section: {key: value}}`` mapping into ``cfg`` in place, checking every key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections {list(SECTIONS)}, got {data!r}")
+    for section, values in data.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{source}: unknown key '{section}'{_suggest(str(section))}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: '{section}' must be a mapping of keys, got {values!r}")
+        for name, value in values.items():
+            key = f"{section}.{name}"
+            if key not in FIELD_TYPES:
+                raise ConfigError(f"{source}: unknown key '{key}'{_suggest(key)}")
+            setattr(getattr(cfg, section), name, _check(key, value, source))
+
+
+def _parse_override(text: str) -> dict:
+    """``a.b=value`` -> ``{"a": {"b": value}}``, with the value parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {text!r} must look like key=value, e.g. optim.lr=0.02")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: value is not valid YAML: {e}") from None
+    # A string field keeps the text as typed: data.train_split=2012 means "2012", not the int 2012.
+    accepts_str = key in FIELD_TYPES and str in (FIELD_TYPES[key], *get_args(FIELD_TYPES[key]))
+    if accepts_str and value is not None and not isinstance(value, (str, list, dict)):
+        value = raw.strip()
+    for part in reversed(key.split(".")):
+        value = {part: value}
+    return value
+
+
+def validate(cfg: Config) -> None:
+    """Check value ranges and cross-field rules that types alone cannot express."""
+    for key, test, expected in RULES:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if not test(value):
+            raise ConfigError(f"'{key}' must be {expected}, got {value!r}")
+    if cfg.eval.mode == "slide" and (cfg.eval.crop_size is None or cfg.eval.stride is None):
+        raise ConfigError("eval.mode 'slide' needs eval.crop_size and eval.stride to be set")
+    if cfg.eval.crop_size and cfg.eval.stride and cfg.eval.stride > cfg.eval.crop_size:
+        raise ConfigError(f"eval.stride ({cfg.eval.stride}) must be <= eval.crop_size ({cfg.eval.crop_size}): "
+                          "a larger stride leaves pixels unpredicted")
+    if cfg.optim.warmup_iters > cfg.train.iters:
+        raise ConfigError(f"optim.warmup_iters ({cfg.optim.warmup_iters}) exceeds train.iters ({cfg.train.iters})")
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Defaults, then the YAML file at ``path`` (if any), then ``key=value`` overrides; validated."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        _apply(cfg, data or {}, str(path))
+    for text in overrides:
+        _apply(cfg, _parse_override(text), f"override {text!r}")
+    validate(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """Plain nested dict (tuples as lists): safe for YAML, JSON and ``torch.load(weights_only=True)``."""
+    def plain(v: Any) -> Any:
+        return [plain(x) for x in v] if isinstance(v, (list, tuple)) else v
+    return {s: {k: plain(v) for k, v in values.items()} for s, values in asdict(cfg).items()}
+
+
+def config_from_dict(d: dict) -> Config:
+    """Inverse of :func:`config_to_dict`, e.g. for the config stored in a checkpoint; keys it lacks keep defaults."""
+    cfg = Config()
+    _apply(cfg, d, "stored config")
+    validate(cfg)
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the fully resolved config as YAML; :func:`load_config` reads it back unchanged."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
