@@ -1,0 +1,124 @@
+"""Distributed helpers, and mIoU over 2 gloo ranks equal to one process on an odd-sized dataset."""
+
+import json
+import logging
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from seg import distributed as sd
+from seg.metrics import IGNORE_INDEX, ConfusionMatrix
+
+NUM_CLASSES = 5
+NUM_SAMPLES = 7  # odd on purpose: a padding sampler would count one sample twice
+WORLD_SIZE = 2
+
+
+def _dataset() -> TensorDataset:
+    g = torch.Generator().manual_seed(0)
+    target = torch.randint(NUM_CLASSES - 1, (NUM_SAMPLES, 12, 12), generator=g)  # class 4 absent
+    pred = torch.where(torch.rand(target.shape, generator=g) < 0.5, target,
+                       torch.randint(NUM_CLASSES - 1, target.shape, generator=g))
+    target[torch.rand(target.shape, generator=g) < 0.1] = IGNORE_INDEX
+    return TensorDataset(pred, target)
+
+
+def _evaluate(loader: DataLoader) -> ConfusionMatrix:
+    cm = ConfusionMatrix(NUM_CLASSES)
+    for pred, target in loader:
+        cm.update(pred, target)
+    cm.all_reduce()
+    return cm
+
+
+def _worker(rank: int, port: int, out_path: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE))
+    torch.set_num_threads(1)
+    info = sd.init_distributed()
+    try:
+        ds = _dataset()
+        exact = _evaluate(DataLoader(ds, batch_size=2, sampler=sd.ShardSampler(len(ds), info.rank, info.world_size)))
+        padded = _evaluate(DataLoader(ds, batch_size=2, sampler=DistributedSampler(ds, shuffle=False)))
+        if sd.is_main():
+            with open(out_path, "w") as f:
+                json.dump({"info": [info.rank, info.world_size, info.is_main, str(info.device)],
+                           "exact": exact.compute(), "padded": padded.compute()}, f)
+        sd.barrier()
+    finally:
+        sd.cleanup()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_ranks_equal_one_process(tmp_path):
+    out = tmp_path / "rank0.json"
+    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD_SIZE, join=True)
+    got = json.loads(out.read_text())
+    single = _evaluate(DataLoader(_dataset(), batch_size=3)).compute()
+    assert got["info"] == [0, WORLD_SIZE, True, "cpu"]
+    assert got["exact"]["confusion"] == single["confusion"]
+    assert got["exact"]["miou"] == single["miou"]
+    assert math.isnan(got["exact"]["iou"][4]) and math.isnan(single["iou"][4])
+    # The check is sharp: DistributedSampler pads 7 samples to 8 and the count goes wrong.
+    padded_total = sum(map(sum, got["padded"]["confusion"]))
+    assert padded_total > sum(map(sum, single["confusion"]))
+
+
+@pytest.mark.parametrize("n", [0, 1, 6, 7])
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_shard_sampler_covers_each_index_once(n, world):
+    shards = [list(sd.ShardSampler(n, r, world)) for r in range(world)]
+    assert sorted(i for s in shards for i in s) == list(range(n))
+    assert [len(sd.ShardSampler(n, r, world)) for r in range(world)] == [len(s) for s in shards]
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+def test_shard_sampler_rejects_bad_rank():
+    with pytest.raises(ValueError, match="rank"):
+        sd.ShardSampler(5, rank=2, world_size=2)
+
+
+def test_single_process_helpers_are_no_ops(monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    info = sd.init_distributed()
+    assert (info.rank, info.world_size, info.is_main, info.distributed) == (0, 1, True, False)
+    assert sd.is_main() and sd.get_world_size() == 1
+    sd.barrier()
+    t = torch.tensor([1, 2])
+    assert sd.all_reduce_sum(t) is t and t.tolist() == [1, 2]
+    assert list(sd.ShardSampler(3)) == [0, 1, 2]
+
+
+@pytest.fixture
+def _restore_root_logger():
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    for h in root.handlers:
+        if h not in handlers:
+            h.close()
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+@pytest.mark.usefixtures("_restore_root_logger")
+def test_setup_logging_levels_by_rank(tmp_path, monkeypatch):
+    log_file = tmp_path / "logs" / "train.log"
+    monkeypatch.setenv("RANK", "1")
+    sd.setup_logging(log_file)
+    assert logging.getLogger().level == logging.WARNING and not log_file.exists()
+    monkeypatch.setenv("RANK", "0")
+    sd.setup_logging(log_file)
+    logging.getLogger("seg.test").info("hello from rank 0")
+    assert logging.getLogger().level == logging.INFO
+    assert "hello from rank 0" in log_file.read_text()
