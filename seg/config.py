@@ -32,8 +32,8 @@ class DataConfig:
     scale_range: tuple[float, float] = (0.5, 2.0)
     hflip: bool = True
     jitter: bool = False
-    batch_size: int = 16
-    val_batch_size: int = 1
+    batch_size: int = 16  # global: summed over all processes, so a recipe means the same on any GPU count
+    val_batch_size: int = 1  # per process (results do not depend on it); VOC images differ in size
     num_workers: int = 4
     synthetic_train_images: int = 256
     synthetic_val_images: int = 32
