@@ -18,6 +18,7 @@ attention blocks) are initialised the way the official MobileNetV2-CA code does.
 """
 
 import logging
+import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from typing import Callable, Optional
 from urllib.parse import urlparse
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 logger = logging.getLogger(__name__)
@@ -96,6 +98,9 @@ def load_encoder_weights(encoder: nn.Module, path: str | Path, *, min_fraction: 
     encoder.load_state_dict({**target, **loaded})
     _init_fresh_layers(encoder, target, set(report.missing))
     logger.info(report.summary)
+    if report.unexpected:
+        logger.warning("%s: %d checkpoint tensors have no place in the encoder, e.g. %s",
+                       path.name, len(report.unexpected), report.unexpected[:EXAMPLE_KEYS])
     for key, have, want in report.mismatched:
         logger.warning("%s: %s has shape %s in the checkpoint, %s in the encoder; left as is",
                        path.name, key, have, want)
@@ -130,11 +135,12 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file  # optional format; keep import local
-
         obj = load_file(str(path), device="cpu")
     else:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError) as err:
+            raise ValueError(f"{path}: not readable as a weights-only torch checkpoint ({err})") from err
     while isinstance(obj, dict):
         inner = next((obj[k] for k in CONTAINER_KEYS if isinstance(obj.get(k), dict)), None)
         if inner is None:

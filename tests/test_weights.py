@@ -202,6 +202,18 @@ def test_shape_mismatch_is_reported_not_skipped(tv_mobilenet, tmp_path):
     assert torch.equal(encoder.state_dict()["features.0.0.weight"], stem)
 
 
+def test_our_attention_layout_round_trips(tmp_path):
+    source = _encoder("mobilenet_v2_cbam")
+    path = _save(source.state_dict(), tmp_path / "mbv2_cbam.safetensors")
+    same = _encoder("mobilenet_v2_cbam")
+    report = load_encoder_weights(same, path)
+    assert report.layout == "attention" and report.missing == [] and report.unexpected == []
+    assert all(torch.equal(v, same.state_dict()[k]) for k, v in source.state_dict().items())
+    plain = load_encoder_weights(_encoder("mobilenet_v2"), path)
+    assert plain.missing == [] and plain.unexpected  # attention has no place in the plain encoder
+    assert all(re.fullmatch(r"features\.\d+\.conv\.2\..+", k) for k in plain.unexpected)
+
+
 def test_containers_and_ddp_prefix_are_unwrapped(tv_mobilenet, tmp_path):
     wrapped = {"epoch": 3, "model": {f"module.{k}": v for k, v in tv_mobilenet.state_dict().items()}}
     report = load_encoder_weights(_encoder("mobilenet_v2"), _save(wrapped, tmp_path / "ckpt.pt"))
@@ -213,6 +225,10 @@ def test_missing_and_empty_files_raise(tmp_path):
         load_encoder_weights(_encoder("mobilenet_v2"), tmp_path / "nowhere.pth")
     with pytest.raises(ValueError, match="empty.pth"):
         load_encoder_weights(_encoder("mobilenet_v2"), _save({"note": "no tensors"}, tmp_path / "empty.pth"))
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="garbage.pth"):
+        load_encoder_weights(_encoder("mobilenet_v2"), garbage)
 
 
 def test_resolve_weights_local_paths(tmp_path):
