@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 import types
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type_hints
 
@@ -98,7 +98,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-SECTIONS = {f.name: get_type_hints(Config)[f.name] for f in fields(Config)}
+SECTIONS = get_type_hints(Config)  # section name -> its dataclass
 FIELD_TYPES = {f"{s}.{name}": tp for s, cls in SECTIONS.items() for name, tp in get_type_hints(cls).items()}
 
 # (key, test, what the value must be): checked after file and overrides are merged.
@@ -201,6 +201,7 @@ def _apply(cfg: Config, data: Any, source: str) -> None:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping of sections {list(SECTIONS)}, got {data!r}")
     for section, values in data.items():
+        values = {} if values is None else values  # a section left empty in YAML, e.g. only comments
         if section not in SECTIONS:
             raise ConfigError(f"{source}: unknown key '{section}'{_suggest(str(section))}")
         if not isinstance(values, dict):

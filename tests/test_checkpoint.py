@@ -1,6 +1,7 @@
 """Atomic checkpoint writes, weights_only round trips, RNG restore and clear load errors."""
 
 import random
+import zipfile
 
 import numpy as np
 import pytest
@@ -151,6 +152,13 @@ def test_corrupt_or_truncated_file_is_named(tmp_path, cut):
     path.write_bytes(b"not a checkpoint at all" if cut == 0 else data[:cut])
     with pytest.raises(CheckpointError, match="broken.pt"):
         load_checkpoint(path)
+
+
+def test_zip_that_is_not_a_checkpoint_is_named(tmp_path):
+    with zipfile.ZipFile(tmp_path / "other.zip", "w") as z:
+        z.writestr("readme.txt", "hello")
+    with pytest.raises(CheckpointError, match="other.zip is corrupt"):
+        load_checkpoint(tmp_path / "other.zip")
 
 
 def test_file_with_objects_weights_only_refuses(tmp_path):

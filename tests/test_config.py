@@ -34,6 +34,7 @@ def test_yaml_then_overrides_in_that_order(tmp_path):
 
 def test_empty_yaml_file_means_defaults(tmp_path):
     assert load_config(write(tmp_path, "# nothing\n"), []) == Config()
+    assert load_config(write(tmp_path, "optim:\n  # lr: 0.1\n"), []) == Config()
 
 
 @pytest.mark.parametrize("override, key, expected", [
