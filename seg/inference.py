@@ -109,16 +109,22 @@ def _infer(model, image, num_classes, mode, output_stride, crop_size, stride, sc
         with torch.no_grad():
             if len(views) == 1:
                 return _view_logits(model, image, *views[0], fwd, out_hw), False
-            acc = None
+            acc = None  # views[0] is never flipped, so it can become the accumulator as is
             for scale, flipped in views:
                 probs = _softmax_(_view_logits(model, image, scale, flipped, fwd, out_hw).float())
-                acc = probs if acc is None else acc.add_(probs)
+                if acc is None:
+                    acc = probs
+                elif flipped:
+                    _add_mirrored_(acc, probs)
+                else:
+                    acc.add_(probs)
             return acc.div_(len(views)), True
     finally:
         model.train(was_training)
 
 
 def _view_logits(model, image, scale, flipped, fwd, out_hw) -> torch.Tensor:
+    """Logits resized to out_hw; still mirrored when ``flipped`` (see ``_add_mirrored_``)."""
     x = image
     if scale != 1.0:
         h, w = image.shape[-2:]
@@ -127,8 +133,6 @@ def _view_logits(model, image, scale, flipped, fwd, out_hw) -> torch.Tensor:
     if flipped:
         x = x.flip(-1)
     logits = _forward_slide(model, x, fwd) if fwd.mode == "slide" else _forward_whole(model, x, fwd)
-    if flipped:
-        logits = logits.flip(-1)
     if tuple(logits.shape[-2:]) != out_hw:
         logits = F.interpolate(logits, size=out_hw, mode="bilinear", align_corners=False)
     return logits
@@ -178,6 +182,12 @@ def _forward_slide(model, x: torch.Tensor, fwd: _Forward) -> torch.Tensor:
 def _starts(size: int, crop: int, step: int) -> list[int]:
     """Window offsets every ``step`` pixels, the last one flush with the far border."""
     return list(range(0, size - crop, step)) + [size - crop]
+
+
+def _add_mirrored_(acc: torch.Tensor, mirrored: torch.Tensor) -> None:
+    """acc += mirrored flipped back, one class at a time: flip copies, and a whole copy is 160 MB."""
+    for c in range(acc.shape[1]):
+        acc[:, c].add_(mirrored[:, c].flip(-1))
 
 
 def _softmax_(logits: torch.Tensor) -> torch.Tensor:

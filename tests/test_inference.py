@@ -165,10 +165,11 @@ class _FullResAllocations(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("fn", [predict, predict_labels])
-def test_single_view_allocates_one_full_resolution_class_tensor(fn):
-    """Only the model's own output: no extra per-class copies for crop, softmax or argmax."""
+@pytest.mark.parametrize("flip,expected", [(False, 1), (True, 2)])
+def test_full_resolution_class_tensors_are_only_the_model_outputs(fn, flip, expected):
+    """One per model run: no extra per-class copies for crop, softmax, argmax or un-flipping."""
     model, x = nn.Conv2d(3, 19, 1).eval(), _image(45, 70, n=1)
     counter = _FullResAllocations(min_numel=19 * 45 * 70)
     with counter:
-        fn(model, x, num_classes=19, output_stride=16)
-    assert counter.count == 1
+        fn(model, x, num_classes=19, output_stride=16, flip=flip)
+    assert counter.count == expected
