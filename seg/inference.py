@@ -166,15 +166,12 @@ def _forward_slide(model, x: torch.Tensor, fwd: _Forward) -> torch.Tensor:
     n, _, h, w = x.shape
     x = F.pad(x, (0, max(crop_w - w, 0), 0, max(crop_h - h, 0)))
     full_h, full_w = x.shape[-2:]
-    total = None
+    total = torch.zeros((n, fwd.num_classes, full_h, full_w), dtype=torch.float32, device=x.device)
     count = torch.zeros((1, 1, full_h, full_w), dtype=torch.float32, device=x.device)
     for top in _starts(full_h, crop_h, step_h):
         for left in _starts(full_w, crop_w, step_w):
             window = (..., slice(top, top + crop_h), slice(left, left + crop_w))
-            logits = _forward_whole(model, x[window], fwd)
-            if total is None:
-                total = torch.zeros((n, fwd.num_classes, full_h, full_w), dtype=torch.float32, device=x.device)
-            total[window] += logits
+            total[window] += _forward_whole(model, x[window], fwd)
             count[window] += 1
     return total.div_(count)[..., :h, :w]
 
