@@ -42,7 +42,7 @@ def read_label_png(path: Path) -> np.ndarray:
             if png.mode not in ("P", "L"):
                 raise DatasetError(f"label {path} has PIL mode {png.mode!r}; expected a palette ('P') or "
                                    "8-bit grayscale ('L') PNG holding class indices")
-            return np.asarray(png)
+            return np.array(png)  # a writable copy: torch warns on read-only arrays
     except (OSError, SyntaxError) as err:  # PIL raises these for missing or corrupt files
         raise DatasetError(f"cannot read label {path}: {err}") from err
 
