@@ -1,6 +1,10 @@
 """Class colours: the Pascal VOC palette and mask colourisation for logs and figures."""
 
+import os
+from pathlib import Path
+
 import numpy as np
+from PIL import Image
 
 IGNORE_INDEX = 255
 
@@ -22,6 +26,9 @@ def voc_palette(num_classes: int = 256) -> np.ndarray:
     return palette
 
 
+VOC_PALETTE = voc_palette()  # all 256 entries, as stored in VOC's PNG masks
+
+
 def colorize(mask: np.ndarray, palette: np.ndarray) -> np.ndarray:
     """Map an HxW label mask to an HxWx3 uint8 RGB image; 255 (ignore) and unknown labels become black.
 
@@ -35,3 +42,13 @@ def colorize(mask: np.ndarray, palette: np.ndarray) -> np.ndarray:
     out = np.zeros((*labels.shape, 3), dtype=np.uint8)
     out[known] = palette[labels[known]]
     return out
+
+
+def save_index_png(path: str | Path, mask: np.ndarray, palette: np.ndarray | None = None) -> None:
+    """Write an HxW uint8 mask as a palette ("P") PNG, the VOC mask format; atomic (temp file + rename)."""
+    png = Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint8))
+    png.putpalette((VOC_PALETTE if palette is None else np.asarray(palette, np.uint8)).tobytes())  # L -> P
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    png.save(tmp, format="PNG")
+    os.replace(tmp, path)

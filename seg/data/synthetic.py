@@ -11,10 +11,9 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image
 
 from seg.data.base import PairTransform
-from seg.data.palette import IGNORE_INDEX, voc_palette
+from seg.data.palette import IGNORE_INDEX, save_index_png, voc_palette
 from seg.data.voc import VOCSegmentation, find_voc_dir
 
 SYNTHETIC_CLASSES = ("background", "disc", "square", "triangle", "cross")
@@ -22,7 +21,6 @@ SYNTHETIC_PALETTE = voc_palette(len(SYNTHETIC_CLASSES))
 FORMAT_VERSION = 1  # bump when the generator changes so cached datasets are regenerated
 SPEC_FILE = "synthetic.json"
 MIN_CONTRAST = 110.0  # RGB distance between a texture's two colours, so the pattern is always visible
-_PNG_PALETTE = voc_palette(256).tobytes()
 
 
 def _random_colour(rng: np.random.Generator) -> np.ndarray:
@@ -114,9 +112,7 @@ def _write_split(voc: Path, split: str, names: list[str], rng: np.random.Generat
         image, label = render_scene(rng, size)
         cv2.imwrite(str(voc / "JPEGImages" / f"{name}.jpg"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR),
                     [cv2.IMWRITE_JPEG_QUALITY, 95])
-        png = Image.fromarray(label, mode="P")
-        png.putpalette(_PNG_PALETTE)
-        png.save(voc / "SegmentationClass" / f"{name}.png")
+        save_index_png(voc / "SegmentationClass" / f"{name}.png", label)
     (voc / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(names) + "\n")
 
 

@@ -1,0 +1,111 @@
+"""Bad input gives a clear error that names the file and what was expected."""
+
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+
+from seg.data import DatasetError, build_dataset
+from seg.data.camvid import CamVid
+from seg.data.cityscapes import Cityscapes
+from seg.data.palette import save_index_png
+from seg.data.synthetic import SyntheticSegmentation, make_synthetic
+from seg.data.voc import VOCSegmentation
+
+
+@pytest.fixture()
+def voc(tmp_path):
+    """A tiny dataset in the VOC layout (train_00000..3, val_00000..1)."""
+    return make_synthetic(tmp_path, n_train=4, n_val=2, size=32)
+
+
+def test_missing_root_describes_layout(tmp_path):
+    with pytest.raises(FileNotFoundError, match="JPEGImages"):
+        VOCSegmentation(tmp_path / "nowhere", "train")
+
+
+def test_missing_split_list_names_it(voc):
+    with pytest.raises(DatasetError, match=r"trainval\.txt not found(.|\n)*SegmentationClass"):
+        VOCSegmentation(voc, "trainval")
+
+
+def test_missing_listed_files_are_named(voc):
+    (voc / "JPEGImages" / "train_00001.jpg").unlink()
+    (voc / "SegmentationClass" / "train_00003.png").unlink()
+    with pytest.raises(DatasetError, match=r"2 file\(s\)(.|\n)*train_00001\.jpg(.|\n)*train_00003\.png"):
+        SyntheticSegmentation(voc, "train")
+
+
+def test_unreadable_image(voc):
+    (voc / "JPEGImages" / "train_00000.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(DatasetError, match="cannot read image .*train_00000.jpg"):
+        SyntheticSegmentation(voc, "train")[0]
+
+
+def test_unreadable_mask(voc):
+    (voc / "SegmentationClass" / "train_00000.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(DatasetError, match="cannot read label .*train_00000.png"):
+        SyntheticSegmentation(voc, "train")[0]
+
+
+def test_size_mismatch(voc):
+    save_index_png(voc / "SegmentationClass" / "train_00002.png", np.zeros((20, 30), np.uint8))
+    with pytest.raises(DatasetError, match=r"train_00002.jpg is 32x32 but its mask .*train_00002.png is 30x20"):
+        SyntheticSegmentation(voc, "train")[2]
+
+
+@pytest.mark.parametrize("dataset_class,bad", [(SyntheticSegmentation, 5), (VOCSegmentation, 21)])
+def test_mask_values_out_of_range(voc, dataset_class, bad):
+    mask = np.zeros((32, 32), np.uint8)
+    mask[3, 4] = bad
+    save_index_png(voc / "SegmentationClass" / "val_00001.png", mask)
+    dataset = dataset_class(voc, "val")
+    dataset[0]  # the untouched sample still loads
+    with pytest.raises(DatasetError, match=rf"val_00001.png holds values \[{bad}\]; expected 0..{bad - 1} or 255"):
+        dataset[1]
+
+
+def test_rgb_mask_is_rejected(voc):
+    cv2.imwrite(str(voc / "SegmentationClass" / "val_00000.png"), np.zeros((32, 32, 3), np.uint8))
+    with pytest.raises(DatasetError, match="val_00000.png has PIL mode 'RGB'"):
+        SyntheticSegmentation(voc, "val")[0]
+
+
+def _camvid(tmp_path, label_value):
+    for folder in ("train", "trainannot"):
+        (tmp_path / folder).mkdir(parents=True)
+    cv2.imwrite(str(tmp_path / "train" / "a.png"), np.zeros((8, 8, 3), np.uint8))
+    cv2.imwrite(str(tmp_path / "trainannot" / "a.png"), np.full((8, 8), label_value, np.uint8))
+    return tmp_path
+
+
+def test_camvid_void_becomes_ignore_and_bad_label_fails(tmp_path):
+    assert (CamVid(_camvid(tmp_path / "ok", 11), "train")[0][1] == 255).all()
+    with pytest.raises(DatasetError, match=r"a.png holds values \[12\]"):
+        CamVid(_camvid(tmp_path / "bad", 12), "train")[0]
+
+
+def test_camvid_orphans_are_named(tmp_path):
+    root = _camvid(tmp_path, 0)
+    cv2.imwrite(str(root / "train" / "b.jpg"), np.zeros((8, 8, 3), np.uint8))
+    with pytest.raises(DatasetError, match="no matching label .*b.jpg"):
+        CamVid(root, "train")
+    with pytest.raises(FileNotFoundError, match="valannot"):
+        (root / "val").mkdir()
+        CamVid(root, "val")
+
+
+def test_cityscapes_missing_annotation(tmp_path):
+    from tests.conftest import shared_path
+    sample = shared_path("data", "cityscapes_sample")
+    shutil.copytree(sample / "leftImg8bit", tmp_path / "leftImg8bit")
+    with pytest.raises(DatasetError, match="1 annotation.*frankfurt_000000_000294_gtFine_labelIds.png"):
+        Cityscapes(tmp_path, "val")
+    with pytest.raises(DatasetError, match="no \\*_leftImg8bit.png files under .*train"):
+        Cityscapes(tmp_path, "train")
+
+
+def test_unknown_dataset_name_lists_valid_ones(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown dataset 'coco'.*'camvid', 'cityscapes', 'synthetic', 'voc'"):
+        build_dataset("coco", tmp_path, "train")
