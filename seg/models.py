@@ -1,0 +1,123 @@
+"""Segmentation models: smp architectures on our attention encoders, plus an optional aux head.
+
+Contract of ``build_model``: it returns a ``SegModel``. ``model(x)`` gives logits
+(N, num_classes, H, W) at input resolution, except in train mode with ``aux_loss=True``, where
+it gives ``(logits, aux_logits)``, both at input resolution. State-dict keys are smp's
+(``encoder.*``, ``decoder.*``, ``segmentation_head.*``) plus ``aux_head.*`` when the aux head
+is on, so weights move between smp models and ours, and ``seg/weights.py`` loads a backbone
+into ``model.encoder``.
+"""
+
+import segmentation_models_pytorch as smp
+import torch
+import torch.nn.functional as F
+from segmentation_models_pytorch.base import SegmentationModel
+from segmentation_models_pytorch.base.utils import is_torch_compiling
+from torch import nn
+
+import seg.encoders.register  # noqa: F401  (our encoder names must be in smp's table)
+
+DEEPLAB_ARCHS = ("deeplabv3", "deeplabv3plus")
+ARCHS = DEEPLAB_ARCHS + ("unet", "fpn")
+AUX_DROPOUT = 0.1
+
+
+class AuxHead(nn.Sequential):
+    """FCN-style auxiliary classifier: 3x3 conv-BN-ReLU-dropout, then 1x1 conv to classes."""
+
+    def __init__(self, in_channels: int, num_classes: int) -> None:
+        hidden = in_channels // 4
+        super().__init__(
+            nn.Conv2d(in_channels, hidden, kernel_size=3, padding=1, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(AUX_DROPOUT),
+            nn.Conv2d(hidden, num_classes, kernel_size=1),
+        )
+
+
+class SegModel(SegmentationModel):
+    """An smp model's encoder, decoder and head, with an optional aux head on ``features[-2]``.
+
+    Subclasses smp's base, so ``predict``, ``freeze_encoder`` and the input-size check work
+    as for any smp model.
+
+    Args:
+        model: a freshly built smp model (without smp's own classification head).
+        aux_head: applied to the encoder's second-deepest feature (stride 16 at OS 16/32,
+            stride 8 at OS 8) in train mode only; None for no auxiliary output.
+    """
+
+    def __init__(self, model: SegmentationModel, aux_head: nn.Module | None = None) -> None:
+        super().__init__()
+        self.encoder = model.encoder
+        self.decoder = model.decoder
+        self.segmentation_head = model.segmentation_head
+        self.classification_head = None
+        self.aux_head = aux_head
+        self.requires_divisible_input_shape = model.requires_divisible_input_shape
+        self.name = model.name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if not (torch.jit.is_scripting() or torch.jit.is_tracing() or is_torch_compiling()):
+            self.check_input_shape(x)
+        features = self.encoder(x)
+        logits = self.segmentation_head(self.decoder(features))
+        if self.aux_head is None or not self.training:
+            return logits
+        aux = self.aux_head(features[-2])
+        aux = F.interpolate(aux, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return logits, aux
+
+
+def _arch_kwargs(
+    arch: str, output_stride: int, rates: tuple[int, ...], separable: bool, channels: int
+) -> dict:
+    if arch not in DEEPLAB_ARCHS:
+        return {}  # U-Net and FPN need every stride up to 32 and keep smp's decoder defaults
+    if output_stride not in (8, 16):
+        raise ValueError(f"output_stride must be 8 or 16 for {arch}, got {output_stride}")
+    return {
+        "encoder_output_stride": output_stride,
+        "decoder_atrous_rates": tuple(rates),
+        "decoder_aspp_separable": separable,
+        "decoder_channels": channels,
+    }
+
+
+def build_model(
+    arch: str,
+    encoder: str,
+    num_classes: int,
+    *,
+    output_stride: int = 16,
+    encoder_weights: str | None = None,
+    in_channels: int = 3,
+    decoder_atrous_rates: tuple[int, ...] = (12, 24, 36),
+    aspp_separable: bool = False,
+    decoder_channels: int = 256,
+    aux_loss: bool = False,
+) -> SegModel:
+    """Build ``arch`` on ``encoder`` with random weights (see the module docstring for the contract).
+
+    ``output_stride``, ``decoder_atrous_rates``, ``aspp_separable`` and ``decoder_channels``
+    apply to DeepLabV3/V3+ only; U-Net and FPN use smp's defaults at output stride 32.
+    Pretrained weights are local files, loaded afterwards with ``seg/weights.py``.
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {list(ARCHS)}")
+    valid = smp.encoders.get_encoder_names()
+    if encoder not in valid:
+        raise ValueError(f"unknown encoder {encoder!r}; expected one of {sorted(valid)}")
+    if encoder_weights is not None:
+        raise ValueError(
+            f"encoder_weights must be None (got {encoder_weights!r}): smp would download them; "
+            "load a local checkpoint into model.encoder with seg/weights.py instead"
+        )
+    kwargs = _arch_kwargs(arch, output_stride, decoder_atrous_rates, aspp_separable, decoder_channels)
+    model = smp.create_model(
+        arch, encoder_name=encoder, encoder_weights=None, in_channels=in_channels,
+        classes=num_classes, **kwargs,
+    )
+    aux_head = AuxHead(model.encoder.out_channels[-2], num_classes) if aux_loss else None
+    return SegModel(model, aux_head)
