@@ -6,12 +6,9 @@ from torch import nn
 
 from conftest import shared_path
 from seg.attention import CBAM, CoordAttention, SqueezeExcite, make_attention
+from seg.complexity import count_params
 
 FIXTURE = ("fixtures", "official_ca", "coordatt_block.pt")
-
-
-def _n_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +39,7 @@ def test_matches_official_in_train_mode(official, official_block):
 def test_param_count_follows_paper_formula(channels):
     mip = max(8, channels // 32)
     expected = channels * mip + mip + 2 * mip + 2 * (mip * channels + channels)
-    assert _n_params(CoordAttention(channels)) == expected
+    assert count_params(CoordAttention(channels)) == expected
 
 
 @pytest.mark.parametrize(

@@ -7,13 +7,10 @@ import torchvision
 from torch import nn
 
 from seg.attention import ATTENTIONS
+from seg.complexity import count_params
 from seg.encoders import register as registry
 
 SIZE = 64
-
-
-def _n_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 class EncoderTester:
@@ -111,8 +108,8 @@ class TestMobileNetV2CA(EncoderTester):
 
     def test_param_count_matches_official_backbone(self):
         # Official MobileNetV2-CA minus its 1000-class classifier (1,281,000 params).
-        assert _n_params(self.build()) == 2_669_648
-        assert _n_params(smp.encoders.get_encoder("mobilenet_v2")) == 2_223_872
+        assert count_params(self.build()) == 2_669_648
+        assert count_params(smp.encoders.get_encoder("mobilenet_v2")) == 2_223_872
 
     def test_block_layout_for_weight_mapping(self):
         features = self.build().features
