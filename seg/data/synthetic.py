@@ -18,7 +18,7 @@ from seg.data.voc import VOCSegmentation, find_voc_dir
 
 SYNTHETIC_CLASSES = ("background", "disc", "square", "triangle", "cross")
 SYNTHETIC_PALETTE = voc_palette(len(SYNTHETIC_CLASSES))
-FORMAT_VERSION = 1  # bump when the generator changes so cached datasets are regenerated
+FORMAT_VERSION = 5  # bump when the generator changes so cached datasets are regenerated
 SPEC_FILE = "synthetic.json"
 MIN_CONTRAST = 110.0  # RGB distance between a texture's two colours, so the pattern is always visible
 
@@ -53,22 +53,27 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 def _texture(kind: int, size: int, rng: np.random.Generator) -> np.ndarray:
-    """Binary HxW pattern that identifies the class; all are mirror-symmetric, like the flip augmentation."""
+    """Binary HxW pattern that identifies the class by edge orientation, never by colour.
+
+    Diagonal stripes go either way, so the horizontal flip augmentation keeps every class's cue.
+    """
     period = int(rng.integers(5, 8))
-    ys, xs = np.mgrid[0:size, 0:size] + rng.integers(0, 2 * period, 2)[:, None, None]
+    ys, xs = np.mgrid[0:size, 0:size] + rng.integers(0, 4 * period, 2)[:, None, None]
     if kind == 1:
         return (ys % period) < period / 2  # disc: horizontal stripes
     if kind == 2:
-        return ((ys // period) + (xs // period)) % 2 == 0  # square: coarse checks
+        cell = period + 3
+        return ((ys // cell) + (xs // cell)) % 2 == 0  # square: coarse checks
     if kind == 3:
         return (xs % period) < period / 2  # triangle: vertical stripes
-    return ((ys % period) < 2) & ((xs % period) < 2)  # cross: sparse dots
+    diagonal = xs + ys if rng.random() < 0.5 else xs - ys
+    return (diagonal % (period + 2)) < (period + 2) / 2  # cross: diagonal stripes
 
 
 def _shape_mask(kind: int, size: int, rng: np.random.Generator) -> np.ndarray:
     """Filled outline of class ``kind`` at a random scale, position and rotation (uint8 0/1)."""
     mask = np.zeros((size, size), np.uint8)
-    radius = rng.uniform(0.16, 0.3) * size
+    radius = rng.uniform(0.18, 0.3) * size
     centre = rng.uniform(0.15, 0.85, 2) * size
     angle = rng.uniform(-0.35, 0.35)
     if kind == 1:
@@ -77,9 +82,9 @@ def _shape_mask(kind: int, size: int, rng: np.random.Generator) -> np.ndarray:
     if kind == 2:
         corners = np.array([(-1, -1), (1, -1), (1, 1), (-1, 1)]) * 0.85
     elif kind == 3:
-        corners = np.array([(np.sin(a), -np.cos(a)) for a in (0, 2.094, 4.189)]) * 1.2
+        corners = np.array([(np.sin(a), -np.cos(a)) for a in (0, 2.094, 4.189)]) * 1.35
     else:
-        arm, width = 1.0, 0.42
+        arm, width = 1.1, 0.45
         corners = np.array([(-width, -arm), (width, -arm), (width, -width), (arm, -width), (arm, width),
                             (width, width), (width, arm), (-width, arm), (-width, width), (-arm, width),
                             (-arm, -width), (-width, -width)])
