@@ -16,7 +16,7 @@ import cv2
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-from seg.data.base import read_label_png  # noqa: E402
+from seg.data.base import read_gray_png  # noqa: E402
 from seg.data.cityscapes import LABEL_IDS_SUFFIX, TRAIN_IDS_SUFFIX, label_ids_to_train_ids  # noqa: E402
 
 
@@ -25,7 +25,7 @@ def _convert(label_ids: Path) -> None:
     if out.exists():
         return
     tmp = out.with_name(f".{out.name}")  # renamed at the end so an interrupted run leaves no half file
-    if not cv2.imwrite(str(tmp), label_ids_to_train_ids(read_label_png(label_ids))):
+    if not cv2.imwrite(str(tmp), label_ids_to_train_ids(read_gray_png(label_ids))):
         raise OSError(f"could not write {tmp}")
     os.replace(tmp, out)
 

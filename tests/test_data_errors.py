@@ -109,3 +109,10 @@ def test_cityscapes_missing_annotation(tmp_path):
 def test_unknown_dataset_name_lists_valid_ones(tmp_path):
     with pytest.raises(ValueError, match=r"unknown dataset 'coco'.*'camvid', 'cityscapes', 'synthetic', 'voc'"):
         build_dataset("coco", tmp_path, "train")
+
+
+def test_camvid_colour_label_is_rejected(tmp_path):
+    root = _camvid(tmp_path, 0)
+    cv2.imwrite(str(root / "trainannot" / "a.png"), np.zeros((8, 8, 3), np.uint8))
+    with pytest.raises(DatasetError, match=r"a.png is uint8 with shape \(8, 8, 3\); expected an 8-bit single"):
+        CamVid(root, "train")[0]

@@ -47,6 +47,17 @@ def read_label_png(path: Path) -> np.ndarray:
         raise DatasetError(f"cannot read label {path}: {err}") from err
 
 
+def read_gray_png(path: Path) -> np.ndarray:
+    """Read an 8-bit single-channel label PNG (CamVid, Cityscapes) with OpenCV, the fast path."""
+    mask = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if mask is None:
+        raise DatasetError(f"cannot read label {path}: the file is missing, unreadable or not an image")
+    if mask.ndim != 2 or mask.dtype != np.uint8:
+        raise DatasetError(f"label {path} is {mask.dtype} with shape {mask.shape}; expected an 8-bit "
+                           "single-channel PNG of class ids")
+    return mask
+
+
 def list_ids(list_file: Path, layout: str) -> list[str]:
     """Read a split list (one id per line), explaining the expected layout when it is absent."""
     if not list_file.is_file():

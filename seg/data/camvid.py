@@ -5,7 +5,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from seg.data.base import DatasetError, PairTransform, SegmentationDataset, read_label_png
+from seg.data.base import DatasetError, PairTransform, SegmentationDataset, read_gray_png
 from seg.data.palette import IGNORE_INDEX
 
 CAMVID_CLASSES = ("sky", "building", "pole", "road", "pavement", "tree", "sign_symbol", "fence", "car",
@@ -55,4 +55,4 @@ class CamVid(SegmentationDataset):
         super().__init__([(images[s], labels[s]) for s in sorted(images)], transform)
 
     def load_mask(self, index: int) -> np.ndarray:
-        return cv2.LUT(read_label_png(self.samples[index][1]), _VOID_TO_IGNORE)
+        return cv2.LUT(read_gray_png(self.samples[index][1]), _VOID_TO_IGNORE)

@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 from cityscapesscripts.helpers.labels import labels as CITYSCAPES_LABELS
 
-from seg.data.base import DatasetError, PairTransform, SegmentationDataset, read_label_png
+from seg.data.base import DatasetError, PairTransform, SegmentationDataset, read_gray_png
 from seg.data.palette import IGNORE_INDEX
 
 IMAGE_SUFFIX = "_leftImg8bit.png"
@@ -88,5 +88,5 @@ class Cityscapes(SegmentationDataset):
 
     def load_mask(self, index: int) -> np.ndarray:
         path = self.samples[index][1]
-        mask = read_label_png(path)
+        mask = read_gray_png(path)
         return label_ids_to_train_ids(mask) if path.name.endswith(LABEL_IDS_SUFFIX) else mask
