@@ -12,9 +12,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from seg.data.base import PairTransform
 from seg.data.palette import IGNORE_INDEX, save_index_png, voc_palette
-from seg.data.voc import VOCSegmentation, find_voc_dir
+from seg.data.voc import VOCSegmentation
 
 SYNTHETIC_CLASSES = ("background", "disc", "square", "triangle", "cross")
 SYNTHETIC_PALETTE = voc_palette(len(SYNTHETIC_CLASSES))
@@ -147,7 +146,3 @@ class SyntheticSegmentation(VOCSegmentation):
 
     classes = SYNTHETIC_CLASSES
     palette = SYNTHETIC_PALETTE
-
-    def __init__(self, root: str | Path, split: str = "train", transform: PairTransform | None = None) -> None:
-        find_voc_dir(root)  # same layout error as VOC when nothing was generated
-        super().__init__(root, split, transform)
