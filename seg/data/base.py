@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 
 from seg.data.palette import IGNORE_INDEX
 
-PairTransform = Callable[[np.ndarray, np.ndarray], tuple]
+TransformFn = Callable[[np.ndarray, np.ndarray], tuple]
 MAX_LISTED = 5  # how many offending files an error message names
 
 
@@ -104,7 +104,7 @@ class SegmentationDataset(Dataset):
     classes: tuple[str, ...] = ()
     palette: np.ndarray = np.zeros((0, 3), dtype=np.uint8)
 
-    def __init__(self, samples: list[tuple[Path, Path]], transform: PairTransform | None = None) -> None:
+    def __init__(self, samples: list[tuple[Path, Path]], transform: TransformFn | None = None) -> None:
         self.samples = samples
         self.transform = transform
 

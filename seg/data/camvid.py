@@ -5,7 +5,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from seg.data.base import DatasetError, PairTransform, SegmentationDataset, read_gray_png
+from seg.data.base import DatasetError, SegmentationDataset, TransformFn, read_gray_png
 from seg.data.palette import IGNORE_INDEX
 
 CAMVID_CLASSES = ("sky", "building", "pole", "road", "pavement", "tree", "sign_symbol", "fence", "car",
@@ -41,7 +41,7 @@ class CamVid(SegmentationDataset):
     classes = CAMVID_CLASSES
     palette = CAMVID_PALETTE
 
-    def __init__(self, root: str | Path, split: str = "train", transform: PairTransform | None = None) -> None:
+    def __init__(self, root: str | Path, split: str = "train", transform: TransformFn | None = None) -> None:
         self.root, self.split = Path(root), split
         images = _stems(self.root / split, IMAGE_SUFFIXES)
         labels = _stems(self.root / f"{split}annot", (".png",))

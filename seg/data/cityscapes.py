@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 from cityscapesscripts.helpers.labels import labels as CITYSCAPES_LABELS
 
-from seg.data.base import DatasetError, PairTransform, SegmentationDataset, read_gray_png
+from seg.data.base import DatasetError, SegmentationDataset, TransformFn, read_gray_png
 from seg.data.palette import IGNORE_INDEX
 
 IMAGE_SUFFIX = "_leftImg8bit.png"
@@ -62,7 +62,7 @@ class Cityscapes(SegmentationDataset):
     classes = CITYSCAPES_CLASSES
     palette = CITYSCAPES_PALETTE
 
-    def __init__(self, root: str | Path, split: str = "train", transform: PairTransform | None = None,
+    def __init__(self, root: str | Path, split: str = "train", transform: TransformFn | None = None,
                  target: str = "auto") -> None:
         if target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}, got {target!r}")

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from seg.data.base import PairTransform, SegmentationDataset
+from seg.data.base import SegmentationDataset, TransformFn
 from seg.data.camvid import CamVid
 from seg.data.cityscapes import Cityscapes
 from seg.data.synthetic import SyntheticSegmentation
@@ -29,7 +29,7 @@ DATASETS: dict[str, type[SegmentationDataset]] = {
 
 
 def build_dataset(name: str, root: str | Path, split: str,
-                  transform: PairTransform | None = None) -> SegmentationDataset:
+                  transform: TransformFn | None = None) -> SegmentationDataset:
     """Instantiate a dataset by name: one of ``voc``, ``cityscapes``, ``camvid``, ``synthetic``."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(DATASETS)}")

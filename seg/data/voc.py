@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from seg.data.base import PairTransform, SegmentationDataset, check_present, list_ids
+from seg.data.base import SegmentationDataset, TransformFn, check_present, list_ids
 from seg.data.palette import voc_palette
 
 VOC_CLASSES = (
@@ -39,7 +39,7 @@ class VOCSegmentation(SegmentationDataset):
     classes = VOC_CLASSES
     palette = voc_palette(len(VOC_CLASSES))
 
-    def __init__(self, root: str | Path, split: str = "train", transform: PairTransform | None = None) -> None:
+    def __init__(self, root: str | Path, split: str = "train", transform: TransformFn | None = None) -> None:
         self.root = find_voc_dir(root)
         self.split = split
         list_file = self.root / "ImageSets" / "Segmentation" / f"{split}.txt"
