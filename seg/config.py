@@ -42,7 +42,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: Literal["deeplabv3"] = "deeplabv3"
+    arch: Literal["deeplabv3", "deeplabv3plus", "unet", "fpn"] = "deeplabv3"
     encoder: str = "mobilenet_v2_ca"
     encoder_weights: Optional[str] = None  # local path or URL; None = random init
     output_stride: Literal[8, 16] = 16

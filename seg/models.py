@@ -15,6 +15,7 @@ from segmentation_models_pytorch.base import SegmentationModel
 from segmentation_models_pytorch.base.utils import is_torch_compiling
 from torch import nn
 
+from seg.config import ModelConfig
 import seg.encoders.register  # noqa: F401  (our encoder names must be in smp's table)
 
 DEEPLAB_ARCHS = ("deeplabv3", "deeplabv3plus")
@@ -121,3 +122,15 @@ def build_model(
     )
     aux_head = AuxHead(model.encoder.out_channels[-2], num_classes) if aux_loss else None
     return SegModel(model, aux_head)
+
+
+def model_from_config(cfg: ModelConfig, num_classes: int) -> SegModel:
+    """Build the model a run config describes, loading ``cfg.encoder_weights`` if it names a file or URL."""
+    model = build_model(cfg.arch, cfg.encoder, num_classes, output_stride=cfg.output_stride,
+                        decoder_atrous_rates=tuple(cfg.atrous_rates), aspp_separable=cfg.aspp_separable,
+                        decoder_channels=cfg.decoder_channels, aux_loss=cfg.aux_loss)
+    if cfg.encoder_weights:
+        from seg.weights import load_encoder_weights, resolve_weights
+
+        load_encoder_weights(model.encoder, resolve_weights(cfg.encoder_weights))
+    return model

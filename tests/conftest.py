@@ -20,3 +20,7 @@ def shared_path(*parts: str) -> Path:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# Two OpenMP threads on a shared 2-core machine make small forwards ~100x slower; tests use one.
+torch.set_num_threads(1)

@@ -1,0 +1,145 @@
+"""The repo's only two loops: ``train`` (by iterations) and ``evaluate`` (over a loader).
+
+Everything else (building models and data, checkpoints, TensorBoard) happens in callbacks the
+entry scripts pass in, so these loops stay readable top to bottom.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable, ContextManager, Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+from tqdm import tqdm
+
+from seg.distributed import get_world_size, is_main
+from seg.inference import predict_labels
+from seg.metrics import IGNORE_INDEX, ConfusionMatrix
+
+log = logging.getLogger(__name__)
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the weights were not updated with it."""
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint must hold to resume exactly, besides the RNG streams."""
+
+    model: nn.Module
+    optimizer: Optimizer
+    scheduler: LRScheduler
+    scaler: torch.amp.GradScaler
+    iteration: int = 0
+    best_miou: float = -1.0
+
+
+def autocast(device: torch.device, amp: str) -> ContextManager:
+    """Mixed precision for ``amp`` in {"none", "bf16", "fp16"} on ``device``."""
+    if amp == "none":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=AMP_DTYPES[amp])
+
+
+def segmentation_loss(output: torch.Tensor | tuple[torch.Tensor, torch.Tensor], target: torch.Tensor,
+                      aux_weight: float = 0.0) -> torch.Tensor:
+    """Cross-entropy ignoring 255, plus ``aux_weight`` times the auxiliary head's loss when present."""
+    if isinstance(output, tuple):
+        logits, aux_logits = output
+        aux = F.cross_entropy(aux_logits.float(), target, ignore_index=IGNORE_INDEX)
+        return F.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX) + aux_weight * aux
+    return F.cross_entropy(output.float(), target, ignore_index=IGNORE_INDEX)
+
+
+def train_step(state: TrainState, images: torch.Tensor, targets: torch.Tensor, *, amp: str,
+               aux_weight: float, grad_clip: float | None) -> float:
+    """One optimisation step; raises before touching the weights if the loss is not finite."""
+    with autocast(images.device, amp):
+        loss = segmentation_loss(state.model(images), targets, aux_weight)
+    value = loss.item()
+    if not math.isfinite(value):
+        raise NonFiniteLossError(f"loss is {value} at iteration {state.iteration + 1}")
+    state.optimizer.zero_grad(set_to_none=True)
+    state.scaler.scale(loss).backward()
+    if grad_clip is not None:
+        state.scaler.unscale_(state.optimizer)
+        nn.utils.clip_grad_norm_(state.model.parameters(), grad_clip)
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    state.scheduler.step()
+    return value
+
+
+def train(state: TrainState, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], *, total_iters: int,
+          device: torch.device, amp: str = "none", channels_last: bool = False, aux_weight: float = 0.0,
+          grad_clip: float | None = None, log_interval: int = 50, eval_interval: int = 1000,
+          on_log: Callable[[int, dict[str, float]], None] = lambda it, scalars: None,
+          on_eval: Callable[[TrainState], None] = lambda state: None) -> None:
+    """Train from ``state.iteration`` to ``total_iters``, calling ``on_eval`` every ``eval_interval``.
+
+    ``batches`` is an endless iterator of per-process (images, targets) batches.
+    """
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    state.model.train()
+    bar = tqdm(total=total_iters, initial=state.iteration, desc="train", disable=not is_main(),
+               dynamic_ncols=True)
+    window_loss, window_images, window_start = 0.0, 0, time.perf_counter()
+    while state.iteration < total_iters:
+        images, targets = next(batches)
+        images = images.to(device, non_blocking=True, memory_format=memory_format)
+        targets = targets.to(device, non_blocking=True)
+        loss = train_step(state, images, targets, amp=amp, aux_weight=aux_weight, grad_clip=grad_clip)
+        state.iteration += 1
+        bar.update(1)
+        window_loss += loss
+        window_images += images.shape[0] * get_world_size()
+        if state.iteration % log_interval == 0 or state.iteration == total_iters:
+            steps = log_interval if state.iteration % log_interval == 0 else state.iteration % log_interval
+            scalars = {
+                "train/loss": window_loss / steps,
+                "train/lr": state.optimizer.param_groups[-1]["lr"],
+                "train/images_per_s": window_images / (time.perf_counter() - window_start),
+            }
+            if device.type == "cuda":
+                scalars["train/peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            bar.set_postfix(loss=f"{scalars['train/loss']:.3f}", lr=f"{scalars['train/lr']:.2e}",
+                            img_s=f"{scalars['train/images_per_s']:.1f}")
+            on_log(state.iteration, scalars)
+            window_loss, window_images, window_start = 0.0, 0, time.perf_counter()
+        if state.iteration % eval_interval == 0 or state.iteration == total_iters:
+            on_eval(state)
+            state.model.train()
+            window_start = time.perf_counter()  # validation time is not training throughput
+    bar.close()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], num_classes: int, *,
+             device: torch.device, on_batch: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+             | None = None, **predict_kwargs) -> dict:
+    """Score ``model`` on ``loader`` at the labels' resolution; sums over ranks before computing.
+
+    ``predict_kwargs`` go to :func:`seg.inference.predict_labels` (mode, scales, flip, ...).
+    ``on_batch(batch_index, images, targets, predictions)`` sees every batch, e.g. to save PNGs.
+    """
+    matrix = ConfusionMatrix(num_classes, device=device)
+    for batch_index, (images, targets) in enumerate(tqdm(loader, desc="eval", disable=not is_main(),
+                                                         leave=False, dynamic_ncols=True)):
+        images, targets = images.to(device), targets.to(device)
+        predictions = predict_labels(model, images, num_classes=num_classes,
+                                     out_size=tuple(targets.shape[-2:]), **predict_kwargs)
+        matrix.update(predictions, targets)
+        if on_batch is not None:
+            on_batch(batch_index, images, targets, predictions)
+    matrix.all_reduce()
+    return matrix.compute()

@@ -1,0 +1,57 @@
+"""Optimiser and learning-rate schedule: SGD or AdamW, poly decay with linear warmup, per iteration."""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.optim import SGD, AdamW, Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+
+WARMUP_START_FACTOR = 0.1
+
+
+def build_optimizer(
+    model: nn.Module,
+    name: str,
+    lr: float,
+    *,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    encoder_lr_mult: float = 1.0,
+) -> Optimizer:
+    """One parameter group for the encoder (at ``lr * encoder_lr_mult``) and one for the rest.
+
+    Norm weights and biases get no weight decay: decaying BN's affine parameters only fights
+    the normalisation, and it is the usual convention for DeepLab training.
+    """
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for param_name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        is_encoder = ".encoder." in f".{param_name}"
+        decays = param.ndim > 1
+        groups.setdefault((is_encoder, decays), []).append(param)
+    param_groups = [
+        {
+            "params": params,
+            "lr": lr * (encoder_lr_mult if is_encoder else 1.0),
+            "weight_decay": weight_decay if decays else 0.0,
+        }
+        for (is_encoder, decays), params in sorted(groups.items())
+    ]
+    if name == "sgd":
+        return SGD(param_groups, lr=lr, momentum=momentum, nesterov=False)
+    if name == "adamw":
+        return AdamW(param_groups, lr=lr)
+    raise ValueError(f"unknown optimizer {name!r}; expected 'sgd' or 'adamw'")
+
+
+def poly_warmup_factor(iteration: int, total: int, warmup: int = 0, power: float = 0.9) -> float:
+    """LR multiplier at ``iteration``: linear from 0.1 to 1 over ``warmup`` steps, then (1 - t/total)^power."""
+    if iteration < warmup:
+        return WARMUP_START_FACTOR + (1.0 - WARMUP_START_FACTOR) * iteration / warmup
+    return max(0.0, 1.0 - iteration / total) ** power
+
+
+def build_scheduler(optimizer: Optimizer, total_iters: int, warmup_iters: int = 0, power: float = 0.9) -> LambdaLR:
+    """Poly schedule with linear warmup; call ``step()`` once per iteration."""
+    return LambdaLR(optimizer, lambda it: poly_warmup_factor(it, total_iters, warmup_iters, power))

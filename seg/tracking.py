@@ -1,0 +1,89 @@
+"""What a run records: TensorBoard scalars and images, and one JSON line per validation.
+
+Only the main process writes; on other ranks every method is a no-op, so callers never branch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.tensorboard import SummaryWriter
+
+from seg.distributed import is_main
+from seg.inference import predict_labels
+from seg.visualize import capture_ca_maps, heatmap, pick_ca_blocks, prediction_grid
+
+METRICS_FILE = "metrics.jsonl"
+CA_BLOCKS_SHOWN = 3
+
+
+class Tracker:
+    """TensorBoard writer plus ``metrics.jsonl`` in ``run_dir``.
+
+    Args:
+        run_dir: the run directory (event files and metrics.jsonl go here).
+        classes: class names, for per-class IoU tags.
+        palette: RGB colour per class, for the mask images.
+    """
+
+    def __init__(self, run_dir: Path, classes: Sequence[str], palette: np.ndarray) -> None:
+        self.run_dir = Path(run_dir)
+        self.classes = list(classes)
+        self.palette = palette
+        self.writer = SummaryWriter(str(self.run_dir)) if is_main() else None
+
+    def scalars(self, iteration: int, values: dict[str, float]) -> None:
+        if self.writer is None:
+            return
+        for tag, value in values.items():
+            self.writer.add_scalar(tag, value, iteration)
+
+    def validation(self, iteration: int, metrics: dict, extra: dict | None = None) -> None:
+        """Log val mIoU and per-class IoU, and append the validation to ``metrics.jsonl``."""
+        if self.writer is None:
+            return
+        self.writer.add_scalar("val/miou", metrics["miou"], iteration)
+        self.writer.add_scalar("val/pixel_acc", metrics["pixel_acc"], iteration)
+        for name, iou in zip(self.classes, metrics["iou"]):
+            if not math.isnan(iou):
+                self.writer.add_scalar(f"val_iou/{name}", iou, iteration)
+        record = {"iter": iteration, "classes": self.classes, **{k: v for k, v in metrics.items() if k != "confusion"}, **(extra or {})}
+        # NaN (a class absent from GT and predictions) is not JSON: store it as null
+        record["iou"] = [None if math.isnan(v) else v for v in record["iou"]]
+        with open(self.run_dir / METRICS_FILE, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.writer.flush()
+
+    @torch.no_grad()
+    def predictions(self, iteration: int, model: nn.Module, samples: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                    *, ca_maps: bool = False, **predict_kwargs) -> None:
+        """image | ground truth | prediction for fixed val samples, and CA gate maps a_h ⊗ a_w.
+
+        Samples are (3xHxW image, HxW target) pairs on the model's device, run one at a time
+        because val images may differ in size.
+        """
+        if self.writer is None:
+            return
+        blocks = pick_ca_blocks(model, CA_BLOCKS_SHOWN) if ca_maps else {}
+        for i, (image, target) in enumerate(samples):
+            with capture_ca_maps(blocks) as maps:
+                pred = predict_labels(model, image[None], num_classes=len(self.classes),
+                                      out_size=tuple(target.shape), **predict_kwargs)[0]
+            grid = prediction_grid(image, target, pred, self.palette)
+            self.writer.add_image(f"val_images/{i}", grid, iteration, dataformats="HWC")
+            if maps:
+                row = np.concatenate([heatmap(m[0].cpu().numpy(), tuple(target.shape)) for m in maps.values()], axis=1)
+                self.writer.add_image(f"ca_maps/{i}", row, iteration, dataformats="HWC")
+        if blocks:
+            self.writer.add_text("ca_maps/blocks", " | ".join(blocks), iteration)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

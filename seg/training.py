@@ -1,0 +1,145 @@
+"""Assemble a training run from its config: data, model, optimiser, resume, and the callbacks
+that validate, log and checkpoint. The loop itself lives in :mod:`seg.engine`.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from seg.checkpoint import load_checkpoint, restore_rng, save_checkpoint, unwrap_model
+from seg.config import Config, config_to_dict
+from seg.data import build_dataset, build_eval_transform, build_train_transform, make_synthetic
+from seg.data.loaders import ContiguousSampler
+from seg.data.sampling import ResumableSampler, SeededDataset, endless_batches, seeded_generator
+from seg.distributed import DistInfo
+from seg.engine import TrainState, evaluate, train
+from seg.models import model_from_config
+from seg.optim import build_optimizer, build_scheduler
+from seg.tracking import Tracker
+
+log = logging.getLogger(__name__)
+OUTPUT_STRIDE_PAD = 32  # pad eval images to a multiple of the deepest stride, valid for every arch
+
+
+def resolve_device(name: str, dist: DistInfo) -> torch.device:
+    """"auto" means the process's own GPU under torchrun, else CUDA if present, else CPU."""
+    return dist.device if name == "auto" else torch.device(name)
+
+
+def build_datasets(cfg: Config):
+    """Train and val datasets; the synthetic set is generated on first use."""
+    data = cfg.data
+    if data.name == "synthetic":
+        make_synthetic(data.root, n_train=data.synthetic_train_images, n_val=data.synthetic_val_images,
+                       size=data.synthetic_image_size, seed=0)
+    train_tf = build_train_transform(data.crop_size, scale=tuple(data.scale_range), hflip=data.hflip,
+                                     jitter=data.jitter)
+    train_set = build_dataset(data.name, data.root, data.train_split, train_tf)
+    val_set = build_dataset(data.name, data.root, data.val_split, build_eval_transform())
+    if train_set.num_classes != data.num_classes:
+        raise ValueError(f"data.num_classes is {data.num_classes} but the {data.name} dataset has "
+                         f"{train_set.num_classes} classes {list(train_set.classes)}")
+    return train_set, val_set
+
+
+def build_loaders(cfg: Config, train_set, val_set, dist: DistInfo) -> tuple[DataLoader, DataLoader]:
+    data = cfg.data
+    if data.batch_size % dist.world_size:
+        raise ValueError(f"data.batch_size={data.batch_size} (global) is not divisible by {dist.world_size} processes")
+    workers = dict(num_workers=data.num_workers, persistent_workers=data.num_workers > 0,
+                   pin_memory=dist.device.type == "cuda")
+    sampler = ResumableSampler(train_set, dist.world_size, dist.rank, seed=cfg.train.seed)
+    train_loader = DataLoader(SeededDataset(train_set), batch_size=data.batch_size // dist.world_size,
+                              sampler=sampler, drop_last=True, generator=seeded_generator(cfg.train.seed), **workers)
+    val_loader = DataLoader(val_set, batch_size=data.val_batch_size,
+                            sampler=ContiguousSampler(val_set, dist.rank, dist.world_size), **workers)
+    return train_loader, val_loader
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_state(cfg: Config, num_classes: int, device: torch.device) -> TrainState:
+    model = model_from_config(cfg.model, num_classes).to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    o = cfg.optim
+    optimizer = build_optimizer(model, o.name, o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
+                                encoder_lr_mult=o.encoder_lr_mult)
+    scheduler = build_scheduler(optimizer, cfg.train.iters, o.warmup_iters, o.poly_power)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
+    return TrainState(model, optimizer, scheduler, scaler)
+
+
+def save_state(path: Path, state: TrainState, cfg: Config) -> None:
+    save_checkpoint(path, model=unwrap_model(state.model), optimizer=state.optimizer, scheduler=state.scheduler,
+                    scaler=state.scaler, iteration=state.iteration, best_miou=state.best_miou,
+                    config=config_to_dict(cfg))
+
+
+def resume_state(path: Path, state: TrainState) -> None:
+    """Restore everything ``save_state`` wrote, so the run continues as if never stopped."""
+    ckpt = load_checkpoint(path)
+    unwrap_model(state.model).load_state_dict(ckpt["model"])
+    state.optimizer.load_state_dict(ckpt["optimizer"])
+    state.scheduler.load_state_dict(ckpt["scheduler"])
+    if ckpt["scaler"]:
+        state.scaler.load_state_dict(ckpt["scaler"])
+    state.iteration, state.best_miou = ckpt["iteration"], ckpt["best_miou"]
+    restore_rng(ckpt["rng"])
+    log.info("resumed from %s at iteration %d (best mIoU %.4f)", path, state.iteration, state.best_miou)
+
+
+def run_training(cfg: Config, run_dir: Path, dist: DistInfo, resume: bool = False) -> TrainState:
+    """Train ``cfg`` into ``run_dir``: validation, TensorBoard, last.pt / best.pt. Returns the final state."""
+    device = resolve_device(cfg.train.device, dist)
+    seed_everything(cfg.train.seed)
+    train_set, val_set = build_datasets(cfg)
+    train_loader, val_loader = build_loaders(cfg, train_set, val_set, dist)
+    state = build_state(cfg, train_set.num_classes, device)
+    if resume:
+        resume_state(run_dir / "last.pt", state)
+    if dist.distributed:
+        if device.type == "cuda":
+            state.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(state.model)
+        state.model = DistributedDataParallel(state.model, device_ids=[device.index] if device.type == "cuda" else None)
+    model = unwrap_model(state.model)
+    # compile only the module the train step calls; evaluation runs the eager model
+    if cfg.train.compile:
+        state.model = torch.compile(state.model)
+    tracker = Tracker(run_dir, train_set.classes, train_set.palette)
+    vis = [tuple(t.to(device) for t in val_set[i]) for i in range(min(cfg.train.vis_images, len(val_set)))]
+    predict = dict(device=device, output_stride=OUTPUT_STRIDE_PAD, mode=cfg.eval.mode,
+                   crop_size=cfg.eval.crop_size, stride=cfg.eval.stride)
+
+    def on_eval(state: TrainState) -> None:
+        metrics = evaluate(model, val_loader, train_set.num_classes, **predict)
+        is_best = metrics["miou"] > state.best_miou
+        state.best_miou = max(state.best_miou, metrics["miou"])
+        log.info("iter %d: val mIoU %.4f (best %.4f)", state.iteration, metrics["miou"], state.best_miou)
+        tracker.validation(state.iteration, metrics)
+        tracker.predictions(state.iteration, model, vis, ca_maps=cfg.train.ca_maps,
+                            **{k: v for k, v in predict.items() if k != "device"})
+        if dist.is_main:
+            save_state(run_dir / "last.pt", state, cfg)
+            if is_best:
+                save_state(run_dir / "best.pt", state, cfg)
+
+    try:
+        train(state, endless_batches(train_loader, state.iteration), total_iters=cfg.train.iters, device=device,
+              amp=cfg.train.amp, channels_last=cfg.train.channels_last, aux_weight=cfg.model.aux_weight,
+              grad_clip=cfg.optim.grad_clip, log_interval=cfg.train.log_interval,
+              eval_interval=cfg.train.eval_interval, on_log=tracker.scalars, on_eval=on_eval)
+    finally:
+        tracker.close()
+    return state
