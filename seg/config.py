@@ -260,6 +260,11 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         _apply(cfg, data or {}, str(path))
+    return apply_overrides(cfg, overrides)
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply ``key=value`` overrides to ``cfg`` in place, validate, and return it."""
     for text in overrides:
         _apply(cfg, _parse_override(text), f"override {text!r}")
     validate(cfg)

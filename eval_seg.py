@@ -1,0 +1,130 @@
+"""Evaluate a checkpoint: ``python eval_seg.py --checkpoint RUN/best.pt [--mode whole|slide] [--scales ...] [--flip]``.
+
+By default it uses the config stored in the checkpoint, so the numbers match the run's validation.
+Works under ``torchrun`` (each rank scores a disjoint shard; counts are summed once at the end).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from seg.checkpoint import CheckpointError, load_checkpoint, load_model_weights
+from seg.config import ConfigError, apply_overrides, config_from_dict, load_config
+from seg.data import build_dataset, build_eval_transform
+from seg.data.base import DatasetError
+from seg.data.loaders import ContiguousSampler
+from seg.data.palette import colorize
+from seg.distributed import cleanup, init_distributed, setup_logging
+from seg.engine import evaluate
+from seg.models import model_from_config
+from seg.training import OUTPUT_STRIDE_PAD
+from seg.visualize import denormalize
+
+log = logging.getLogger("eval_seg")
+OVERLAY_ALPHA = 0.5
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--config", type=Path, help="YAML to use instead of the checkpoint's stored config")
+    p.add_argument("--data-root", help="dataset root (default: the config's data.root)")
+    p.add_argument("--split", help="split to score (default: the config's data.val_split)")
+    p.add_argument("--mode", choices=["whole", "slide"], help="default: the config's eval.mode")
+    p.add_argument("--scales", type=float, nargs="+", help="multi-scale inference, e.g. 0.5 0.75 1.0 1.25 1.5 1.75")
+    p.add_argument("--flip", action="store_true", help="average with the horizontally flipped image")
+    p.add_argument("--save-dir", type=Path, help="write colourised predictions and overlays here")
+    p.add_argument("--json", type=Path, help="write the metrics as JSON here")
+    p.add_argument("overrides", nargs="*", help="config overrides such as eval.crop_size=512")
+    return p.parse_args(argv)
+
+
+def resolve_config(args: argparse.Namespace, ckpt: dict):
+    cfg = load_config(args.config) if args.config else config_from_dict(ckpt["config"])
+    overrides = list(args.overrides)
+    for key, value in (("data.root", args.data_root), ("data.val_split", args.split), ("eval.mode", args.mode)):
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    if args.scales is not None:
+        if any(s <= 0 for s in args.scales):
+            raise ConfigError(f"--scales must all be > 0, got {args.scales}")
+        overrides.append(f"eval.scales={list(args.scales)}")
+    if args.flip:
+        overrides.append("eval.flip=true")
+    return apply_overrides(cfg, overrides)
+
+
+def saver(save_dir: Path, dataset, indices: list[int], batch_size: int):
+    """An ``on_batch`` callback writing <name>.png (colour mask) and <name>_overlay.jpg per image."""
+    save_dir.mkdir(parents=True, exist_ok=True)
+
+    def on_batch(batch_index: int, images, targets, predictions) -> None:
+        for offset, pred in enumerate(predictions):
+            name = Path(dataset.samples[indices[batch_index * batch_size + offset]][0]).stem
+            mask = colorize(pred.cpu().numpy(), dataset.palette)
+            image = denormalize(images[offset])
+            image = cv2.resize(image, (mask.shape[1], mask.shape[0])) if image.shape != mask.shape else image
+            overlay = (OVERLAY_ALPHA * image + (1 - OVERLAY_ALPHA) * mask).astype(np.uint8)
+            cv2.imwrite(str(save_dir / f"{name}.png"), mask[..., ::-1])
+            cv2.imwrite(str(save_dir / f"{name}_overlay.jpg"), overlay[..., ::-1])
+
+    return on_batch
+
+
+def print_table(classes, metrics: dict, seconds: float, images: int) -> None:
+    print("| class | IoU |\n|---|---:|")
+    for name, iou in zip(classes, metrics["iou"]):
+        print(f"| {name} | {'n/a' if iou != iou else f'{iou:.4f}'} |")
+    print(f"mIoU {metrics['miou']:.4f} | pixel acc {metrics['pixel_acc']:.4f} | mean acc {metrics['mean_acc']:.4f} "
+          f"| fwIoU {metrics['fwiou']:.4f} | {images} images in {seconds:.1f} s ({images / seconds:.2f} img/s)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging()
+    dist = None
+    try:
+        ckpt = load_checkpoint(args.checkpoint)
+        cfg = resolve_config(args, ckpt)
+        dist = init_distributed()
+        dataset = build_dataset(cfg.data.name, cfg.data.root, cfg.data.val_split, build_eval_transform())
+        model = model_from_config(cfg.model, dataset.num_classes)
+        load_model_weights(model, ckpt["model"])
+        model.to(dist.device).eval()
+        sampler = ContiguousSampler(dataset, dist.rank, dist.world_size)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.data.val_batch_size, sampler=sampler,
+                                             num_workers=cfg.data.num_workers)
+        on_batch = saver(args.save_dir, dataset, list(sampler), cfg.data.val_batch_size) if args.save_dir else None
+        start = time.perf_counter()
+        metrics = evaluate(model, loader, dataset.num_classes, device=dist.device, on_batch=on_batch,
+                           mode=cfg.eval.mode, output_stride=OUTPUT_STRIDE_PAD, crop_size=cfg.eval.crop_size,
+                           stride=cfg.eval.stride, scales=tuple(cfg.eval.scales), flip=cfg.eval.flip)
+        seconds = time.perf_counter() - start
+        if dist.is_main:
+            print_table(dataset.classes, metrics, seconds, len(dataset))
+            if args.json:
+                report = {k: metrics[k] for k in ("miou", "iou", "pixel_acc", "mean_acc", "fwiou")}
+                report["iou"] = [None if v != v else v for v in report["iou"]]
+                report.update(classes=list(dataset.classes), images=len(dataset), mode=cfg.eval.mode,
+                              seconds=seconds, images_per_s=len(dataset) / seconds)
+                args.json.write_text(json.dumps(report, indent=2))
+        return 0
+    except (ConfigError, DatasetError, CheckpointError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        if dist is not None:
+            cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""End-to-end training through the real entry points on a tiny synthetic set (CPU)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import eval_seg
+import train_seg
+from seg.checkpoint import load_checkpoint
+from seg.config import load_config
+from seg.distributed import DistInfo
+from seg.training import run_training
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_overrides(data_root: Path, iters: int = 4) -> list[str]:
+    return [
+        "data.name=synthetic", f"data.root={data_root}", "data.num_classes=5", "data.crop_size=64",
+        "data.batch_size=2", "data.val_batch_size=2", "data.num_workers=0", "data.synthetic_train_images=8",
+        "data.synthetic_val_images=3", "data.synthetic_image_size=64", "model.decoder_channels=32",
+        "optim.name=sgd", "optim.lr=0.01", f"train.iters={iters}", f"train.eval_interval={iters // 2}",
+        "train.log_interval=1", "train.vis_images=2", "train.ca_maps=true", "train.device=cpu",
+    ]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("synthetic")
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory, data_root):
+    out = tmp_path_factory.mktemp("run")
+    assert train_seg.main(["--out", str(out), *tiny_overrides(data_root)]) == 0
+    return out
+
+
+def test_run_directory_holds_everything(demo_run):
+    for name in ("config.yaml", "metrics.jsonl", "last.pt", "best.pt", "train.log"):
+        assert (demo_run / name).is_file(), name
+    records = [json.loads(line) for line in (demo_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in records] == [2, 4]
+    assert all(len(r["iou"]) == 5 and 0.0 <= r["miou"] <= 1.0 for r in records)
+    best = load_checkpoint(demo_run / "best.pt")
+    assert best["best_miou"] == pytest.approx(max(r["miou"] for r in records))
+
+
+def test_tensorboard_has_scalars_masks_and_ca_maps(demo_run):
+    events = EventAccumulator(str(demo_run), size_guidance={"images": 0}).Reload()
+    tags = events.Tags()
+    assert {"val_images/0", "val_images/1", "ca_maps/0"} <= set(tags["images"])
+    assert {"train/loss", "train/lr", "train/images_per_s", "val/miou"} <= set(tags["scalars"])
+    assert any(t.startswith("val_iou/") for t in tags["scalars"])
+
+
+def test_eval_of_best_checkpoint_equals_recorded_best(demo_run, tmp_path):
+    report = tmp_path / "eval.json"
+    assert eval_seg.main(["--checkpoint", str(demo_run / "best.pt"), "--json", str(report),
+                          "--save-dir", str(tmp_path / "pred")]) == 0
+    best = max(json.loads(line)["miou"] for line in (demo_run / "metrics.jsonl").read_text().splitlines())
+    result = json.loads(report.read_text())
+    assert result["miou"] == pytest.approx(best, abs=1e-9)
+    assert result["images"] == 3 and len(list((tmp_path / "pred").glob("*_overlay.jpg"))) == 3
+
+
+def test_resume_continues_exactly(tmp_path, data_root):
+    single = DistInfo(0, 0, 1, torch.device("cpu"), True)
+    straight_cfg = load_config(None, tiny_overrides(data_root, iters=6))
+    straight_cfg.train.eval_interval = 3
+    straight = run_training(straight_cfg, _mk(tmp_path / "a"), single)
+    # stop after 3 iterations: the checkpoint written at iteration 3 is what --resume reads
+    stopped = load_config(None, tiny_overrides(data_root, iters=6))
+    stopped.train.eval_interval = 3
+    run_dir = _mk(tmp_path / "b")
+    _run_until(stopped, run_dir, single, stop_at=3)
+    resumed = run_training(stopped, run_dir, single, resume=True)
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def _mk(path: Path) -> Path:
+    path.mkdir(parents=True)
+    return path
+
+
+def _run_until(cfg, run_dir, dist, stop_at):
+    """Run as if the process died right after iteration ``stop_at``'s checkpoint."""
+    class Stop(Exception):
+        pass
+
+    import seg.training as training
+
+    original = training.save_state
+
+    def save_then_stop(path, state, config):
+        original(path, state, config)
+        if state.iteration == stop_at and path.name == "last.pt":
+            raise Stop
+
+    training.save_state = save_then_stop
+    try:
+        with pytest.raises(Stop):
+            run_training(cfg, run_dir, dist)
+    finally:
+        training.save_state = original
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--config", "nope.yaml"], "config file not found"),
+    (["optim.lrr=0.1"], "optim.lr"),
+    (["data.name=camvid", "data.root=/no/such/dir"], "/no/such/dir"),
+    (["--resume", "--out", "/tmp/no-such-run-dir-xyz"], "no checkpoint"),
+])
+def test_user_errors_are_one_clear_line(argv, message, capsys):
+    assert train_seg.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_out_dir_with_other_config_is_refused(demo_run, data_root, capsys):
+    assert train_seg.main(["--out", str(demo_run), *tiny_overrides(data_root), "optim.lr=0.5"]) == 2
+    assert "different config" in capsys.readouterr().err
+
+
+def test_ddp_two_cpu_ranks_end_with_identical_parameters(tmp_path, data_root):
+    script = tmp_path / "ddp_run.py"
+    script.write_text(
+        "import sys, torch\n"
+        "from seg.config import load_config\nfrom seg.distributed import init_distributed, cleanup\n"
+        "from seg.training import run_training\n"
+        "cfg = load_config(None, sys.argv[2:])\ndist = init_distributed()\n"
+        "out = __import__('pathlib').Path(sys.argv[1])\n"
+        "state = run_training(cfg, out, dist)\n"
+        "torch.save(dict(state.model.module.named_parameters()), out / f'rank{dist.rank}.pt')\ncleanup()\n"
+    )
+    overrides = tiny_overrides(data_root, iters=4)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
+                    str(script), str(tmp_path), *overrides], check=True, env=env, cwd=tmp_path, timeout=300)
+    a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
