@@ -18,7 +18,7 @@ from seg.config import Config, config_to_dict
 from seg.data import build_dataset, build_eval_transform, build_train_transform, make_synthetic
 from seg.data.loaders import ContiguousSampler
 from seg.data.sampling import ResumableSampler, SeededDataset, endless_batches, seeded_generator
-from seg.distributed import DistInfo
+from seg.distributed import DistInfo, barrier
 from seg.engine import TrainState, evaluate, train
 from seg.models import model_from_config
 from seg.optim import build_optimizer, build_scheduler
@@ -33,12 +33,13 @@ def resolve_device(name: str, dist: DistInfo) -> torch.device:
     return dist.device if name == "auto" else torch.device(name)
 
 
-def build_datasets(cfg: Config):
-    """Train and val datasets; the synthetic set is generated on first use."""
+def build_datasets(cfg: Config, dist: DistInfo):
+    """Train and val datasets; the synthetic set is generated on first use (by rank 0 alone)."""
     data = cfg.data
-    if data.name == "synthetic":
+    if data.name == "synthetic" and dist.is_main:
         make_synthetic(data.root, n_train=data.synthetic_train_images, n_val=data.synthetic_val_images,
                        size=data.synthetic_image_size, seed=0)
+    barrier()
     train_tf = build_train_transform(data.crop_size, scale=tuple(data.scale_range), hflip=data.hflip,
                                      jitter=data.jitter)
     train_set = build_dataset(data.name, data.root, data.train_split, train_tf)
@@ -104,7 +105,7 @@ def run_training(cfg: Config, run_dir: Path, dist: DistInfo, resume: bool = Fals
     """Train ``cfg`` into ``run_dir``: validation, TensorBoard, last.pt / best.pt. Returns the final state."""
     device = resolve_device(cfg.train.device, dist)
     seed_everything(cfg.train.seed)
-    train_set, val_set = build_datasets(cfg)
+    train_set, val_set = build_datasets(cfg, dist)
     train_loader, val_loader = build_loaders(cfg, train_set, val_set, dist)
     state = build_state(cfg, train_set.num_classes, device)
     if resume:

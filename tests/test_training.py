@@ -25,7 +25,7 @@ def tiny_overrides(data_root: Path, iters: int = 4) -> list[str]:
         "data.name=synthetic", f"data.root={data_root}", "data.num_classes=5", "data.crop_size=64",
         "data.batch_size=2", "data.val_batch_size=2", "data.num_workers=0", "data.synthetic_train_images=8",
         "data.synthetic_val_images=3", "data.synthetic_image_size=64", "model.decoder_channels=32",
-        "optim.name=sgd", "optim.lr=0.01", f"train.iters={iters}", f"train.eval_interval={iters // 2}",
+        "optim.name=sgd", "optim.lr=0.01", "optim.warmup_iters=0", f"train.iters={iters}", f"train.eval_interval={iters // 2}",
         "train.log_interval=1", "train.vis_images=2", "train.ca_maps=true", "train.device=cpu",
     ]
 
@@ -140,7 +140,8 @@ def test_ddp_two_cpu_ranks_end_with_identical_parameters(tmp_path, data_root):
         "state = run_training(cfg, out, dist)\n"
         "torch.save(dict(state.model.module.named_parameters()), out / f'rank{dist.rank}.pt')\ncleanup()\n"
     )
-    overrides = tiny_overrides(data_root, iters=4)
+    # 2 per rank: without SyncBatchNorm (CPU) the ASPP's pooled BN needs two samples per process
+    overrides = tiny_overrides(data_root, iters=4) + ["data.batch_size=4"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
                     str(script), str(tmp_path), *overrides], check=True, env=env, cwd=tmp_path, timeout=300)
