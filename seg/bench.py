@@ -1,0 +1,234 @@
+"""Cost of the attention blocks inside DeepLabV3: ``python -m seg.bench [--device cuda] [--json FILE]``.
+
+For plain / SE / CBAM / CA on each encoder and output stride it measures parameters, GFLOPs (at
+``--flops-size``, default 512), the training step time (forward + backward + SGD step) and the
+inference time, as medians over ``--repeats`` after ``--warmup`` untimed calls. The four variants
+of one encoder are timed in turn within every repeat, so a slow spell of a shared machine hits
+them all alike, and each variant's ratio to plain comes from that same run.
+
+CUDA defaults: bf16 autocast, channels-last, batch 16 at 512, eager and ``torch.compile``.
+CPU defaults: fp32, batch 2 at 256, eager only; peak memory is reported only on CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from seg.complexity import count_flops, count_params
+from seg.engine import TrainState, autocast, train_step
+from seg.models import build_model
+
+ENCODERS = ("mobilenet_v2", "resnet50")
+VARIANTS = {"plain": "", "SE": "_se", "CBAM": "_cbam", "CA": "_ca"}
+ATROUS_RATES = {16: (6, 12, 18), 8: (12, 24, 36)}  # the paper's DeepLabV3 rates per output stride
+NUM_CLASSES = 21
+FLOPS_SIZE = 512
+DEFAULTS = {"cuda": dict(batch=16, size=512, amp="bf16", channels_last=True, compile="both"),
+            "cpu": dict(batch=2, size=256, amp="none", channels_last=False, compile="off")}
+COLUMNS = ("encoder", "variant", "OS", "compile", "params (M)", "GFLOPs", "train step (ms)", "train img/s",
+           "infer img/s", "peak mem (GiB)", "train / plain", "infer / plain")
+
+
+@dataclass
+class BenchSetup:
+    """How to measure: the device, batch and input size, repeats, and the precision settings."""
+
+    device: str = "cpu"
+    batch: int = 2
+    size: int = 256
+    repeats: int = 5
+    warmup: int = 2
+    amp: str = "none"
+    channels_last: bool = False
+    flops_size: int = FLOPS_SIZE
+    threads: int | None = None
+
+
+def build_variant(encoder: str, output_stride: int) -> nn.Module:
+    """DeepLabV3 with separable ASPP on ``encoder`` at ``output_stride``, with the paper's rates."""
+    return build_model("deeplabv3", encoder, NUM_CLASSES, output_stride=output_stride,
+                       decoder_atrous_rates=ATROUS_RATES[output_stride], aspp_separable=True)
+
+
+def gflops(model: nn.Module, size: int) -> float:
+    """GFLOPs of one image at ``size`` x ``size``; counted on the meta device, so nothing is computed."""
+    with torch.device("meta"):  # count_flops makes its zero input on the default device
+        return count_flops(copy.deepcopy(model).to("meta"), (1, 3, size, size)) / 1e9
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], object], device: torch.device) -> float:
+    """Milliseconds one call of ``fn`` takes, waiting for the device before and after."""
+    _synchronize(device)
+    start = time.perf_counter()
+    fn()
+    _synchronize(device)
+    return (time.perf_counter() - start) * 1e3
+
+
+class Runner:
+    """One variant on the device: its train step and inference call, and the samples timed so far."""
+
+    def __init__(self, name: str, model: nn.Module, setup: BenchSetup, compiled: bool) -> None:
+        self.name, self.setup = name, setup
+        self.device = torch.device(setup.device)
+        fmt = torch.channels_last if setup.channels_last else torch.contiguous_format
+        model = model.to(self.device, memory_format=fmt)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1.0)
+        self.model = model
+        self.step_model = torch.compile(model) if compiled else model
+        self.state = TrainState(self.step_model, optimizer, scheduler,
+                                torch.amp.GradScaler(self.device.type, enabled=False))
+        gen = torch.Generator().manual_seed(0)
+        self.images = torch.randn(setup.batch, 3, setup.size, setup.size, generator=gen).to(
+            self.device, memory_format=fmt)
+        self.targets = torch.randint(0, NUM_CLASSES, (setup.batch, setup.size, setup.size), generator=gen).to(self.device)
+        self.train_ms: list[float] = []
+        self.infer_ms: list[float] = []
+        self.peak_gib: float | None = None
+
+    def train_once(self) -> None:
+        self.step_model.train()
+        train_step(self.state, self.images, self.targets, amp=self.setup.amp, aux_weight=0.0, grad_clip=None)
+
+    @torch.no_grad()
+    def infer_once(self) -> None:
+        self.step_model.eval()
+        with autocast(self.device, self.setup.amp):
+            self.step_model(self.images)
+
+    def resident_bytes(self) -> int:
+        """Bytes this variant keeps between steps: weights, buffers, gradients, momentum."""
+        tensors = [*self.model.parameters(), *self.model.buffers()]
+        tensors += [p.grad for p in self.model.parameters() if p.grad is not None]
+        tensors += [t for s in self.state.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def measure_peak(self) -> None:
+        """Peak memory of one train step as if this variant were alone on the GPU."""
+        if self.device.type != "cuda":
+            return
+        _synchronize(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.train_once()
+        _synchronize(self.device)
+        # the other variants' weights are resident too; count only this one's
+        extra = torch.cuda.max_memory_allocated(self.device) - before
+        self.peak_gib = (extra + self.resident_bytes()) / 2**30
+
+
+def bench_group(encoder: str, output_stride: int, setup: BenchSetup, compiled: bool,
+                variants: dict[str, str] = VARIANTS) -> list[dict]:
+    """Rows for every attention variant of ``encoder``, timed interleaved; the first variant is the baseline."""
+    rows, runners = [], []
+    for name, suffix in variants.items():
+        torch.manual_seed(0)
+        model = build_variant(encoder + suffix, output_stride)
+        rows.append({"encoder": encoder, "variant": name, "encoder_name": encoder + suffix, "os": output_stride,
+                     "compile": compiled, "params": count_params(model),
+                     "gflops": gflops(model, setup.flops_size), "flops_size": setup.flops_size})
+        runners.append(Runner(name, model, setup, compiled))
+    for runner in runners:
+        for _ in range(setup.warmup):
+            runner.train_once()
+            runner.infer_once()
+        runner.measure_peak()
+    for _ in range(setup.repeats):
+        for runner in runners:
+            runner.train_ms.append(_timed(runner.train_once, runner.device))
+            runner.infer_ms.append(_timed(runner.infer_once, runner.device))
+    base_train, base_infer = (statistics.median(runners[0].train_ms), statistics.median(runners[0].infer_ms))
+    for row, runner in zip(rows, runners):
+        train_ms, infer_ms = statistics.median(runner.train_ms), statistics.median(runner.infer_ms)
+        row.update(train_ms=train_ms, train_img_s=setup.batch * 1e3 / train_ms, infer_ms=infer_ms,
+                   infer_img_s=setup.batch * 1e3 / infer_ms, peak_mem_gib=runner.peak_gib,
+                   train_ratio=train_ms / base_train, infer_ratio=infer_ms / base_infer)
+    return rows
+
+
+def run_bench(setup: BenchSetup, encoders: tuple[str, ...] = ENCODERS, output_strides: tuple[int, ...] = (16, 8),
+              compile_modes: tuple[bool, ...] = (False,)) -> dict:
+    """Every (encoder, OS, compile) group; returns ``{"setup": ..., "rows": [...]}`` for the table and JSON."""
+    if setup.threads is not None:
+        torch.set_num_threads(setup.threads)
+    for os_ in output_strides:
+        if os_ not in ATROUS_RATES:
+            raise ValueError(f"output stride must be one of {sorted(ATROUS_RATES)}, got {os_}")
+    rows = []
+    for compiled in compile_modes:
+        for encoder in encoders:
+            for os_ in output_strides:
+                rows += bench_group(encoder, os_, setup, compiled)
+                if setup.device.startswith("cuda"):
+                    torch.cuda.empty_cache()
+    return {"setup": {**asdict(setup), "torch": torch.__version__, "threads": torch.get_num_threads()}, "rows": rows}
+
+
+def format_table(result: dict) -> str:
+    """One markdown table of ``run_bench``'s rows, with a header line saying how it was measured."""
+    s = result["setup"]
+    header = (f"DeepLabV3 (separable ASPP), {s['device']}, batch {s['batch']} at {s['size']}x{s['size']}, "
+              f"amp {s['amp']}, channels_last {s['channels_last']}, {s['threads']} threads, median of "
+              f"{s['repeats']} after {s['warmup']} warm-up; GFLOPs per image at {s['flops_size']}x{s['flops_size']}")
+    lines = [header, "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * 4 + "---:|" * (len(COLUMNS) - 4)]
+    for r in result["rows"]:
+        peak = "n/a" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.2f}"
+        cells = (r["encoder"], r["variant"], r["os"], "yes" if r["compile"] else "no", f"{r['params'] / 1e6:.2f}",
+                 f"{r['gflops']:.2f}", f"{r['train_ms']:.1f}", f"{r['train_img_s']:.1f}", f"{r['infer_img_s']:.1f}",
+                 peak, f"{r['train_ratio']:.3f}", f"{r['infer_ratio']:.3f}")
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=int, help="default: 16 on CUDA, 2 on CPU")
+    p.add_argument("--size", type=int, help="input side; default: 512 on CUDA, 256 on CPU")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--encoders", nargs="+", default=list(ENCODERS))
+    p.add_argument("--os", type=int, nargs="+", default=[16, 8], choices=sorted(ATROUS_RATES))
+    p.add_argument("--compile", choices=["off", "on", "both"], help="default: both on CUDA, off on CPU")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--flops-size", type=int, default=FLOPS_SIZE)
+    p.add_argument("--json", type=Path, help="also write the rows and setup here")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    defaults = DEFAULTS["cuda" if args.device.startswith("cuda") else "cpu"]
+    for key in ("batch", "size", "repeats"):
+        if (getattr(args, key) or defaults.get(key, 1)) < 1:
+            raise SystemExit(f"error: --{key} must be >= 1")
+    setup = BenchSetup(device=args.device, batch=args.batch or defaults["batch"], size=args.size or defaults["size"],
+                       repeats=args.repeats, warmup=args.warmup, amp=defaults["amp"],
+                       channels_last=defaults["channels_last"], flops_size=args.flops_size, threads=args.threads)
+    compile_modes = {"off": (False,), "on": (True,), "both": (False, True)}[args.compile or defaults["compile"]]
+    result = run_bench(setup, tuple(args.encoders), tuple(args.os), compile_modes)
+    print(format_table(result))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
