@@ -96,10 +96,13 @@ def main(argv: list[str] | None = None) -> int:
         ckpt = load_checkpoint(args.checkpoint)
         cfg = resolve_config(args, ckpt)
         dist = init_distributed()
-        dataset = build_dataset(cfg.data.name, cfg.data.root, cfg.data.val_split, build_eval_transform())
-        model = model_from_config(cfg.model, dataset.num_classes)
+        model = model_from_config(cfg.model, cfg.data.num_classes)
         load_model_weights(model, ckpt["model"])
         model.to(dist.device).eval()
+        dataset = build_dataset(cfg.data.name, cfg.data.root, cfg.data.val_split, build_eval_transform())
+        if dataset.num_classes != cfg.data.num_classes:
+            raise ConfigError(f"the checkpoint predicts {cfg.data.num_classes} classes but {cfg.data.root} "
+                              f"holds {dataset.num_classes}")
         sampler = ContiguousSampler(dataset, dist.rank, dist.world_size)
         loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.data.val_batch_size, sampler=sampler,
                                              num_workers=cfg.data.num_workers)
