@@ -1,0 +1,118 @@
+"""ONNX export through the CLI: static and dynamic H/W for each MobileNetV2 attention, and the error paths."""
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import seg.export as export
+from seg.checkpoint import save_checkpoint
+from seg.config import Config, config_to_dict
+from seg.models import model_from_config
+
+HEIGHT, WIDTH = 64, 96
+ENCODERS = ["mobilenet_v2", "mobilenet_v2_se", "mobilenet_v2_cbam", "mobilenet_v2_ca"]
+
+
+def _config(encoder: str) -> Config:
+    cfg = Config()
+    cfg.model.arch, cfg.model.encoder, cfg.model.decoder_channels = "deeplabv3", encoder, 32
+    cfg.data.num_classes, cfg.data.crop_size = 5, 64
+    return cfg
+
+
+def _checkpoint(tmp_path, encoder: str = "mobilenet_v2_ca"):
+    cfg = _config(encoder)
+    model = model_from_config(cfg.model, cfg.data.num_classes)
+    with torch.no_grad():  # non-trivial BN statistics, so folding them into convs is really exercised
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.1, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, model=model, optimizer=None, scheduler=None, scaler=None, iteration=0,
+                    best_miou=0.0, config=config_to_dict(cfg))
+    return path
+
+
+def _ort(path, height, width):
+    return export.run_onnx(path, export.check_images(height, width, count=1))
+
+
+@pytest.mark.parametrize("encoder", ENCODERS)
+def test_static_export_matches_pytorch(tmp_path, capsys, encoder):
+    out = tmp_path / "model.onnx"
+    argv = ["--checkpoint", str(_checkpoint(tmp_path, encoder)), "--out", str(out),
+            "--height", str(HEIGHT), "--width", str(WIDTH)]
+    assert export.main(argv) == 0
+    assert "argmax agreement" in capsys.readouterr().out
+    dims = [d.dim_value for d in onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim]
+    assert dims == [1, 3, HEIGHT, WIDTH]
+    assert _ort(out, HEIGHT, WIDTH).shape == (1, 5, HEIGHT, WIDTH)
+
+
+@pytest.mark.parametrize("encoder", ENCODERS)
+def test_dynamic_export_runs_at_other_sizes(tmp_path, encoder):
+    ckpt, out = _checkpoint(tmp_path, encoder), tmp_path / "model.onnx"
+    argv = ["--checkpoint", str(ckpt), "--out", str(out), "--height", str(HEIGHT), "--width", str(WIDTH),
+            "--dynamic"]
+    assert export.main(argv) == 0  # main itself checks a second size against PyTorch
+    model, _ = export.load_for_export(ckpt)
+    images = export.check_images(48, 32, count=1)  # a third size, smaller than the traced one
+    with torch.no_grad():
+        expected = model(torch.from_numpy(images)).numpy()
+    got = export.run_onnx(out, images)
+    assert got.shape == (1, 5, 48, 32)
+    assert np.abs(got - expected).max() < export.MAX_ABS_DIFF
+
+
+def test_default_size_is_crop_rounded_to_stride(tmp_path):
+    cfg = _config("mobilenet_v2")
+    cfg.data.crop_size = 513
+    assert export.export_size(cfg, 16, None, None) == (512, 512)
+
+
+def test_size_not_multiple_of_stride_names_nearest(tmp_path, capsys):
+    out = tmp_path / "model.onnx"
+    argv = ["--checkpoint", str(_checkpoint(tmp_path)), "--out", str(out), "--height", "70", "--width", "96"]
+    assert export.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "height 70" in err and "stride 16" in err and "--height 64 --width 96" in err
+    assert not out.exists()
+
+
+def test_missing_checkpoint_is_named(tmp_path, capsys):
+    missing = tmp_path / "nope.pt"
+    assert export.main(["--checkpoint", str(missing), "--out", str(tmp_path / "m.onnx")]) == 1
+    assert str(missing) in capsys.readouterr().err
+
+
+def test_corrupt_checkpoint_is_named(tmp_path, capsys):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert export.main(["--checkpoint", str(bad), "--out", str(tmp_path / "m.onnx")]) == 1
+    err = capsys.readouterr().err
+    assert str(bad) in err and "corrupt" in err
+
+
+def test_missing_output_folder(tmp_path, capsys):
+    out = tmp_path / "no_such_dir" / "m.onnx"
+    assert export.main(["--checkpoint", str(tmp_path / "any.pt"), "--out", str(out)]) == 1
+    assert "output folder does not exist" in capsys.readouterr().err
+
+
+def test_disagreeing_runtime_is_refused_and_file_deleted(tmp_path, capsys, monkeypatch):
+    real = export.run_onnx
+
+    def shifted(path, images):  # a broken graph: class 0 gets a large bias
+        logits = real(path, images)
+        logits[:, 0] += 10.0
+        return logits
+
+    monkeypatch.setattr(export, "run_onnx", shifted)
+    out = tmp_path / "model.onnx"
+    argv = ["--checkpoint", str(_checkpoint(tmp_path)), "--out", str(out), "--height", "32", "--width", "32"]
+    assert export.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "disagrees" in err and "deleted" in err
+    assert not out.exists()
