@@ -97,7 +97,8 @@ class Runner:
         gen = torch.Generator().manual_seed(0)
         self.images = torch.randn(setup.batch, 3, setup.size, setup.size, generator=gen).to(
             self.device, memory_format=fmt)
-        self.targets = torch.randint(0, NUM_CLASSES, (setup.batch, setup.size, setup.size), generator=gen).to(self.device)
+        classes = model.segmentation_head[0].out_channels  # smp's head: conv, upsampling, activation
+        self.targets = torch.randint(0, classes, (setup.batch, setup.size, setup.size), generator=gen).to(self.device)
         self.train_ms: list[float] = []
         self.infer_ms: list[float] = []
         self.peak_gib: float | None = None
@@ -133,17 +134,12 @@ class Runner:
         self.peak_gib = (extra + self.resident_bytes()) / 2**30
 
 
-def bench_group(encoder: str, output_stride: int, setup: BenchSetup, compiled: bool,
-                variants: dict[str, str] = VARIANTS) -> list[dict]:
-    """Rows for every attention variant of ``encoder``, timed interleaved; the first variant is the baseline."""
-    rows, runners = [], []
-    for name, suffix in variants.items():
-        torch.manual_seed(0)
-        model = build_variant(encoder + suffix, output_stride)
-        rows.append({"encoder": encoder, "variant": name, "encoder_name": encoder + suffix, "os": output_stride,
-                     "compile": compiled, "params": count_params(model),
-                     "gflops": gflops(model, setup.flops_size), "flops_size": setup.flops_size})
-        runners.append(Runner(name, model, setup, compiled))
+def time_models(models: dict[str, nn.Module], setup: BenchSetup, compiled: bool = False) -> dict[str, dict]:
+    """Median train-step and inference ms (and CUDA peak GiB) per model, timed interleaved.
+
+    The first model is the baseline of the ``train_ratio`` / ``infer_ratio`` entries.
+    """
+    runners = [Runner(name, model, setup, compiled) for name, model in models.items()]
     for runner in runners:
         for _ in range(setup.warmup):
             runner.train_once()
@@ -153,12 +149,29 @@ def bench_group(encoder: str, output_stride: int, setup: BenchSetup, compiled: b
         for runner in runners:
             runner.train_ms.append(_timed(runner.train_once, runner.device))
             runner.infer_ms.append(_timed(runner.infer_once, runner.device))
-    base_train, base_infer = (statistics.median(runners[0].train_ms), statistics.median(runners[0].infer_ms))
-    for row, runner in zip(rows, runners):
+    base_train, base_infer = statistics.median(runners[0].train_ms), statistics.median(runners[0].infer_ms)
+    times = {}
+    for runner in runners:
         train_ms, infer_ms = statistics.median(runner.train_ms), statistics.median(runner.infer_ms)
-        row.update(train_ms=train_ms, train_img_s=setup.batch * 1e3 / train_ms, infer_ms=infer_ms,
-                   infer_img_s=setup.batch * 1e3 / infer_ms, peak_mem_gib=runner.peak_gib,
-                   train_ratio=train_ms / base_train, infer_ratio=infer_ms / base_infer)
+        times[runner.name] = dict(train_ms=train_ms, train_img_s=setup.batch * 1e3 / train_ms, infer_ms=infer_ms,
+                                  infer_img_s=setup.batch * 1e3 / infer_ms, peak_mem_gib=runner.peak_gib,
+                                  train_ratio=train_ms / base_train, infer_ratio=infer_ms / base_infer)
+    return times
+
+
+def bench_group(encoder: str, output_stride: int, setup: BenchSetup, compiled: bool,
+                variants: dict[str, str] = VARIANTS) -> list[dict]:
+    """Rows for every attention variant of ``encoder``; the first variant is the baseline."""
+    rows, models = [], {}
+    for name, suffix in variants.items():
+        torch.manual_seed(0)
+        models[name] = build_variant(encoder + suffix, output_stride)
+        rows.append({"encoder": encoder, "variant": name, "encoder_name": encoder + suffix, "os": output_stride,
+                     "compile": compiled, "params": count_params(models[name]),
+                     "gflops": gflops(models[name], setup.flops_size), "flops_size": setup.flops_size})
+    times = time_models(models, setup, compiled)
+    for row in rows:
+        row.update(times[row["variant"]])
     return rows
 
 

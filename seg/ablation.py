@@ -1,0 +1,190 @@
+"""Train and score every config x seed, then print the ablation table.
+
+``python -m seg.ablation --configs configs/camvid_mobilenet_v2.yaml ... --seeds 0 1 2 --out runs/ablation
+[--smoke] [key=value ...]``
+
+Each run lives in ``OUT/<config stem>/seed<k>/``. A run whose ``final.json`` exists is finished and
+skipped; one with a ``last.pt`` but no ``final.json`` resumes from it, so the command can simply
+be started again after an interruption. ``final.json`` holds the evaluation of that run's
+``best.pt``. The table gives mean ± sample std of mIoU over seeds, parameters, GFLOPs at 512x512
+and the training step time measured with :mod:`seg.bench` (interleaved, first config = 1.0).
+``--smoke`` swaps in the synthetic set and tiny sizes so the whole thing runs on a CPU in seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+from seg import bench
+from seg.checkpoint import load_checkpoint, load_model_weights
+from seg.complexity import count_params
+from seg.config import Config, ConfigError, config_from_dict, config_to_dict, load_config, save_config
+from seg.data import build_dataset, build_eval_transform
+from seg.data.base import DatasetError
+from seg.distributed import DistInfo, setup_logging
+from seg.engine import evaluate
+from seg.models import build_model, model_from_config
+from seg.training import OUTPUT_STRIDE_PAD, resolve_device, run_training
+
+log = logging.getLogger(__name__)
+FINAL = "final.json"
+METRIC_KEYS = ("miou", "pixel_acc", "mean_acc", "fwiou")
+BENCH_CPU = dict(batch=2, size=128, repeats=3, warmup=1)  # a CPU step at full size takes too long
+
+
+def smoke_overrides(data_root: Path) -> list[str]:
+    """Synthetic data, a tiny model input and 2 iterations on the CPU, whatever the config says."""
+    return [
+        "data.name=synthetic", f"data.root={data_root}", "data.num_classes=5", "data.crop_size=64",
+        "data.batch_size=2", "data.val_batch_size=2", "data.num_workers=0", "data.synthetic_train_images=4",
+        "data.synthetic_val_images=2", "data.synthetic_image_size=64", "model.decoder_channels=32",
+        "model.encoder_weights=null", "optim.warmup_iters=0", "train.iters=2", "train.eval_interval=2",
+        "train.log_interval=1", "train.vis_images=0", "train.ca_maps=false", "train.amp=none",
+        "train.channels_last=false", "train.compile=false", "train.device=cpu",
+    ]
+
+
+def run_config(path: Path, seed: int, overrides: list[str]) -> Config:
+    """The config of one run: the file, then the user's overrides, then the seed."""
+    return load_config(path, [*overrides, f"train.seed={seed}"])
+
+
+def evaluate_checkpoint(path: Path, device: torch.device) -> dict:
+    """Score a checkpoint with its stored config, as ``eval_seg.py`` does without options."""
+    cfg = config_from_dict(load_checkpoint(path)["config"])
+    dataset = build_dataset(cfg.data.name, cfg.data.root, cfg.data.val_split, build_eval_transform())
+    model = model_from_config(cfg.model, dataset.num_classes)
+    load_model_weights(model, load_checkpoint(path)["model"])
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.data.val_batch_size,
+                                         num_workers=cfg.data.num_workers)
+    metrics = evaluate(model.to(device).eval(), loader, dataset.num_classes, device=device, mode=cfg.eval.mode,
+                       output_stride=OUTPUT_STRIDE_PAD, crop_size=cfg.eval.crop_size, stride=cfg.eval.stride,
+                       scales=tuple(cfg.eval.scales), flip=cfg.eval.flip)
+    result = {k: metrics[k] for k in METRIC_KEYS}
+    result["iou"] = [None if v != v else v for v in metrics["iou"]]  # NaN is not JSON
+    return result
+
+
+def train_one(cfg: Config, run_dir: Path) -> dict:
+    """Train (or resume, or skip) one run and return its ``final.json`` record."""
+    final = run_dir / FINAL
+    if final.is_file():
+        log.info("%s is finished; skipping", run_dir)
+        return json.loads(final.read_text())
+    saved = run_dir / "config.yaml"
+    if saved.is_file() and yaml.safe_load(saved.read_text()) != config_to_dict(cfg):
+        raise ConfigError(f"{run_dir} holds a run with a different config ({saved}); use another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, saved)
+    auto = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dist = DistInfo(rank=0, local_rank=0, world_size=1, device=auto, is_main=True)
+    resume = (run_dir / "last.pt").is_file()
+    log.info("%s %s", "resuming" if resume else "training", run_dir)
+    run_training(cfg, run_dir, dist, resume=resume)
+    device = resolve_device(cfg.train.device, dist)
+    record = {"encoder": cfg.model.encoder, "seed": cfg.train.seed, **evaluate_checkpoint(run_dir / "best.pt", device)}
+    # written last: its presence is what marks the run as done
+    tmp = final.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    tmp.replace(final)
+    return record
+
+
+def cost_of(cfgs: dict[str, Config], setup: bench.BenchSetup | None) -> dict[str, dict]:
+    """Params and GFLOPs at 512 of each config's model, and its step time when ``setup`` is given."""
+    models, cost = {}, {}
+    for name, cfg in cfgs.items():
+        torch.manual_seed(0)
+        m = cfg.model
+        models[name] = build_model(m.arch, m.encoder, cfg.data.num_classes, output_stride=m.output_stride,
+                                   decoder_atrous_rates=tuple(m.atrous_rates), aspp_separable=m.aspp_separable,
+                                   decoder_channels=m.decoder_channels)
+        cost[name] = {"params": count_params(models[name]), "gflops": bench.gflops(models[name], bench.FLOPS_SIZE)}
+    if setup is not None:
+        for name, times in bench.time_models(models, setup).items():
+            cost[name].update(train_ms=times["train_ms"], train_ratio=times["train_ratio"])
+    return cost
+
+
+def summarize(records: dict[str, list[dict]], cost: dict[str, dict]) -> list[dict]:
+    """One row per config: encoder, seeds, mIoU mean and sample std, and the cost columns."""
+    rows = []
+    for name, runs in records.items():
+        mious = [r["miou"] for r in runs]
+        rows.append({"config": name, "encoder": runs[0]["encoder"], "seeds": [r["seed"] for r in runs],
+                     "miou": mious, "miou_mean": statistics.mean(mious),
+                     "miou_std": statistics.stdev(mious) if len(mious) > 1 else 0.0, **cost[name]})
+    return rows
+
+
+def format_table(rows: list[dict], bench_note: str) -> str:
+    """The paper-style markdown table of :func:`summarize`'s rows."""
+    lines = ["| config | encoder | seeds | mIoU (%) mean ± std | params (M) | GFLOPs (512) | step (ms) | step / first |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        step = (f"{r['train_ms']:.1f} | {r['train_ratio']:.3f}" if "train_ms" in r else "n/a | n/a")
+        lines.append(f"| {r['config']} | {r['encoder']} | {len(r['seeds'])} | {100 * r['miou_mean']:.2f} ± "
+                     f"{100 * r['miou_std']:.2f} | {r['params'] / 1e6:.2f} | {r['gflops']:.2f} | {step} |")
+    return "\n".join(lines + ["", bench_note])
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", type=Path, nargs="+", required=True)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--out", type=Path, default=Path("runs/ablation"))
+    p.add_argument("--smoke", action="store_true", help="synthetic data, tiny sizes, CPU: a check that it all runs")
+    p.add_argument("--no-step-time", action="store_true", help="skip the step-time measurement")
+    p.add_argument("--json", type=Path, help="default: OUT/ablation.json")
+    p.add_argument("overrides", nargs="*", help="applied to every config, e.g. train.iters=5000")
+    return p.parse_args(argv)
+
+
+def bench_setup(args: argparse.Namespace) -> tuple[bench.BenchSetup | None, str]:
+    """How the step time is measured (``None`` to skip it), and the note under the table saying so."""
+    if args.no_step_time:
+        return None, "step time not measured (--no-step-time)"
+    if args.smoke:
+        setup = bench.BenchSetup(batch=2, size=64, repeats=1, warmup=0)
+    elif torch.cuda.is_available():
+        d = bench.DEFAULTS["cuda"]
+        setup = bench.BenchSetup(device="cuda", batch=d["batch"], size=d["size"], amp=d["amp"],
+                                 channels_last=d["channels_last"])
+    else:
+        setup = bench.BenchSetup(**BENCH_CPU)
+    return setup, (f"step = forward + backward + SGD step, median of {setup.repeats} on {setup.device}, "
+                   f"batch {setup.batch} at {setup.size}x{setup.size}, amp {setup.amp}; models timed interleaved")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging()
+    try:
+        overrides = (smoke_overrides(args.out / "_synthetic") if args.smoke else []) + list(args.overrides)
+        cfgs = {path.stem: {seed: run_config(path, seed, overrides) for seed in args.seeds} for path in args.configs}
+        if len(cfgs) != len(args.configs):
+            raise ConfigError("--configs: two files share a name; runs are stored by file name")
+        records = {name: [train_one(cfg, args.out / name / f"seed{seed}") for seed, cfg in by_seed.items()]
+                   for name, by_seed in cfgs.items()}
+    except (ConfigError, DatasetError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    setup, note = bench_setup(args)
+    rows = summarize(records, cost_of({name: by_seed[args.seeds[0]] for name, by_seed in cfgs.items()}, setup))
+    print(format_table(rows, note))
+    out = args.json or args.out / "ablation.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"rows": rows, "runs": records, "note": note}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
