@@ -228,9 +228,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     defaults = DEFAULTS["cuda" if args.device.startswith("cuda") else "cpu"]
-    for key in ("batch", "size", "repeats"):
-        if (getattr(args, key) or defaults.get(key, 1)) < 1:
-            raise SystemExit(f"error: --{key} must be >= 1")
+    # batch 1 cannot train: the ASPP's pooled branch gives BatchNorm one value per channel
+    for key, least in (("batch", 2), ("size", 32), ("repeats", 1), ("warmup", 0)):
+        value = getattr(args, key)
+        if value is not None and value < least:
+            raise SystemExit(f"error: --{key} must be >= {least}, got {value}")
     setup = BenchSetup(device=args.device, batch=args.batch or defaults["batch"], size=args.size or defaults["size"],
                        repeats=args.repeats, warmup=args.warmup, amp=defaults["amp"],
                        channels_last=defaults["channels_last"], flops_size=args.flops_size, threads=args.threads)

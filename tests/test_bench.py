@@ -51,3 +51,9 @@ def test_table_has_one_row_per_variant_and_the_header_names_the_setup(result):
 def test_bad_output_stride_is_refused():
     with pytest.raises(ValueError, match="output stride"):
         bench.run_bench(bench.BenchSetup(), encoders=("mobilenet_v2",), output_strides=(32,))
+
+
+@pytest.mark.parametrize("flag, value", [("--batch", "1"), ("--size", "8"), ("--repeats", "0")])
+def test_bad_sizes_are_refused_before_any_work(flag, value):
+    with pytest.raises(SystemExit, match=flag):
+        bench.main(["--device", "cpu", flag, value])
