@@ -47,7 +47,14 @@ class CoordAttention(nn.Module):
         a_h = torch.sigmoid(self.conv_h(y_h))  # (N, C, H, 1)
         # A 1x1 conv commutes with the transpose, so transpose the small output, not the input.
         a_w = torch.sigmoid(self.conv_w(y_w)).transpose(2, 3)  # (N, C, 1, W)
-        return x * a_h * a_w
+        out = x * a_h
+        if out.requires_grad:
+            return out * a_w
+        # Inference: gate in place. Same op order as ``x * a_h * a_w`` (bit-identical), but one
+        # full-size tensor instead of two; each fresh large CPU tensor costs an allocation plus
+        # page faults, and ``x * (a_h * a_w)`` would also build a full-size gate. Autograd must
+        # not see this: ``a_w``'s gradient needs ``out`` before the in-place write.
+        return out.mul_(a_w)
 
 
 class _ChannelMLP(nn.Sequential):
