@@ -5,6 +5,12 @@ Usage: ``python -m seg.cpu_bench [--size 512] [--threads 2] [--repeats 15]``
 Prints a markdown table of median latencies (fp32, batch 1) and the CA/plain ratio for eager
 PyTorch and for onnxruntime (CPU). Runs are interleaved (plain, CA, plain, CA, ...) so that a
 neighbour's load or thermal drift hits both models alike instead of biasing one of them.
+
+Why onnxruntime shows a larger CA overhead than eager PyTorch: ORT runs this net's convs in its
+blocked NCHWc layout, but the CA block's ReduceMean and broadcast Mul are not NCHWc ops, so ORT
+converts each expanded tensor back to NCHW before every CA block and again after it (profiled:
+ReorderOutput/ReorderInput plus the Muls make up most of the gap). Eager PyTorch has no such
+layout switch, so there CA costs only its two reductions and the two gate multiplies.
 """
 
 from __future__ import annotations
@@ -70,13 +76,16 @@ def _interleaved_medians(runners: dict[str, Callable], repeats: int) -> dict[str
 
 def benchmark(size: int = 512, threads: int = 2, repeats: int = 15) -> dict[str, dict[str, float]]:
     """``{"pytorch": {"plain": s, "ca": s}, "onnxruntime": {...}}`` median seconds per image."""
+    previous = torch.get_num_threads()
     torch.set_num_threads(threads)
-    models = {"plain": _build(PLAIN), "ca": _build(CA)}
-    results = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        ort_runners = {k: _ort_runner(m, size, threads, Path(tmp), k) for k, m in models.items()}
-        results["pytorch"] = _interleaved_medians({k: _torch_runner(m, size) for k, m in models.items()}, repeats)
-        results["onnxruntime"] = _interleaved_medians(ort_runners, repeats)
+    try:
+        models = {"plain": _build(PLAIN), "ca": _build(CA)}
+        results = {"pytorch": _interleaved_medians({k: _torch_runner(m, size) for k, m in models.items()}, repeats)}
+        with tempfile.TemporaryDirectory() as tmp:
+            ort_runners = {k: _ort_runner(m, size, threads, Path(tmp), k) for k, m in models.items()}
+            results["onnxruntime"] = _interleaved_medians(ort_runners, repeats)
+    finally:
+        torch.set_num_threads(previous)
     return results
 
 
