@@ -15,9 +15,8 @@ from torch.utils.data import DataLoader
 
 from seg.checkpoint import load_checkpoint, restore_rng, save_checkpoint, unwrap_model
 from seg.config import Config, config_to_dict
-from seg.data import build_dataset, build_eval_transform, build_train_transform, make_synthetic
-from seg.data.loaders import ContiguousSampler
-from seg.data.sampling import ResumableSampler, SeededDataset, endless_batches, seeded_generator
+from seg.data import build_dataset, build_eval_transform, build_loader, build_train_transform, make_synthetic
+from seg.data.sampling import endless_batches
 from seg.distributed import DistInfo, barrier
 from seg.engine import TrainState, evaluate, train
 from seg.models import model_from_config
@@ -54,13 +53,10 @@ def build_loaders(cfg: Config, train_set, val_set, dist: DistInfo) -> tuple[Data
     data = cfg.data
     if data.batch_size % dist.world_size:
         raise ValueError(f"data.batch_size={data.batch_size} (global) is not divisible by {dist.world_size} processes")
-    workers = dict(num_workers=data.num_workers, persistent_workers=data.num_workers > 0,
-                   pin_memory=dist.device.type == "cuda")
-    sampler = ResumableSampler(train_set, dist.world_size, dist.rank, seed=cfg.train.seed)
-    train_loader = DataLoader(SeededDataset(train_set), batch_size=data.batch_size // dist.world_size,
-                              sampler=sampler, drop_last=True, generator=seeded_generator(cfg.train.seed), **workers)
-    val_loader = DataLoader(val_set, batch_size=data.val_batch_size,
-                            sampler=ContiguousSampler(val_set, dist.rank, dist.world_size), **workers)
+    train_loader = build_loader(train_set, data.batch_size // dist.world_size, train=True,
+                                num_workers=data.num_workers, distributed=dist.distributed, seed=cfg.train.seed)
+    val_loader = build_loader(val_set, data.val_batch_size, train=False, num_workers=data.num_workers,
+                              distributed=dist.distributed)
     return train_loader, val_loader
 
 

@@ -54,7 +54,8 @@ def test_distributed_samplers(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
         data = list(range(7))
-        assert isinstance(build_loader(data, 2, train=True, distributed=True).sampler, DistributedSampler)
+        train = build_loader(_Same(build_train_transform(24)), 2, train=True, distributed=True)
+        assert isinstance(train.sampler, DistributedSampler)
         eval_loader = build_loader(data, 2, train=False, distributed=True)
         assert isinstance(eval_loader.sampler, ContiguousSampler)
         assert torch.cat(list(eval_loader)).tolist() == data

@@ -8,7 +8,7 @@ Datasets take ``(root, split, transform=None)`` and yield (HxWx3 uint8 RGB, HxW 
 from seg.data.base import DatasetError, SegmentationDataset
 from seg.data.camvid import CamVid
 from seg.data.cityscapes import Cityscapes, label_ids_to_train_ids
-from seg.data.loaders import DATASETS, ContiguousSampler, build_dataset, build_loader, set_epoch
+from seg.data.loaders import DATASETS, ContiguousSampler, build_dataset, build_loader
 from seg.data.palette import IGNORE_INDEX, colorize, voc_palette
 from seg.data.synthetic import SyntheticSegmentation, make_synthetic
 from seg.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, PairTransform, build_eval_transform,
@@ -19,5 +19,5 @@ __all__ = [
     "CamVid", "Cityscapes", "ContiguousSampler", "DATASETS", "DatasetError", "IGNORE_INDEX", "IMAGENET_MEAN",
     "IMAGENET_STD", "PairTransform", "SegmentationDataset", "SyntheticSegmentation", "VOCSegmentation",
     "build_dataset", "build_eval_transform", "build_loader", "build_train_transform", "colorize",
-    "label_ids_to_train_ids", "make_synthetic", "set_epoch", "voc_palette",
+    "label_ids_to_train_ids", "make_synthetic", "voc_palette",
 ]

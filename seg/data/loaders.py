@@ -12,12 +12,13 @@ from typing import Iterator
 import cv2
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from seg.data.base import SegmentationDataset, TransformFn
 from seg.data.camvid import CamVid
 from seg.data.cityscapes import Cityscapes
 from seg.data.synthetic import SyntheticSegmentation
+from seg.data.sampling import ResumableSampler, SeededDataset, seeded_generator
 from seg.data.voc import VOCSegmentation
 
 DATASETS: dict[str, type[SegmentationDataset]] = {
@@ -51,54 +52,29 @@ class ContiguousSampler(Sampler[int]):
         return self.stop - self.start
 
 
-def _innermost_transform(dataset: Dataset):
-    while not hasattr(dataset, "transform") and hasattr(dataset, "dataset"):  # Subset and friends
-        dataset = dataset.dataset
-    return getattr(dataset, "transform", None)
-
-
-def _seed_transform(dataset: Dataset, seed: int) -> None:
-    transform = _innermost_transform(dataset)
-    if hasattr(transform, "set_random_seed"):
-        transform.set_random_seed(seed)
-
-
 def _init_worker(worker_id: int) -> None:
     # OpenCV's own thread pool would oversubscribe the cores that the other workers use.
     cv2.setNumThreads(0)
-    info = torch.utils.data.get_worker_info()
-    # Forked workers inherit identical albumentations generators; reseed from torch's per-worker seed.
-    _seed_transform(info.dataset, info.seed % 2**32)
 
 
 def build_loader(dataset: Dataset, batch_size: int, train: bool, num_workers: int = 0,
                  distributed: bool = False, seed: int = 0) -> DataLoader:
-    """DataLoader for training (shuffled, drop_last) or evaluation (in order, nothing dropped).
+    """DataLoader for training (shuffled, drop_last, resumable) or evaluation (in order, nothing dropped).
 
     Training drops the last incomplete batch because batch-norm in DeepLab's pooling branch needs
-    at least two samples. Under DDP (``torch.distributed`` initialised), training uses
-    ``DistributedSampler``; call ``set_epoch(loader, epoch)`` each epoch. Evaluation uses
-    :class:`ContiguousSampler`. Full-size evaluation images of different sizes need ``batch_size=1``.
-    Augmentations are seeded from ``seed`` (and the rank), so runs repeat.
+    at least two samples. It always samples through :class:`ResumableSampler` (a
+    ``DistributedSampler``; one replica when not distributed) and seeds each sample's augmentation
+    from (seed, epoch, rank, position), so workers never repeat each other and a resumed run sees
+    exactly the batches it would have seen; iterate it with :func:`endless_batches`. Evaluation
+    uses :class:`ContiguousSampler`. Full-size evaluation images of different sizes need ``batch_size=1``.
     """
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    generator = torch.Generator().manual_seed(seed + rank)
-    if distributed:
-        sampler = (DistributedSampler(dataset, world, rank, shuffle=True, seed=seed, drop_last=True) if train
-                   else ContiguousSampler(dataset, rank, world))
+    if train:
+        sampler, dataset = ResumableSampler(dataset, world, rank, seed=seed), SeededDataset(dataset)
     else:
-        sampler = None
-    if num_workers == 0:
-        _seed_transform(dataset, seed + rank)
+        sampler = ContiguousSampler(dataset, rank, world)
     return DataLoader(
-        dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
-        num_workers=num_workers, pin_memory=torch.cuda.is_available(), drop_last=train,
-        persistent_workers=num_workers > 0, worker_init_fn=_init_worker if num_workers > 0 else None,
-        generator=generator,
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=train,
+        pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
+        worker_init_fn=_init_worker if num_workers > 0 else None, generator=seeded_generator(seed),
     )
-
-
-def set_epoch(loader: DataLoader, epoch: int) -> None:
-    """Reshuffle a DDP training loader for ``epoch`` (no-op for other samplers)."""
-    if isinstance(loader.sampler, DistributedSampler):
-        loader.sampler.set_epoch(epoch)
