@@ -17,16 +17,15 @@ import cv2
 import numpy as np
 import torch
 
-from seg.checkpoint import CheckpointError, load_checkpoint, load_model_weights
+from seg.checkpoint import load_checkpoint, load_model_weights
 from seg.config import ConfigError, apply_overrides, config_from_dict, load_config
 from seg.data import build_dataset, build_eval_transform
-from seg.data.base import DatasetError
 from seg.data.loaders import ContiguousSampler
 from seg.data.palette import colorize
 from seg.distributed import cleanup, init_distributed, setup_logging
 from seg.engine import evaluate
 from seg.models import model_from_config
-from seg.training import OUTPUT_STRIDE_PAD
+from seg.training import OUTPUT_STRIDE_PAD, USER_ERRORS
 from seg.visualize import denormalize
 
 log = logging.getLogger("eval_seg")
@@ -121,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                               seconds=seconds, images_per_s=len(dataset) / seconds)
                 args.json.write_text(json.dumps(report, indent=2))
         return 0
-    except (ConfigError, DatasetError, CheckpointError, FileNotFoundError) as err:
+    except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     finally:

@@ -15,12 +15,9 @@ from pathlib import Path
 
 import yaml
 
-from seg.checkpoint import CheckpointError
 from seg.config import Config, ConfigError, config_to_dict, load_config, save_config
-from seg.data.base import DatasetError
 from seg.distributed import cleanup, init_distributed, setup_logging
-from seg.engine import NonFiniteLossError
-from seg.training import run_training
+from seg.training import USER_ERRORS, run_training
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
 log = logging.getLogger("train_seg")
@@ -78,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         if dist.is_main:
             print_summary(run_dir, state.best_miou)
         return 0
-    except (ConfigError, DatasetError, CheckpointError, FileNotFoundError, NonFiniteLossError) as err:
+    except USER_ERRORS as err:
         # user errors: one clear line, no traceback
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -24,15 +24,14 @@ import torch
 import yaml
 
 from seg import bench
-from seg.checkpoint import CheckpointError, load_checkpoint, load_model_weights
+from seg.checkpoint import load_checkpoint, load_model_weights
 from seg.complexity import count_params
 from seg.config import Config, ConfigError, config_from_dict, config_to_dict, load_config, save_config
 from seg.data import build_dataset, build_eval_transform
-from seg.data.base import DatasetError
 from seg.distributed import DistInfo, setup_logging
-from seg.engine import NonFiniteLossError, evaluate
+from seg.engine import evaluate
 from seg.models import build_model, model_from_config
-from seg.training import OUTPUT_STRIDE_PAD, resolve_device, run_training
+from seg.training import OUTPUT_STRIDE_PAD, USER_ERRORS, resolve_device, run_training
 
 log = logging.getLogger(__name__)
 FINAL = "final.json"
@@ -174,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--configs: two files share a name; runs are stored by file name")
         records = {name: [train_one(cfg, args.out / name / f"seed{seed}") for seed, cfg in by_seed.items()]
                    for name, by_seed in cfgs.items()}
-    except (ConfigError, DatasetError, CheckpointError, FileNotFoundError, NonFiniteLossError) as err:
+    except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     setup, note = bench_setup(args)

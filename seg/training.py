@@ -13,18 +13,21 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from seg.checkpoint import load_checkpoint, restore_rng, save_checkpoint, unwrap_model
-from seg.config import Config, config_to_dict
+from seg.checkpoint import CheckpointError, load_checkpoint, restore_rng, save_checkpoint, unwrap_model
+from seg.config import Config, ConfigError, config_to_dict
 from seg.data import build_dataset, build_eval_transform, build_loader, build_train_transform, make_synthetic
 from seg.data.sampling import endless_batches
 from seg.distributed import DistInfo, barrier
-from seg.engine import TrainState, evaluate, train
+from seg.data.base import DatasetError
+from seg.engine import NonFiniteLossError, TrainState, evaluate, train
 from seg.models import model_from_config
 from seg.optim import build_optimizer, build_scheduler
 from seg.tracking import Tracker
 
 log = logging.getLogger(__name__)
-OUTPUT_STRIDE_PAD = 32  # pad eval images to a multiple of the deepest stride, valid for every arch
+OUTPUT_STRIDE_PAD = 32
+# Errors the user can fix (config, data, checkpoint, a diverged run): entry points print one line, no traceback.
+USER_ERRORS = (ConfigError, DatasetError, CheckpointError, FileNotFoundError, NonFiniteLossError)  # pad eval images to a multiple of the deepest stride, valid for every arch
 
 
 def resolve_device(name: str, dist: DistInfo) -> torch.device:
