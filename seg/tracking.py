@@ -17,7 +17,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from seg.distributed import is_main
 from seg.inference import predict_labels
-from seg.visualize import ca_maps, ca_overlays, denormalize, legend, pick_ca_blocks, prediction_grid
+from seg.visualize import ca_overlays, compute_ca_maps, denormalize, legend, pick_ca_blocks, prediction_grid
 
 METRICS_FILE = "metrics.jsonl"
 CA_BLOCKS_SHOWN = 3
@@ -81,7 +81,7 @@ class Tracker:
             self.writer.add_image(f"val_images/{i}", grid, iteration, dataformats="HWC")
             if blocks:
                 # a whole-image pass of its own, so that slide / multi-scale evaluation still gives one map
-                maps, padded = ca_maps(model, image, blocks, predict_kwargs.get("output_stride", 32))
+                maps, padded = compute_ca_maps(model, image, blocks, predict_kwargs.get("output_stride", 32))
                 self.writer.add_image(f"ca_maps/{i}", ca_overlays(denormalize(image), maps, padded), iteration,
                                       dataformats="HWC")
         self.writer.flush()

@@ -116,7 +116,7 @@ def legend(classes: list[str], palette: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def ca_maps(model: nn.Module, image: torch.Tensor, blocks: dict[str, CoordAttention],
+def compute_ca_maps(model: nn.Module, image: torch.Tensor, blocks: dict[str, CoordAttention],
             output_stride: int) -> tuple[dict[str, np.ndarray], tuple[int, int]]:
     """The blocks' maps for one normalised 3xHxW image, and the padded size (H', W') they cover.
 
