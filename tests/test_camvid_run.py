@@ -15,7 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import eval_seg
 import train_seg
-from tests.conftest import shared_path
+from conftest import shared_path
 
 REPO = Path(__file__).resolve().parents[1]
 CAMVID_VOID, CLASSES = 11, 11
