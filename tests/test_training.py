@@ -38,8 +38,21 @@ def data_root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory, data_root):
     out = tmp_path_factory.mktemp("run")
-    assert train_seg.main(["--out", str(out), *tiny_overrides(data_root)]) == 0
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch, "set_num_threads", RECORDED_THREADS.append)  # record only: tests stay at one thread
+        assert train_seg.main(["--out", str(out), *tiny_overrides(data_root), "train.threads=1"]) == 0
     return out
+
+
+RECORDED_THREADS: list[int] = []
+
+
+def test_train_and_eval_set_train_threads(demo_run, monkeypatch):
+    assert RECORDED_THREADS == [1]  # 1: later evaluations of this checkpoint really set it
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    assert eval_seg.main(["--checkpoint", str(demo_run / "best.pt"), "train.threads=2"]) == 0
+    assert calls == [2]
 
 
 def test_run_directory_holds_everything(demo_run):
