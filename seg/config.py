@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 MAX_DEFAULT_WORKERS = 4
 FROM_SCRATCH = ("", "none", "null")  # encoder_weights spellings that mean "random init"
 
+
 class ConfigError(ValueError):
     """A config file, override or stored config dict that does not fit the schema."""
 
