@@ -26,7 +26,7 @@ SEPARATOR_PX = 4
 HEATMAP_ALPHA = 0.5  # map over image, half and half: the paper's way of showing attention
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 LEGEND_ROW_PX, LEGEND_WIDTH_PX = 22, 220
-IGNORE_LABEL = "void / ignore (255)"
+IGNORE_LABEL = "void / ignore"
 
 
 def denormalize(image: torch.Tensor) -> np.ndarray:
