@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seg.attention import CoordAttention
-from seg.data.palette import colorize
+from seg.data.palette import IGNORE_INDEX, colorize
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -110,14 +110,14 @@ def legend(classes: list[str], palette: np.ndarray) -> np.ndarray:
         out[top:top + LEGEND_ROW_PX] = rgb
         luma = 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]
         ink = (0, 0, 0) if luma > 128 else (255, 255, 255)
-        cv2.putText(out, f"{i if i < len(classes) else 255}: {name}", (4, top + LEGEND_ROW_PX - 7), FONT, 0.45,
+        cv2.putText(out, f"{i if i < len(classes) else IGNORE_INDEX}: {name}", (4, top + LEGEND_ROW_PX - 7), FONT, 0.45,
                     ink, 1, cv2.LINE_AA)
     return out
 
 
 @torch.no_grad()
 def compute_ca_maps(model: nn.Module, image: torch.Tensor, blocks: dict[str, CoordAttention],
-            output_stride: int) -> tuple[dict[str, np.ndarray], tuple[int, int]]:
+                    output_stride: int) -> tuple[dict[str, np.ndarray], tuple[int, int]]:
     """The blocks' maps for one normalised 3xHxW image, and the padded size (H', W') they cover.
 
     The image is padded at the bottom and right to a multiple of ``output_stride``, as
@@ -138,11 +138,7 @@ def compute_ca_maps(model: nn.Module, image: torch.Tensor, blocks: dict[str, Coo
 def pick_ca_blocks(model: nn.Module, count: int = 3) -> dict[str, CoordAttention]:
     """Up to ``count`` CoordAttention blocks spread evenly from shallow to deep, by module name."""
     blocks = [(name, m) for name, m in model.named_modules() if isinstance(m, CoordAttention)]
-    if not blocks:
-        return {}
-    count = min(count, len(blocks))
-    picks = np.linspace(0, len(blocks) - 1, count).round().astype(int)
-    return {blocks[i][0]: blocks[i][1] for i in sorted(set(picks.tolist()))}
+    return dict(blocks[i] for i in spread_indices(len(blocks), count))
 
 
 @contextmanager
