@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from seg.checkpoint import load_checkpoint, load_model_weights
-from seg.config import ConfigError, apply_overrides, config_from_dict, load_config
+from seg.config import ConfigError, apply_overrides, config_from_dict, eval_window, load_config
 from seg.data import build_dataset, build_eval_transform
 from seg.data.loaders import ContiguousSampler
 from seg.data.palette import colorize
@@ -41,8 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mode", choices=["whole", "slide"], help="default: the config's eval.mode")
     p.add_argument("--scales", type=float, nargs="+", help="multi-scale inference, e.g. 0.5 0.75 1.0 1.25 1.5 1.75")
     p.add_argument("--flip", action="store_true", help="average with the horizontally flipped image")
-    p.add_argument("--save-dir", type=Path, help="write colourised predictions and overlays here")
-    p.add_argument("--json", type=Path, help="write the metrics as JSON here")
+    p.add_argument("--save-dir", type=Path, help="write class-index PNGs (what scorers read), colour PNGs "
+                   "and overlays here")
+    p.add_argument("--json", type=Path, help="write the metrics, and what was measured, as JSON here")
     p.add_argument("overrides", nargs="*", help="config overrides such as eval.crop_size=512")
     return p.parse_args(argv)
 
@@ -63,17 +64,21 @@ def resolve_config(args: argparse.Namespace, ckpt: dict):
 
 
 def saver(save_dir: Path, dataset, indices: list[int], batch_size: int):
-    """An ``on_batch`` callback writing <name>.png (colour mask) and <name>_overlay.jpg per image."""
+    """An ``on_batch`` callback writing, per image, <name>.png (8-bit class indices, the format benchmark
+    servers and scorers take; 255 is reserved for ignore and never predicted), <name>_color.png and
+    <name>_overlay.jpg."""
     save_dir.mkdir(parents=True, exist_ok=True)
 
     def on_batch(batch_index: int, images, targets, predictions) -> None:
         for offset, pred in enumerate(predictions):
             name = Path(dataset.samples[indices[batch_index * batch_size + offset]][0]).stem
-            mask = colorize(pred.cpu().numpy(), dataset.palette)
+            labels = pred.cpu().numpy().astype(np.uint8)
+            mask = colorize(labels, dataset.palette)
             image = denormalize(images[offset])
             image = cv2.resize(image, (mask.shape[1], mask.shape[0])) if image.shape != mask.shape else image
             overlay = (OVERLAY_ALPHA * image + (1 - OVERLAY_ALPHA) * mask).astype(np.uint8)
-            cv2.imwrite(str(save_dir / f"{name}.png"), mask[..., ::-1])
+            cv2.imwrite(str(save_dir / f"{name}.png"), labels)
+            cv2.imwrite(str(save_dir / f"{name}_color.png"), mask[..., ::-1])
             cv2.imwrite(str(save_dir / f"{name}_overlay.jpg"), overlay[..., ::-1])
 
     return on_batch
@@ -87,6 +92,19 @@ def print_table(classes, metrics: dict, seconds: float, images: int) -> None:
           f"| fwIoU {metrics['fwiou']:.4f} | {images} images in {seconds:.1f} s ({images / seconds:.2f} img/s)")
 
 
+def json_report(args: argparse.Namespace, cfg, dataset, metrics: dict, seconds: float,
+                device: torch.device) -> dict:
+    """The metrics, and enough about what was measured (checkpoint, data, inference) to tell two runs apart."""
+    report = {k: metrics[k] for k in ("miou", "iou", "pixel_acc", "mean_acc", "fwiou")}
+    report["iou"] = [None if v != v else v for v in report["iou"]]  # NaN is not JSON
+    report.update(
+        classes=list(dataset.classes), checkpoint=str(args.checkpoint.resolve()), dataset=cfg.data.name,
+        data_root=str(Path(cfg.data.root).resolve()), split=cfg.data.val_split, images=len(dataset),
+        mode=cfg.eval.mode, **eval_window(cfg), scales=list(cfg.eval.scales), flip=cfg.eval.flip,
+        device=str(device), threads=torch.get_num_threads(), seconds=seconds, images_per_s=len(dataset) / seconds)
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
@@ -94,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ckpt = load_checkpoint(args.checkpoint)
         cfg = resolve_config(args, ckpt)
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
         dist = init_distributed()
         model = model_from_config(cfg.model, cfg.data.num_classes)
         load_model_weights(model, ckpt["model"])
@@ -108,16 +128,13 @@ def main(argv: list[str] | None = None) -> int:
         on_batch = saver(args.save_dir, dataset, list(sampler), cfg.data.val_batch_size) if args.save_dir else None
         start = time.perf_counter()
         metrics = evaluate(model, loader, dataset.num_classes, device=dist.device, on_batch=on_batch,
-                           mode=cfg.eval.mode, output_stride=OUTPUT_STRIDE_PAD, crop_size=cfg.eval.crop_size,
-                           stride=cfg.eval.stride, scales=tuple(cfg.eval.scales), flip=cfg.eval.flip)
+                           mode=cfg.eval.mode, output_stride=OUTPUT_STRIDE_PAD, **eval_window(cfg),
+                           scales=tuple(cfg.eval.scales), flip=cfg.eval.flip)
         seconds = time.perf_counter() - start
         if dist.is_main:
             print_table(dataset.classes, metrics, seconds, len(dataset))
             if args.json:
-                report = {k: metrics[k] for k in ("miou", "iou", "pixel_acc", "mean_acc", "fwiou")}
-                report["iou"] = [None if v != v else v for v in report["iou"]]
-                report.update(classes=list(dataset.classes), images=len(dataset), mode=cfg.eval.mode,
-                              seconds=seconds, images_per_s=len(dataset) / seconds)
+                report = json_report(args, cfg, dataset, metrics, seconds, dist.device)
                 args.json.write_text(json.dumps(report, indent=2))
         return 0
     except USER_ERRORS as err:

@@ -26,7 +26,8 @@ import yaml
 from seg import bench
 from seg.checkpoint import load_checkpoint, load_model_weights
 from seg.complexity import count_params
-from seg.config import Config, ConfigError, config_from_dict, config_to_dict, load_config, save_config
+from seg.config import (Config, ConfigError, config_from_dict, config_to_dict, eval_window, load_config,
+                        save_config)
 from seg.data import build_dataset, build_eval_transform
 from seg.distributed import DistInfo, setup_logging
 from seg.engine import evaluate
@@ -65,7 +66,7 @@ def evaluate_checkpoint(path: Path, device: torch.device) -> dict:
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.data.val_batch_size,
                                          num_workers=cfg.data.num_workers)
     metrics = evaluate(model.to(device).eval(), loader, dataset.num_classes, device=device, mode=cfg.eval.mode,
-                       output_stride=OUTPUT_STRIDE_PAD, crop_size=cfg.eval.crop_size, stride=cfg.eval.stride,
+                       output_stride=OUTPUT_STRIDE_PAD, **eval_window(cfg),
                        scales=tuple(cfg.eval.scales), flip=cfg.eval.flip)
     result = {k: metrics[k] for k in METRIC_KEYS}
     result["iou"] = [None if v != v else v for v in metrics["iou"]]  # NaN is not JSON

@@ -9,6 +9,8 @@ checked against the field's type. Every user error raises :class:`ConfigError` n
 from __future__ import annotations
 
 import difflib
+import logging
+import os
 import types
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,9 +18,23 @@ from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type
 
 import yaml
 
+log = logging.getLogger(__name__)
+MAX_DEFAULT_WORKERS = 4
+FROM_SCRATCH = ("", "none", "null")  # encoder_weights spellings that mean "random init"
+
 
 class ConfigError(ValueError):
     """A config file, override or stored config dict that does not fit the schema."""
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, which containers and taskset narrow)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def default_num_workers() -> int:
+    """Loader workers when a config does not say: more workers than CPUs only adds contention."""
+    return min(MAX_DEFAULT_WORKERS, available_cpus())
 
 
 @dataclass
@@ -34,7 +50,7 @@ class DataConfig:
     jitter: bool = False
     batch_size: int = 16  # global: summed over all processes, so a recipe means the same on any GPU count
     val_batch_size: int = 1  # per process (results do not depend on it); VOC images differ in size
-    num_workers: int = 4
+    num_workers: int = field(default_factory=default_num_workers)  # min(4, CPUs) unless set
     synthetic_train_images: int = 256
     synthetic_val_images: int = 32
     synthetic_image_size: int = 128
@@ -44,7 +60,7 @@ class DataConfig:
 class ModelConfig:
     arch: Literal["deeplabv3", "deeplabv3plus", "unet", "fpn"] = "deeplabv3"
     encoder: str = "mobilenet_v2_ca"
-    encoder_weights: Optional[str] = None  # local path or URL; None = random init
+    encoder_weights: Optional[str] = None  # local path or URL; null / none / '' = random init (from scratch)
     output_stride: Literal[8, 16] = 16
     atrous_rates: tuple[int, int, int] = (6, 12, 18)
     aspp_separable: bool = True
@@ -58,8 +74,8 @@ class ModelConfig:
 class OptimConfig:
     name: Literal["sgd", "adamw"] = "sgd"
     lr: float = 0.007
-    momentum: float = 0.9
-    weight_decay: float = 4e-5
+    momentum: float = 0.9  # SGD only: AdamW uses its betas, and a changed value draws a warning
+    weight_decay: Optional[float] = None  # None: seg.optim.DEFAULT_WEIGHT_DECAY (4e-5 SGD, 1e-2 AdamW)
     encoder_lr_mult: float = 1.0
     warmup_iters: int = 0
     poly_power: float = 0.9
@@ -78,13 +94,14 @@ class TrainConfig:
     vis_images: int = 4  # fixed val images shown in TensorBoard
     ca_maps: bool = False
     device: str = "auto"
+    threads: Optional[int] = None  # intra-op CPU threads (torch.set_num_threads); None = PyTorch's default
 
 
 @dataclass
 class EvalConfig:
     mode: Literal["whole", "slide"] = "whole"
-    crop_size: Optional[int] = None  # slide window; required when mode is "slide"
-    stride: Optional[int] = None
+    crop_size: Optional[int] = None  # slide window; None = the training crop, data.crop_size
+    stride: Optional[int] = None  # None = 2/3 of the window
     scales: tuple[float, ...] = (1.0,)
     flip: bool = False
 
@@ -108,11 +125,13 @@ RULES = [
         "data.synthetic_train_images", "data.synthetic_val_images", "data.synthetic_image_size",
         "model.decoder_channels", "optim.lr", "train.iters", "train.eval_interval", "train.log_interval")),
     *((key, lambda v: v >= 0, ">= 0") for key in (
-        "data.num_workers", "model.aux_weight", "optim.momentum", "optim.weight_decay",
+        "data.num_workers", "model.aux_weight", "optim.momentum",
         "optim.encoder_lr_mult", "optim.warmup_iters", "optim.poly_power", "train.vis_images")),
     ("data.scale_range", lambda v: 0 < v[0] <= v[1], "(min, max) with 0 < min <= max"),
     ("model.atrous_rates", lambda v: all(r > 0 for r in v), "positive dilation rates"),
     ("optim.grad_clip", lambda v: v is None or v > 0, "None or > 0"),
+    ("optim.weight_decay", lambda v: v is None or v >= 0, "None or >= 0"),
+    ("train.threads", lambda v: v is None or v > 0, "None or > 0"),
     ("eval.crop_size", lambda v: v is None or v > 0, "None or > 0"),
     ("eval.stride", lambda v: v is None or v > 0, "None or > 0"),
     ("eval.scales", lambda v: len(v) > 0 and all(s > 0 for s in v), "a non-empty list of positive scales"),
@@ -210,7 +229,10 @@ def _apply(cfg: Config, data: Any, source: str) -> None:
             key = f"{section}.{name}"
             if key not in FIELD_TYPES:
                 raise ConfigError(f"{source}: unknown key '{key}'{_suggest(key)}")
-            setattr(getattr(cfg, section), name, _check(key, value, source))
+            value = _check(key, value, source)
+            if key == "model.encoder_weights" and value is not None and value.strip().lower() in FROM_SCRATCH:
+                value = None  # YAML reads `none` as a string; it plainly means "no weights"
+            setattr(getattr(cfg, section), name, value)
 
 
 def _parse_override(text: str) -> dict:
@@ -239,13 +261,22 @@ def validate(cfg: Config) -> None:
         value = getattr(getattr(cfg, section), name)
         if not test(value):
             raise ConfigError(f"'{key}' must be {expected}, got {value!r}")
-    if cfg.eval.mode == "slide" and (cfg.eval.crop_size is None or cfg.eval.stride is None):
-        raise ConfigError("eval.mode 'slide' needs eval.crop_size and eval.stride to be set")
-    if cfg.eval.crop_size and cfg.eval.stride and cfg.eval.stride > cfg.eval.crop_size:
-        raise ConfigError(f"eval.stride ({cfg.eval.stride}) must be <= eval.crop_size ({cfg.eval.crop_size}): "
-                          "a larger stride leaves pixels unpredicted")
+    window = eval_window(cfg)
+    if window["stride"] is not None and window["stride"] > window["crop_size"]:
+        raise ConfigError(f"eval.stride ({window['stride']}) must be <= the window eval.crop_size "
+                          f"({window['crop_size']}; default data.crop_size): a larger stride leaves pixels unpredicted")
     if cfg.optim.warmup_iters > cfg.train.iters:
         raise ConfigError(f"optim.warmup_iters ({cfg.optim.warmup_iters}) exceeds train.iters ({cfg.train.iters})")
+    if cfg.optim.name == "adamw" and cfg.optim.momentum != OptimConfig.momentum:
+        log.warning("optim.momentum=%g is ignored by adamw, which uses its betas (0.9, 0.999)", cfg.optim.momentum)
+
+
+def eval_window(cfg: Config) -> dict:
+    """``crop_size``/``stride`` for :func:`seg.inference.predict_labels`: in slide mode the window is
+    eval.crop_size, else the training crop, and a stride of None means 2/3 of the window."""
+    if cfg.eval.mode != "slide":
+        return {"crop_size": None, "stride": None}
+    return {"crop_size": cfg.eval.crop_size or cfg.data.crop_size, "stride": cfg.eval.stride}
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from seg.distributed import get_world_size, is_main
 from seg.inference import predict_labels
@@ -26,6 +28,11 @@ from seg.metrics import IGNORE_INDEX, ConfusionMatrix
 
 log = logging.getLogger(__name__)
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def show_progress_bar() -> bool:
+    """A live bar only on rank 0 and on a terminal: redirected to a file, its ``\\r`` updates are noise."""
+    return is_main() and sys.stderr.isatty()
 
 
 class NonFiniteLossError(RuntimeError):
@@ -91,36 +98,51 @@ def train(state: TrainState, batches: Iterator[tuple[torch.Tensor, torch.Tensor]
     """
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     state.model.train()
-    bar = tqdm(total=total_iters, initial=state.iteration, desc="train", disable=not is_main(),
+    bar = tqdm(total=total_iters, initial=state.iteration, desc="train", disable=not show_progress_bar(),
                dynamic_ncols=True)
     window_loss, window_images, window_start = 0.0, 0, time.perf_counter()
-    while state.iteration < total_iters:
-        images, targets = next(batches)
-        images = images.to(device, non_blocking=True, memory_format=memory_format)
-        targets = targets.to(device, non_blocking=True)
-        loss = train_step(state, images, targets, amp=amp, aux_weight=aux_weight, grad_clip=grad_clip)
-        state.iteration += 1
-        bar.update(1)
-        window_loss += loss
-        window_images += images.shape[0] * get_world_size()
-        if state.iteration % log_interval == 0 or state.iteration == total_iters:
-            steps = log_interval if state.iteration % log_interval == 0 else state.iteration % log_interval
-            scalars = {
-                "train/loss": window_loss / steps,
-                "train/lr": state.optimizer.param_groups[-1]["lr"],
-                "train/images_per_s": window_images / (time.perf_counter() - window_start),
-            }
-            if device.type == "cuda":
-                scalars["train/peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-            bar.set_postfix(loss=f"{scalars['train/loss']:.3f}", lr=f"{scalars['train/lr']:.2e}",
-                            img_s=f"{scalars['train/images_per_s']:.1f}")
-            on_log(state.iteration, scalars)
-            window_loss, window_images, window_start = 0.0, 0, time.perf_counter()
-        if state.iteration % eval_interval == 0 or state.iteration == total_iters:
-            on_eval(state)
-            state.model.train()
-            window_start = time.perf_counter()  # validation time is not training throughput
+    # log lines (train.log, console) go through tqdm.write while the bar is up, so they don't tear it
+    with logging_redirect_tqdm() if not bar.disable else nullcontext():
+        while state.iteration < total_iters:
+            images, targets = next(batches)
+            images = images.to(device, non_blocking=True, memory_format=memory_format)
+            targets = targets.to(device, non_blocking=True)
+            loss = train_step(state, images, targets, amp=amp, aux_weight=aux_weight, grad_clip=grad_clip)
+            state.iteration += 1
+            bar.update(1)
+            window_loss += loss
+            window_images += images.shape[0] * get_world_size()
+            if state.iteration % log_interval == 0 or state.iteration == total_iters:
+                steps = log_interval if state.iteration % log_interval == 0 else state.iteration % log_interval
+                scalars = _window_scalars(state, device, window_loss / steps, window_images, window_start)
+                bar.set_postfix(loss=f"{scalars['train/loss']:.3f}", lr=f"{scalars['train/lr']:.2e}",
+                                img_s=f"{scalars['train/images_per_s']:.1f}")
+                log.info("iter %d/%d: loss %.4f, lr %.3e, %.1f img/s", state.iteration, total_iters,
+                         scalars["train/loss"], scalars["train/lr"], scalars["train/images_per_s"])
+                on_log(state.iteration, scalars)
+                window_loss, window_images, window_start = 0.0, 0, time.perf_counter()
+            if state.iteration % eval_interval == 0 or state.iteration == total_iters:
+                eval_start = time.perf_counter()
+                on_eval(state)
+                state.model.train()
+                _exclude_from_rate(bar, time.perf_counter() - eval_start)
+                window_start = time.perf_counter()  # validation time is not training throughput
     bar.close()
+
+
+def _window_scalars(state: TrainState, device: torch.device, loss: float, images: int, start: float) -> dict:
+    scalars = {"train/loss": loss, "train/lr": state.optimizer.param_groups[-1]["lr"],
+               "train/images_per_s": images / (time.perf_counter() - start)}
+    if device.type == "cuda":
+        scalars["train/peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return scalars
+
+
+def _exclude_from_rate(bar: tqdm, seconds: float) -> None:
+    """Shift the bar's clocks by a pause, so its it/s and ETA count training steps only."""
+    if not bar.disable:
+        bar.start_t += seconds
+        bar.last_print_t += seconds
 
 
 @torch.no_grad()
@@ -133,7 +155,7 @@ def evaluate(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor
     ``on_batch(batch_index, images, targets, predictions)`` sees every batch, e.g. to save PNGs.
     """
     matrix = ConfusionMatrix(num_classes, device=device)
-    for batch_index, (images, targets) in enumerate(tqdm(loader, desc="eval", disable=not is_main(),
+    for batch_index, (images, targets) in enumerate(tqdm(loader, desc="eval", disable=not show_progress_bar(),
                                                          leave=False, dynamic_ncols=True)):
         images, targets = images.to(device), targets.to(device)
         predictions = predict_labels(model, images, num_classes=num_classes,

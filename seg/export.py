@@ -152,6 +152,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--width", type=int, help="input width (default: config crop size, stride multiple)")
     p.add_argument("--dynamic", action="store_true", help="symbolic batch, height and width")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: the checkpoint's train.threads)")
     return p.parse_args(argv)
 
 
@@ -161,6 +162,9 @@ def export_checkpoint(args: argparse.Namespace) -> ExportCheck:
     if not out.parent.is_dir():  # fail before the (slow) model build
         raise ExportError(f"output folder does not exist: {out.parent} (for --out {out})")
     model, cfg = load_for_export(args.checkpoint)
+    threads = args.threads or cfg.train.threads
+    if threads:
+        torch.set_num_threads(threads)
     stride = model_stride(model)
     height, width = export_size(cfg, stride, args.height, args.width)
     export_onnx(model, out, height, width, args.dynamic, args.opset)

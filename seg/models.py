@@ -132,5 +132,10 @@ def model_from_config(cfg: ModelConfig, num_classes: int) -> SegModel:
     if cfg.encoder_weights:
         from seg.weights import load_encoder_weights, resolve_weights
 
-        load_encoder_weights(model.encoder, resolve_weights(cfg.encoder_weights))
+        try:
+            path = resolve_weights(cfg.encoder_weights)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"model.encoder_weights: {err}; put the checkpoint there, or train from "
+                                    "scratch with model.encoder_weights=none") from None
+        load_encoder_weights(model.encoder, path)
     return model

@@ -7,6 +7,9 @@ from torch.optim import SGD, AdamW, Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 WARMUP_START_FACTOR = 0.1
+# Used when no weight decay is given. SGD: the DeepLab / CA-paper value. AdamW decouples the decay
+# from the gradient scale, so 4e-5 would be negligible there; 1e-2 is PyTorch's AdamW default.
+DEFAULT_WEIGHT_DECAY = {"sgd": 4e-5, "adamw": 1e-2}
 
 
 def build_optimizer(
@@ -15,14 +18,20 @@ def build_optimizer(
     lr: float,
     *,
     momentum: float = 0.9,
-    weight_decay: float = 0.0,
+    weight_decay: float | None = None,
     encoder_lr_mult: float = 1.0,
 ) -> Optimizer:
     """One parameter group for the encoder (at ``lr * encoder_lr_mult``) and one for the rest.
 
+    ``momentum`` is SGD's; AdamW keeps its default betas. ``weight_decay`` None means
+    ``DEFAULT_WEIGHT_DECAY[name]``.
+
     Norm weights and biases get no weight decay: decaying BN's affine parameters only fights
     the normalisation, and it is the usual convention for DeepLab training.
     """
+    if name not in DEFAULT_WEIGHT_DECAY:
+        raise ValueError(f"unknown optimizer {name!r}; expected one of {sorted(DEFAULT_WEIGHT_DECAY)}")
+    weight_decay = DEFAULT_WEIGHT_DECAY[name] if weight_decay is None else weight_decay
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for param_name, param in model.named_parameters():
         if not param.requires_grad:
@@ -40,9 +49,7 @@ def build_optimizer(
     ]
     if name == "sgd":
         return SGD(param_groups, lr=lr, momentum=momentum, nesterov=False)
-    if name == "adamw":
-        return AdamW(param_groups, lr=lr)
-    raise ValueError(f"unknown optimizer {name!r}; expected 'sgd' or 'adamw'")
+    return AdamW(param_groups, lr=lr)
 
 
 def poly_warmup_factor(iteration: int, total: int, warmup: int = 0, power: float = 0.9) -> float:

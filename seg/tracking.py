@@ -17,7 +17,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from seg.distributed import is_main
 from seg.inference import predict_labels
-from seg.visualize import capture_ca_maps, heatmap, pick_ca_blocks, prediction_grid
+from seg.visualize import ca_overlays, compute_ca_maps, denormalize, legend, pick_ca_blocks, prediction_grid
 
 METRICS_FILE = "metrics.jsonl"
 CA_BLOCKS_SHOWN = 3
@@ -37,6 +37,8 @@ class Tracker:
         self.classes = list(classes)
         self.palette = palette
         self.writer = SummaryWriter(str(self.run_dir)) if is_main() else None
+        if self.writer is not None:  # without it the GT and prediction colours can't be read
+            self.writer.add_image("legend", legend(self.classes, palette), 0, dataformats="HWC")
 
     def scalars(self, iteration: int, values: dict[str, float]) -> None:
         if self.writer is None:
@@ -49,7 +51,8 @@ class Tracker:
         if self.writer is None:
             return
         self.writer.add_scalar("val/miou", metrics["miou"], iteration)
-        self.writer.add_scalar("val/pixel_acc", metrics["pixel_acc"], iteration)
+        for key in ("pixel_acc", "mean_acc", "fwiou"):
+            self.writer.add_scalar(f"val/{key}", metrics[key], iteration)
         for name, iou in zip(self.classes, metrics["iou"]):
             if not math.isnan(iou):
                 self.writer.add_scalar(f"val_iou/{name}", iou, iteration)
@@ -63,7 +66,7 @@ class Tracker:
     @torch.no_grad()
     def predictions(self, iteration: int, model: nn.Module, samples: Sequence[tuple[torch.Tensor, torch.Tensor]],
                     *, ca_maps: bool = False, **predict_kwargs) -> None:
-        """image | ground truth | prediction for fixed val samples, and CA gate maps a_h ⊗ a_w.
+        """image | ground truth | prediction for fixed val samples, and CA gate maps a_h ⊗ a_w over the image.
 
         Samples are (3xHxW image, HxW target) pairs on the model's device, run one at a time
         because val images may differ in size.
@@ -72,16 +75,15 @@ class Tracker:
             return
         blocks = pick_ca_blocks(model, CA_BLOCKS_SHOWN) if ca_maps else {}
         for i, (image, target) in enumerate(samples):
-            with capture_ca_maps(blocks) as maps:
-                pred = predict_labels(model, image[None], num_classes=len(self.classes),
-                                      out_size=tuple(target.shape), **predict_kwargs)[0]
+            pred = predict_labels(model, image[None], num_classes=len(self.classes),
+                                  out_size=tuple(target.shape), **predict_kwargs)[0]
             grid = prediction_grid(image, target, pred, self.palette)
             self.writer.add_image(f"val_images/{i}", grid, iteration, dataformats="HWC")
-            if maps:
-                row = np.concatenate([heatmap(m[0].cpu().numpy(), tuple(target.shape)) for m in maps.values()], axis=1)
-                self.writer.add_image(f"ca_maps/{i}", row, iteration, dataformats="HWC")
-        if blocks:
-            self.writer.add_text("ca_maps/blocks", " | ".join(blocks), iteration)
+            if blocks:
+                # a whole-image pass of its own, so that slide / multi-scale evaluation still gives one map
+                maps, padded = compute_ca_maps(model, image, blocks, predict_kwargs.get("output_stride", 32))
+                self.writer.add_image(f"ca_maps/{i}", ca_overlays(denormalize(image), maps, padded), iteration,
+                                      dataformats="HWC")
         self.writer.flush()
 
     def close(self) -> None:

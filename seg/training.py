@@ -14,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from seg.checkpoint import CheckpointError, load_checkpoint, restore_rng, save_checkpoint, unwrap_model
-from seg.config import Config, ConfigError, config_to_dict
+from seg.config import Config, ConfigError, config_to_dict, eval_window
 from seg.data import build_dataset, build_eval_transform, build_loader, build_train_transform, make_synthetic
 from seg.data.sampling import endless_batches
 from seg.distributed import DistInfo, barrier
@@ -23,6 +23,7 @@ from seg.engine import NonFiniteLossError, TrainState, evaluate, train
 from seg.models import model_from_config
 from seg.optim import build_optimizer, build_scheduler
 from seg.tracking import Tracker
+from seg.visualize import spread_indices
 
 log = logging.getLogger(__name__)
 OUTPUT_STRIDE_PAD = 32
@@ -103,6 +104,8 @@ def resume_state(path: Path, state: TrainState) -> None:
 def run_training(cfg: Config, run_dir: Path, dist: DistInfo, resume: bool = False) -> TrainState:
     """Train ``cfg`` into ``run_dir``: validation, TensorBoard, last.pt / best.pt. Returns the final state."""
     device = resolve_device(cfg.train.device, dist)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
     seed_everything(cfg.train.seed)
     train_set, val_set = build_datasets(cfg, dist)
     train_loader, val_loader = build_loaders(cfg, train_set, val_set, dist)
@@ -118,9 +121,8 @@ def run_training(cfg: Config, run_dir: Path, dist: DistInfo, resume: bool = Fals
     if cfg.train.compile:
         state.model = torch.compile(state.model)
     tracker = Tracker(run_dir, train_set.classes, train_set.palette)
-    vis = [tuple(t.to(device) for t in val_set[i]) for i in range(min(cfg.train.vis_images, len(val_set)))]
-    predict = dict(device=device, output_stride=OUTPUT_STRIDE_PAD, mode=cfg.eval.mode,
-                   crop_size=cfg.eval.crop_size, stride=cfg.eval.stride)
+    vis = [tuple(t.to(device) for t in val_set[i]) for i in spread_indices(len(val_set), cfg.train.vis_images)]
+    predict = dict(device=device, output_stride=OUTPUT_STRIDE_PAD, mode=cfg.eval.mode, **eval_window(cfg))
 
     def on_eval(state: TrainState) -> None:
         metrics = evaluate(model, val_loader, train_set.num_classes, **predict)

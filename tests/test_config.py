@@ -7,11 +7,14 @@ import pytest
 import torch
 import yaml
 
-from seg.config import Config, ConfigError, config_from_dict, config_to_dict, load_config, save_config
+import seg.config
+from seg.config import Config, ConfigError, config_from_dict, config_to_dict, eval_window, load_config, save_config
+from seg.optim import DEFAULT_WEIGHT_DECAY
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SHIPPED = sorted(CONFIGS.glob("*.yaml"))
 ENCODERS = ("mobilenet_v2", "mobilenet_v2_se", "mobilenet_v2_cbam", "mobilenet_v2_ca")
+FROM_SCRATCH = ("demo", "camvid_cpu")  # recipes without a pretrained encoder
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -126,8 +129,10 @@ def test_malformed_override(override):
     (["optim.lr=0"], "optim.lr"),
     (["optim.grad_clip=-1"], "optim.grad_clip"),
     (["eval.scales=[]"], "eval.scales"),
-    (["eval.mode=slide"], "eval.crop_size and eval.stride"),
     (["eval.mode=slide", "eval.crop_size=64", "eval.stride=96"], "eval.stride"),
+    (["eval.mode=slide", "data.crop_size=64", "eval.stride=96"], "eval.stride"),  # against the default window
+    (["train.threads=0"], "train.threads"),
+    (["optim.weight_decay=-1"], "optim.weight_decay"),
     (["train.iters=10", "optim.warmup_iters=20"], "warmup_iters"),
 ])
 def test_value_rules(overrides, match):
@@ -163,7 +168,7 @@ def test_config_from_dict_checks_keys_and_keeps_defaults_for_absent_ones():
 
 def test_all_configs_are_shipped():
     names = {p.stem for p in SHIPPED}
-    expected = {"demo"} | {f"{prefix}_{e}" for e in ENCODERS
+    expected = {"demo", "camvid_cpu"} | {f"{prefix}_{e}" for e in ENCODERS
                            for prefix in ("voc_os16", "voc_os8", "cityscapes_os8", "camvid")}
     assert names == expected
 
@@ -175,10 +180,10 @@ def test_shipped_config_loads_and_lists_only_known_differences(path):
     defaults = config_to_dict(Config())
     for section, values in raw.items():
         for key, value in values.items():
-            if f"{section}.{key}" == "model.encoder":
-                continue  # a per-encoder file names its encoder even where it is the default
+            if f"{section}.{key}" in ("model.encoder", "data.num_workers"):
+                continue  # a per-encoder file names its encoder; the workers' default depends on the machine
             assert value != defaults[section][key], f"{path.name}: {section}.{key} repeats the default"
-    if path.stem != "demo":
+    if path.stem not in FROM_SCRATCH:
         encoder = path.stem.split("_", 2)[-1] if path.stem.startswith(("voc", "cityscapes")) else path.stem[7:]
         assert cfg.model.encoder == encoder, f"{path.name} trains {cfg.model.encoder}"
         assert cfg.model.encoder_weights, f"{path.name}: the paper recipes need a pretrained encoder"
@@ -192,10 +197,51 @@ def test_paper_configs_resolve_to_the_paper_recipe(path):
     assert cfg.model.output_stride == os_
     assert cfg.model.atrous_rates == {16: (6, 12, 18), 8: (12, 24, 36)}[os_]
     assert cfg.model.arch == "deeplabv3" and cfg.model.aspp_separable and cfg.model.decoder_channels == 256
-    assert (cfg.optim.name, cfg.optim.momentum, cfg.optim.weight_decay, cfg.optim.poly_power) == ("sgd", 0.9, 4e-5, 0.9)
+    weight_decay = DEFAULT_WEIGHT_DECAY["sgd"] if cfg.optim.weight_decay is None else cfg.optim.weight_decay
+    assert (cfg.optim.name, cfg.optim.momentum, weight_decay, cfg.optim.poly_power) == ("sgd", 0.9, 4e-5, 0.9)
     assert cfg.eval.mode == "whole" and cfg.eval.scales == (1.0,) and not cfg.eval.flip  # single scale
     if cfg.data.name == "voc":
         assert (cfg.data.train_split, cfg.data.num_classes, cfg.data.crop_size) == ("train_aug", 21, 513)
         assert (cfg.data.batch_size, cfg.train.iters) == (16, 30000)
     else:
         assert (cfg.data.name, cfg.data.num_classes, cfg.data.crop_size) == ("cityscapes", 19, 768)
+
+
+@pytest.mark.parametrize("spelling", ["none", "None", "null", "''", "NONE"])
+def test_encoder_weights_none_means_from_scratch(spelling, tmp_path):
+    assert load_config(None, [f"model.encoder_weights={spelling}"]).model.encoder_weights is None
+    path = write(tmp_path, f"model:\n  encoder_weights: {spelling}\n")
+    assert load_config(path, []).model.encoder_weights is None
+
+
+def test_slide_mode_alone_defaults_to_the_training_crop():
+    cfg = load_config(None, ["eval.mode=slide", "data.crop_size=96"])
+    assert eval_window(cfg) == {"crop_size": 96, "stride": None}  # None: predict's 2/3 of the window
+    assert eval_window(load_config(None, ["eval.mode=slide", "eval.crop_size=64", "eval.stride=32"])) == \
+        {"crop_size": 64, "stride": 32}
+    assert eval_window(load_config(None, ["eval.crop_size=64"])) == {"crop_size": None, "stride": None}  # whole
+
+
+@pytest.mark.parametrize("cpus, expected", [(1, 1), (2, 2), (16, 4)])
+def test_num_workers_default_fits_the_machine(cpus, expected, monkeypatch):
+    monkeypatch.setattr(seg.config, "available_cpus", lambda: cpus)
+    assert Config().data.num_workers == expected
+    assert load_config(None, ["data.num_workers=3"]).data.num_workers == 3  # an explicit value stands
+
+
+def test_available_cpus_is_the_affinity_mask():
+    import os
+    assert seg.config.available_cpus() == len(os.sched_getaffinity(0))
+
+
+def test_momentum_with_adamw_warns_and_weight_decay_default_depends_on_optimiser(caplog):
+    with caplog.at_level("WARNING", logger="seg.config"):
+        load_config(None, ["optim.name=adamw"])
+    assert not caplog.records  # the untouched default is no cause for a warning
+    with caplog.at_level("WARNING", logger="seg.config"):
+        load_config(None, ["optim.name=adamw", "optim.momentum=0.5"])
+    assert "optim.momentum" in caplog.text and "adamw" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="seg.config"):
+        load_config(None, ["optim.momentum=0.5"])  # SGD uses it
+    assert not caplog.records

@@ -116,3 +116,21 @@ def test_disagreeing_runtime_is_refused_and_file_deleted(tmp_path, capsys, monke
     err = capsys.readouterr().err
     assert "disagrees" in err and "deleted" in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("flag, stored, expected", [([], 3, [3]), (["--threads", "2"], 3, [2]), ([], None, [])])
+def test_threads_flag_or_the_checkpoints_train_threads(tmp_path, monkeypatch, flag, stored, expected):
+    cfg = _config("mobilenet_v2")
+    cfg.train.threads = stored
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, model=model_from_config(cfg.model, 5), optimizer=None, scheduler=None, scaler=None,
+                    iteration=0, best_miou=0.0, config=config_to_dict(cfg))
+    threads = []
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)  # record only: tests stay at one thread
+
+    def stop(*args, **kwargs):
+        raise export.ExportError("stopped before exporting")
+
+    monkeypatch.setattr(export, "export_onnx", stop)
+    assert export.main(["--checkpoint", str(path), "--out", str(tmp_path / "m.onnx"), *flag]) == 1
+    assert threads == expected

@@ -109,3 +109,17 @@ def test_count_flops_restores_train_mode():
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)).train()
     count_flops(model, (1, 3, 8, 8))
     assert model.training
+
+
+def test_missing_encoder_weights_say_how_to_train_from_scratch(tmp_path):
+    from seg.config import load_config
+    from seg.models import model_from_config
+
+    missing = tmp_path / "mbv2_ca.pth"
+    cfg = load_config(None, [f"model.encoder_weights={missing}", "model.decoder_channels=16"])
+    with pytest.raises(FileNotFoundError) as err:
+        model_from_config(cfg.model, CLASSES)
+    assert str(missing) in str(err.value) and "model.encoder_weights=none" in str(err.value)
+    # and that spelling builds a randomly initialised model
+    cfg = load_config(None, ["model.encoder_weights=none", "model.decoder_channels=16"])
+    assert isinstance(model_from_config(cfg.model, CLASSES), SegModel)

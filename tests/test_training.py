@@ -38,8 +38,21 @@ def data_root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory, data_root):
     out = tmp_path_factory.mktemp("run")
-    assert train_seg.main(["--out", str(out), *tiny_overrides(data_root)]) == 0
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch, "set_num_threads", RECORDED_THREADS.append)  # record only: tests stay at one thread
+        assert train_seg.main(["--out", str(out), *tiny_overrides(data_root), "train.threads=1"]) == 0
     return out
+
+
+RECORDED_THREADS: list[int] = []
+
+
+def test_train_and_eval_set_train_threads(demo_run, monkeypatch):
+    assert RECORDED_THREADS == [1]  # 1: later evaluations of this checkpoint really set it
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    assert eval_seg.main(["--checkpoint", str(demo_run / "best.pt"), "train.threads=2"]) == 0
+    assert calls == [2]
 
 
 def test_run_directory_holds_everything(demo_run):
@@ -55,8 +68,9 @@ def test_run_directory_holds_everything(demo_run):
 def test_tensorboard_has_scalars_masks_and_ca_maps(demo_run):
     events = EventAccumulator(str(demo_run), size_guidance={"images": 0}).Reload()
     tags = events.Tags()
-    assert {"val_images/0", "val_images/1", "ca_maps/0"} <= set(tags["images"])
-    assert {"train/loss", "train/lr", "train/images_per_s", "val/miou"} <= set(tags["scalars"])
+    assert {"val_images/0", "val_images/1", "ca_maps/0", "legend"} <= set(tags["images"])
+    assert {"train/loss", "train/lr", "train/images_per_s", "val/miou", "val/mean_acc", "val/fwiou"} <= set(
+        tags["scalars"])
     assert any(t.startswith("val_iou/") for t in tags["scalars"])
 
 
@@ -68,6 +82,16 @@ def test_eval_of_best_checkpoint_equals_recorded_best(demo_run, tmp_path):
     result = json.loads(report.read_text())
     assert result["miou"] == pytest.approx(best, abs=1e-9)
     assert result["images"] == 3 and len(list((tmp_path / "pred").glob("*_overlay.jpg"))) == 3
+
+
+def test_slide_mode_alone_uses_the_training_crop(demo_run, tmp_path):
+    report = tmp_path / "slide.json"
+    assert eval_seg.main(["--checkpoint", str(demo_run / "best.pt"), "--mode", "slide", "--json", str(report)]) == 0
+    result = json.loads(report.read_text())
+    assert (result["mode"], result["crop_size"], result["stride"]) == ("slide", 64, None)
+    # 64x64 images in a 64 window: one window per image, so exactly the whole-image score
+    best = max(json.loads(line)["miou"] for line in (demo_run / "metrics.jsonl").read_text().splitlines())
+    assert result["miou"] == pytest.approx(best, abs=1e-9)
 
 
 def test_resume_continues_exactly(tmp_path, data_root):

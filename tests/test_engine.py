@@ -1,0 +1,74 @@
+"""The training loop's reporting: plain log lines every log_interval, and a progress bar whose
+rate counts training steps only (validation pauses excluded) and that shows only on a terminal."""
+
+import itertools
+import logging
+import re
+import sys
+import time
+
+import pytest
+import torch
+from torch import nn
+
+import seg.engine as engine
+from seg.engine import TrainState, train
+
+LINE = re.compile(r"iter (\d+)/(\d+): loss (\S+), lr (\S+), (\S+) img/s")
+
+
+def _state() -> TrainState:
+    model = nn.Conv2d(3, 2, kernel_size=1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1.0 - it / 10)
+    return TrainState(model, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False))
+
+
+def _batches():
+    gen = torch.Generator().manual_seed(0)
+    return itertools.repeat((torch.randn(2, 3, 4, 4, generator=gen), torch.randint(0, 2, (2, 4, 4), generator=gen)))
+
+
+def test_plain_line_every_log_interval_with_loss_lr_and_rate(caplog):
+    state, logged = _state(), []
+    with caplog.at_level(logging.INFO, logger="seg.engine"):
+        train(state, _batches(), total_iters=5, device=torch.device("cpu"), log_interval=2, eval_interval=100,
+              on_log=lambda it, scalars: logged.append((it, scalars)))
+    lines = [LINE.fullmatch(r.getMessage()) for r in caplog.records]
+    assert all(lines) and [int(m[1]) for m in lines] == [2, 4, 5]  # the last, partial window too
+    assert all(int(m[2]) == 5 for m in lines)
+    for m, (it, scalars) in zip(lines, logged):  # the line says what TensorBoard gets
+        assert float(m[3]) == pytest.approx(scalars["train/loss"], rel=1e-3)
+        assert float(m[4]) == pytest.approx(scalars["train/lr"], rel=1e-3)
+    assert float(lines[0][4]) == pytest.approx(0.1 * (1 - 2 / 10))  # lr after 2 scheduler steps
+
+
+class _RecordingBar(engine.tqdm):
+    bars: list = []
+
+    def close(self):
+        if not self.disable:
+            _RecordingBar.bars.append(self.format_dict)
+        super().close()
+
+
+def test_progress_bar_rate_excludes_validation(monkeypatch):
+    monkeypatch.setattr(engine, "tqdm", _RecordingBar)
+    monkeypatch.setattr(engine, "show_progress_bar", lambda: True)
+    _RecordingBar.bars.clear()
+    pause = 0.5
+    start = time.perf_counter()
+    train(_state(), _batches(), total_iters=4, device=torch.device("cpu"), log_interval=2, eval_interval=2,
+          on_eval=lambda state: time.sleep(pause))
+    wall = time.perf_counter() - start
+    (bar,) = _RecordingBar.bars
+    assert bar["n"] == 4
+    # two validations slept 1 s in all; the bar's clock must have left both out
+    assert bar["elapsed"] < wall - 2 * pause + 0.05
+
+
+def test_bar_only_on_a_terminal(monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    assert not engine.show_progress_bar()
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    assert engine.show_progress_bar()
