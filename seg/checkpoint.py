@@ -10,6 +10,7 @@ import io
 import os
 import pickle
 import random
+import sys
 import zipfile
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -79,6 +80,21 @@ def _check_plain(obj: Any, where: str) -> None:
                         "store only tensors and plain Python values (convert with float()/int()/.tolist())")
 
 
+def _canonical(obj: Any) -> Any:
+    """Rebuild containers and intern strings, so the pickled bytes depend on the content alone.
+
+    Pickle writes a string once and then refers back to it by object identity, so the same
+    state saved after a resume (its keys freshly unpickled, not interned) gave different bytes.
+    """
+    if isinstance(obj, str):
+        return sys.intern(obj)
+    if isinstance(obj, Mapping):
+        return {_canonical(k): _canonical(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_canonical(v) for v in obj)
+    return obj
+
+
 def save_checkpoint(
     path: str | Path,
     *,
@@ -111,7 +127,7 @@ def save_checkpoint(
     # serialise in memory first: a full disk then fails in our own write, with the file's name,
     # instead of deep inside torch's zip writer
     buffer = io.BytesIO()
-    torch.save(payload, buffer)
+    torch.save(_canonical(payload), buffer)
     write_atomic(Path(path), buffer.getbuffer())
 
 
