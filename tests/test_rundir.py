@@ -148,3 +148,16 @@ def test_trim_metrics(tmp_path, lines, record, expected):
     path.write_text("".join(json.dumps({"iter": i}) + "\n" for i in lines) + '{"iter": 3, "mi')  # torn last line
     trim_metrics(path, 2, record)
     assert [json.loads(line)["iter"] for line in path.read_text().splitlines()] == expected
+
+
+def test_batch_not_divisible_by_processes_is_a_config_error(data_root):
+    import torch
+
+    from seg.config import ConfigError, load_config
+    from seg.distributed import DistInfo
+    from seg.training import build_loaders
+
+    cfg = load_config(None, run_args(data_root, "data.batch_size=100"))
+    three_ranks = DistInfo(rank=0, local_rank=0, world_size=3, device=torch.device("cpu"), is_main=True)
+    with pytest.raises(ConfigError, match=r"data.batch_size=100 \(global\) is not divisible by 3 processes"):
+        build_loaders(cfg, None, None, three_ranks)
