@@ -211,7 +211,7 @@ def _train(cfg: Config, run_dir: Path, dist: DistInfo, resumed: dict | None) -> 
             saved_iteration = state.iteration
 
     with log_file:
-        log.info("run directory %s", run_dir)
+        log.info("run directory %s, starting at iteration %d", run_dir, state.iteration)
         try:
             train(state, endless_batches(train_loader, state.iteration), total_iters=cfg.train.iters, device=device,
                   amp=cfg.train.amp, channels_last=cfg.train.channels_last, aux_weight=cfg.model.aux_weight,
