@@ -1,4 +1,4 @@
-"""Train a segmentation model: ``python train_seg.py [--config FILE] [--out RUN_DIR] [--resume] [key=value ...]``.
+"""Train a segmentation model: ``python train_seg.py [--config FILE] [--out RUN_DIR] [--resume | --overwrite] [key=value ...]``.
 
 Without ``--config`` it runs ``configs/demo.yaml``: a synthetic dataset generated on first use and
 DeepLabV3 + MobileNetV2-CA trained on the CPU in a few minutes. Multi-GPU: ``torchrun --nproc_per_node N train_seg.py ...``.
@@ -13,9 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
-from seg.config import Config, ConfigError, config_to_dict, load_config, save_config
+from seg.config import ConfigError, load_config
 from seg.distributed import cleanup, init_distributed, setup_logging
 from seg.training import USER_ERRORS, run_training
 
@@ -27,26 +25,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="YAML experiment (default: the demo)")
     parser.add_argument("--out", type=Path, default=None, help="run directory (default: runs/<config>-<time>)")
-    parser.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
+    start.add_argument("--overwrite", action="store_true", help="discard the run in RUN_DIR and start afresh")
     parser.add_argument("overrides", nargs="*", help="config overrides such as optim.lr=0.02")
     return parser.parse_args(argv)
 
 
-def prepare_run_dir(out: Path | None, config_name: str, cfg: Config, resume: bool) -> Path:
-    """Create the run directory, refusing to mix two different configs in one directory."""
-    if out is None:
-        if resume:
-            raise ConfigError("--resume needs --out RUN_DIR pointing at the run to continue")
-        out = Path("runs") / f"{config_name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    saved = out / "config.yaml"
+def resolve_run_dir(out: Path | None, config_name: str, resume: bool) -> Path:
+    """``--out``, or a new ``runs/<config>-<time>``; what a directory may hold is checked in seg.rundir."""
+    if out is not None:
+        return out
     if resume:
-        if not (out / "last.pt").is_file():
-            raise ConfigError(f"--resume: no checkpoint {out / 'last.pt'}; start the run without --resume")
-    elif saved.is_file() and yaml.safe_load(saved.read_text()) != config_to_dict(cfg):
-        raise ConfigError(f"{out} holds a run with a different config ({saved}); choose another --out, "
-                          "or pass --resume to continue that run")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+        raise ConfigError("--resume needs --out RUN_DIR pointing at the run to continue")
+    return Path("runs") / f"{config_name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def print_summary(run_dir: Path, best_miou: float) -> None:
@@ -66,22 +58,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         dist = init_distributed()
-        run_dir = prepare_run_dir(args.out, args.config.stem, cfg, args.resume)
-        setup_logging(run_dir / "train.log")
-        if dist.is_main:
-            save_config(cfg, run_dir / "config.yaml")
-        log.info("run directory %s", run_dir)
-        state = run_training(cfg, run_dir, dist, resume=args.resume)
+        run_dir = resolve_run_dir(args.out, args.config.stem, args.resume)
+        setup_logging()  # seg.training adds RUN_DIR/train.log once the start is accepted
+        state = run_training(cfg, run_dir, dist, resume=args.resume, overwrite=args.overwrite)
         if dist.is_main:
             print_summary(run_dir, state.best_miou)
         return 0
     except USER_ERRORS as err:
-        # user errors: one clear line, no traceback
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        message = str(err)
     finally:
         if dist is not None:
             cleanup()
+    # user errors: one clear line, no traceback. Printed after the except block, whose traceback
+    # kept the failed loop's progress bar alive: freed now, it has drawn its last line already.
+    print(f"error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

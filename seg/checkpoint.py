@@ -1,4 +1,4 @@
-"""Training checkpoints: atomic save, ``weights_only`` load, RNG capture/restore, checked weight loading.
+"""Training checkpoints: atomic save (and the atomic file write it uses), ``weights_only`` load, RNG capture/restore, checked weight loading.
 
 Everything stored is a tensor or a plain Python value, so ``torch.load(weights_only=True)`` reads
 it without unpickling arbitrary objects; RNG states are converted to that form on save.
@@ -6,9 +6,11 @@ it without unpickling arbitrary objects; RNG states are converted to that form o
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import random
+import sys
 import zipfile
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -78,6 +80,21 @@ def _check_plain(obj: Any, where: str) -> None:
                         "store only tensors and plain Python values (convert with float()/int()/.tolist())")
 
 
+def _canonical(obj: Any) -> Any:
+    """Rebuild containers and intern strings, so the pickled bytes depend on the content alone.
+
+    Pickle writes a string once and then refers back to it by object identity, so the same
+    state saved after a resume (its keys freshly unpickled, not interned) gave different bytes.
+    """
+    if isinstance(obj, str):
+        return sys.intern(obj)
+    if isinstance(obj, Mapping):
+        return {_canonical(k): _canonical(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_canonical(v) for v in obj)
+    return obj
+
+
 def save_checkpoint(
     path: str | Path,
     *,
@@ -107,16 +124,33 @@ def save_checkpoint(
         "extra": extra,
     }
     _check_plain(payload, "checkpoint")
-    path = Path(path)
+    # serialise in memory first: a full disk then fails in our own write, with the file's name,
+    # instead of deep inside torch's zip writer
+    buffer = io.BytesIO()
+    torch.save(_canonical(payload), buffer)
+    write_atomic(Path(path), buffer.getbuffer())
+
+
+def write_atomic(path: Path, data: bytes | memoryview) -> None:
+    """Replace ``path`` with ``data`` so that a crash at any moment leaves the old file or the new one.
+
+    The temporary file is ``.<name>.<pid>.tmp`` beside ``path``; one left by a killed process is
+    removed by :func:`seg.rundir.remove_stale_temps`. An ``OSError`` (a full disk) names ``path``.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     # same directory, so os.replace is an atomic rename on one filesystem
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise OSError(err.errno, err.strerror, str(path)) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -126,6 +160,13 @@ def save_checkpoint(
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def write_all(fd: int, data: bytes | memoryview) -> None:
+    """``os.write`` until every byte is written (one call may write less)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:

@@ -1,4 +1,6 @@
-"""What a run records: TensorBoard scalars and images, and one JSON line per validation.
+"""What a run records: TensorBoard scalars and images, and the record of each validation.
+
+``metrics.jsonl`` is written by :mod:`seg.rundir`, in the commit order that keeps it in step with the checkpoints.
 
 Only the main process writes; on other ranks every method is a no-op, so callers never branch.
 """
@@ -19,25 +21,27 @@ from seg.distributed import is_main
 from seg.inference import predict_labels
 from seg.visualize import ca_overlays, compute_ca_maps, denormalize, legend, pick_ca_blocks, prediction_grid
 
-METRICS_FILE = "metrics.jsonl"
 CA_BLOCKS_SHOWN = 3
 
 
 class Tracker:
-    """TensorBoard writer plus ``metrics.jsonl`` in ``run_dir``.
+    """TensorBoard writer for ``run_dir``.
 
     Args:
-        run_dir: the run directory (event files and metrics.jsonl go here).
+        run_dir: the run directory (event files go here).
         classes: class names, for per-class IoU tags.
         palette: RGB colour per class, for the mask images.
+        purge_step: on resume, the first iteration to redo; TensorBoard hides events logged at or
+            after it by the interrupted attempt.
     """
 
-    def __init__(self, run_dir: Path, classes: Sequence[str], palette: np.ndarray) -> None:
+    def __init__(self, run_dir: Path, classes: Sequence[str], palette: np.ndarray,
+                 purge_step: int | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.classes = list(classes)
         self.palette = palette
-        self.writer = SummaryWriter(str(self.run_dir)) if is_main() else None
-        if self.writer is not None:  # without it the GT and prediction colours can't be read
+        self.writer = SummaryWriter(str(self.run_dir), purge_step=purge_step) if is_main() else None
+        if self.writer is not None and purge_step is None:  # once per run: GT and prediction colours need it
             self.writer.add_image("legend", legend(self.classes, palette), 0, dataformats="HWC")
 
     def scalars(self, iteration: int, values: dict[str, float]) -> None:
@@ -46,8 +50,8 @@ class Tracker:
         for tag, value in values.items():
             self.writer.add_scalar(tag, value, iteration)
 
-    def validation(self, iteration: int, metrics: dict, extra: dict | None = None) -> None:
-        """Log val mIoU and per-class IoU, and append the validation to ``metrics.jsonl``."""
+    def validation(self, iteration: int, metrics: dict) -> None:
+        """Log val mIoU and per-class IoU."""
         if self.writer is None:
             return
         self.writer.add_scalar("val/miou", metrics["miou"], iteration)
@@ -56,12 +60,14 @@ class Tracker:
         for name, iou in zip(self.classes, metrics["iou"]):
             if not math.isnan(iou):
                 self.writer.add_scalar(f"val_iou/{name}", iou, iteration)
-        record = {"iter": iteration, "classes": self.classes, **{k: v for k, v in metrics.items() if k != "confusion"}, **(extra or {})}
+        self.writer.flush()
+
+    def metrics_record(self, iteration: int, metrics: dict) -> dict:
+        """One validation as plain JSON values: the ``metrics.jsonl`` line, also stored in ``last.pt``."""
+        record = {"iter": iteration, "classes": self.classes, **{k: v for k, v in metrics.items() if k != "confusion"}}
         # NaN (a class absent from GT and predictions) is not JSON: store it as null
         record["iou"] = [None if math.isnan(v) else v for v in record["iou"]]
-        with open(self.run_dir / METRICS_FILE, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        self.writer.flush()
+        return json.loads(json.dumps(record))  # plain types only, as the checkpoint requires
 
     @torch.no_grad()
     def predictions(self, iteration: int, model: nn.Module, samples: Sequence[tuple[torch.Tensor, torch.Tensor]],

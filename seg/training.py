@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import random
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from seg.checkpoint import CheckpointError, load_checkpoint, restore_rng, save_checkpoint, unwrap_model
+from seg.checkpoint import CheckpointError, load_model_weights, restore_rng, save_checkpoint, unwrap_model
 from seg.config import Config, ConfigError, config_to_dict, eval_window
 from seg.data import build_dataset, build_eval_transform, build_loader, build_train_transform, make_synthetic
 from seg.data.sampling import endless_batches
@@ -22,13 +23,16 @@ from seg.data.base import DatasetError
 from seg.engine import NonFiniteLossError, TrainState, evaluate, train
 from seg.models import model_from_config
 from seg.optim import build_optimizer, build_scheduler
+from seg.rundir import (BEST, LAST, RunDirError, append_metrics, begin_run, check_start, locked,
+                        log_to_file)
 from seg.tracking import Tracker
 from seg.visualize import spread_indices
 
 log = logging.getLogger(__name__)
-OUTPUT_STRIDE_PAD = 32
-# Errors the user can fix (config, data, checkpoint, a diverged run): entry points print one line, no traceback.
-USER_ERRORS = (ConfigError, DatasetError, CheckpointError, FileNotFoundError, NonFiniteLossError)  # pad eval images to a multiple of the deepest stride, valid for every arch
+OUTPUT_STRIDE_PAD = 32  # pad eval images to a multiple of the deepest stride, valid for every arch
+# Errors the user can fix (config, data, checkpoint, run directory, a diverged run): entry points
+# print one line, no traceback.
+USER_ERRORS = (ConfigError, DatasetError, CheckpointError, FileNotFoundError, NonFiniteLossError, RunDirError)
 
 
 def resolve_device(name: str, dist: DistInfo) -> torch.device:
@@ -48,15 +52,17 @@ def build_datasets(cfg: Config, dist: DistInfo):
     train_set = build_dataset(data.name, data.root, data.train_split, train_tf)
     val_set = build_dataset(data.name, data.root, data.val_split, build_eval_transform())
     if train_set.num_classes != data.num_classes:
-        raise ValueError(f"data.num_classes is {data.num_classes} but the {data.name} dataset has "
-                         f"{train_set.num_classes} classes {list(train_set.classes)}")
+        raise ConfigError(f"data.num_classes is {data.num_classes} but the {data.name} dataset at {data.root} "
+                          f"has {train_set.num_classes} classes {list(train_set.classes)}; set "
+                          f"data.num_classes={train_set.num_classes}")
     return train_set, val_set
 
 
 def build_loaders(cfg: Config, train_set, val_set, dist: DistInfo) -> tuple[DataLoader, DataLoader]:
     data = cfg.data
     if data.batch_size % dist.world_size:
-        raise ValueError(f"data.batch_size={data.batch_size} (global) is not divisible by {dist.world_size} processes")
+        raise ConfigError(f"data.batch_size={data.batch_size} (global) is not divisible by {dist.world_size} "
+                          "processes; choose a multiple of the process count")
     train_loader = build_loader(train_set, data.batch_size // dist.world_size, train=True,
                                 num_workers=data.num_workers, distributed=dist.distributed, seed=cfg.train.seed)
     val_loader = build_loader(val_set, data.val_batch_size, train=False, num_workers=data.num_workers,
@@ -82,27 +88,85 @@ def build_state(cfg: Config, num_classes: int, device: torch.device) -> TrainSta
     return TrainState(model, optimizer, scheduler, scaler)
 
 
-def save_state(path: Path, state: TrainState, cfg: Config) -> None:
+def save_state(path: Path, state: TrainState, cfg: Config, record: dict | None = None) -> None:
+    """Checkpoint ``state``; ``record`` is the validation's metrics line, kept so resume can restore it."""
     save_checkpoint(path, model=unwrap_model(state.model), optimizer=state.optimizer, scheduler=state.scheduler,
                     scaler=state.scaler, iteration=state.iteration, best_miou=state.best_miou,
-                    config=config_to_dict(cfg))
+                    config=config_to_dict(cfg), extra={"metrics": record})
 
 
-def resume_state(path: Path, state: TrainState) -> None:
+def resume_state(ckpt: dict, state: TrainState) -> None:
     """Restore everything ``save_state`` wrote, so the run continues as if never stopped."""
-    ckpt = load_checkpoint(path)
-    unwrap_model(state.model).load_state_dict(ckpt["model"])
+    load_model_weights(state.model, ckpt["model"])
     state.optimizer.load_state_dict(ckpt["optimizer"])
     state.scheduler.load_state_dict(ckpt["scheduler"])
     if ckpt["scaler"]:
         state.scaler.load_state_dict(ckpt["scaler"])
     state.iteration, state.best_miou = ckpt["iteration"], ckpt["best_miou"]
     restore_rng(ckpt["rng"])
-    log.info("resumed from %s at iteration %d (best mIoU %.4f)", path, state.iteration, state.best_miou)
+    log.info("resumed at iteration %d (best mIoU %.4f)", state.iteration, state.best_miou)
 
 
-def run_training(cfg: Config, run_dir: Path, dist: DistInfo, resume: bool = False) -> TrainState:
-    """Train ``cfg`` into ``run_dir``: validation, TensorBoard, last.pt / best.pt. Returns the final state."""
+def check_crop_size(cfg: Config, model: torch.nn.Module) -> None:
+    """Training crops must divide by the model's output stride, or smp refuses the first batch."""
+    stride = model.encoder.output_stride if model.requires_divisible_input_shape else 1
+    crop = cfg.data.crop_size
+    if crop % stride:
+        fits = [c for c in (crop // stride * stride, (crop // stride + 1) * stride) if c > 0]
+        raise ConfigError(f"data.crop_size={crop} is not a multiple of {stride}, the output stride of "
+                          f"{cfg.model.arch} on {cfg.model.encoder}; use data.crop_size={' or '.join(map(str, fits))}")
+
+
+def commit_validation(run_dir: Path, state: TrainState, cfg: Config, record: dict, is_best: bool,
+                      saved_iteration: int | None) -> None:
+    """Save one validation in the order :mod:`seg.rundir` relies on: best.pt, last.pt, metrics line.
+
+    A failed write (a full disk) becomes a one-line RunDirError saying which checkpoint is intact.
+    """
+    try:
+        if is_best:
+            save_state(run_dir / BEST, state, cfg, record)
+        save_state(run_dir / LAST, state, cfg, record)
+        saved_iteration = state.iteration
+        append_metrics(run_dir, record)
+    except OSError as err:
+        intact = (f"{run_dir / LAST} at iteration {saved_iteration} is intact" if saved_iteration is not None
+                  else "no checkpoint was saved yet")
+        what = f"{err.strerror} writing {err.filename}" if err.filename else str(err)
+        raise RunDirError(f"{what[:1].lower()}{what[1:]}; {intact}; free space, then continue with "
+                          f"--resume --out {run_dir}") from None
+
+
+def main_decides(problem: str | None, dist: DistInfo) -> None:
+    """Raise ``problem`` (known to rank 0 alone) on every rank, so no rank waits for one that quit."""
+    if dist.distributed:
+        message = [problem]
+        torch.distributed.broadcast_object_list(message, src=0)
+        problem = message[0]
+    if problem is not None:
+        raise RunDirError(problem)
+
+
+def run_training(cfg: Config, run_dir: Path, dist: DistInfo, resume: bool = False,
+                 overwrite: bool = False) -> TrainState:
+    """Train ``cfg`` into ``run_dir``: validation, TensorBoard, last.pt / best.pt. Returns the final state.
+
+    ``run_dir`` is locked for the whole run. A fresh start refuses a directory holding ``last.pt``
+    unless ``overwrite``; ``resume`` continues from ``last.pt`` when the config matches it.
+    """
+    with ExitStack() as stack:
+        problem = None
+        if dist.is_main:
+            try:
+                stack.enter_context(locked(run_dir))
+            except RunDirError as err:
+                problem = str(err)
+        main_decides(problem, dist)
+        resumed = check_start(run_dir, cfg, resume, overwrite)
+        return _train(cfg, run_dir, dist, resumed)
+
+
+def _train(cfg: Config, run_dir: Path, dist: DistInfo, resumed: dict | None) -> TrainState:
     device = resolve_device(cfg.train.device, dist)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -110,8 +174,14 @@ def run_training(cfg: Config, run_dir: Path, dist: DistInfo, resume: bool = Fals
     train_set, val_set = build_datasets(cfg, dist)
     train_loader, val_loader = build_loaders(cfg, train_set, val_set, dist)
     state = build_state(cfg, train_set.num_classes, device)
-    if resume:
-        resume_state(run_dir / "last.pt", state)
+    check_crop_size(cfg, state.model)
+    if resumed is not None:
+        resume_state(resumed, state)
+    # every check passed: from here on the run owns the directory
+    log_file = nullcontext()
+    if dist.is_main:
+        begin_run(run_dir, cfg, resumed)
+        log_file = log_to_file(run_dir / "train.log")
     if dist.distributed:
         if device.type == "cuda":
             state.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(state.model)
@@ -120,28 +190,35 @@ def run_training(cfg: Config, run_dir: Path, dist: DistInfo, resume: bool = Fals
     # compile only the module the train step calls; evaluation runs the eager model
     if cfg.train.compile:
         state.model = torch.compile(state.model)
-    tracker = Tracker(run_dir, train_set.classes, train_set.palette)
+    # events after last.pt's iteration belong to the interrupted attempt: TensorBoard hides them
+    tracker = Tracker(run_dir, train_set.classes, train_set.palette,
+                      purge_step=state.iteration + 1 if resumed is not None else None)
     vis = [tuple(t.to(device) for t in val_set[i]) for i in spread_indices(len(val_set), cfg.train.vis_images)]
     predict = dict(device=device, output_stride=OUTPUT_STRIDE_PAD, mode=cfg.eval.mode, **eval_window(cfg))
+    saved_iteration = state.iteration if resumed is not None else None
 
     def on_eval(state: TrainState) -> None:
+        nonlocal saved_iteration
         metrics = evaluate(model, val_loader, train_set.num_classes, **predict)
         is_best = metrics["miou"] > state.best_miou
         state.best_miou = max(state.best_miou, metrics["miou"])
         log.info("iter %d: val mIoU %.4f (best %.4f)", state.iteration, metrics["miou"], state.best_miou)
+        # TensorBoard first: resume keeps events up to last.pt's iteration, so they must not lag it
         tracker.validation(state.iteration, metrics)
         tracker.predictions(state.iteration, model, vis, ca_maps=cfg.train.ca_maps,
                             **{k: v for k, v in predict.items() if k != "device"})
         if dist.is_main:
-            save_state(run_dir / "last.pt", state, cfg)
-            if is_best:
-                save_state(run_dir / "best.pt", state, cfg)
+            record = tracker.metrics_record(state.iteration, metrics)
+            commit_validation(run_dir, state, cfg, record, is_best, saved_iteration)
+            saved_iteration = state.iteration
 
-    try:
-        train(state, endless_batches(train_loader, state.iteration), total_iters=cfg.train.iters, device=device,
-              amp=cfg.train.amp, channels_last=cfg.train.channels_last, aux_weight=cfg.model.aux_weight,
-              grad_clip=cfg.optim.grad_clip, log_interval=cfg.train.log_interval,
-              eval_interval=cfg.train.eval_interval, on_log=tracker.scalars, on_eval=on_eval)
-    finally:
-        tracker.close()
+    with log_file:
+        log.info("run directory %s, starting at iteration %d", run_dir, state.iteration)
+        try:
+            train(state, endless_batches(train_loader, state.iteration), total_iters=cfg.train.iters, device=device,
+                  amp=cfg.train.amp, channels_last=cfg.train.channels_last, aux_weight=cfg.model.aux_weight,
+                  grad_clip=cfg.optim.grad_clip, log_interval=cfg.train.log_interval,
+                  eval_interval=cfg.train.eval_interval, on_log=tracker.scalars, on_eval=on_eval)
+        finally:
+            tracker.close()
     return state

@@ -116,3 +116,46 @@ def test_camvid_colour_label_is_rejected(tmp_path):
     cv2.imwrite(str(root / "trainannot" / "a.png"), np.zeros((8, 8, 3), np.uint8))
     with pytest.raises(DatasetError, match=r"a.png is uint8 with shape \(8, 8, 3\); expected an 8-bit single"):
         CamVid(root, "train")[0]
+
+
+def _cut(path, keep: float = 0.6):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def test_truncated_jpeg_is_refused_while_padded_one_reads(voc):
+    jpeg = voc / "JPEGImages" / "train_00001.jpg"
+    complete = SyntheticSegmentation(voc, "train")[1][0]
+    jpeg.write_bytes(jpeg.read_bytes() + b"\0" * 16)  # zero padding after the end marker is harmless
+    assert np.array_equal(SyntheticSegmentation(voc, "train")[1][0], complete)
+    _cut(jpeg)
+    # OpenCV alone would return a grey-filled image here, and only libjpeg's nameless warning
+    assert cv2.imread(str(jpeg)) is not None
+    with pytest.raises(DatasetError, match=r"train_00001.jpg is truncated"):
+        SyntheticSegmentation(voc, "train")[1]
+
+
+def test_truncated_png_image_and_labels_are_refused(voc, tmp_path):
+    _cut(voc / "SegmentationClass" / "val_00000.png", keep=0.9)  # palette label, read by PIL
+    with pytest.raises(DatasetError, match=r"val_00000.png is truncated"):
+        SyntheticSegmentation(voc, "val")[0]
+    root = _camvid(tmp_path / "camvid", 0)
+    rng = np.random.default_rng(0)
+    cv2.imwrite(str(root / "train" / "a.png"), rng.integers(0, 255, (8, 8, 3), dtype=np.uint8))
+    _cut(root / "train" / "a.png")
+    with pytest.raises(DatasetError, match=r"train/a.png is truncated"):
+        CamVid(root, "train")[0]
+    _camvid(tmp_path / "camvid2", 0)
+    _cut(tmp_path / "camvid2" / "trainannot" / "a.png", keep=0.95)  # gray label, read by OpenCV
+    with pytest.raises(DatasetError, match=r"trainannot/a.png is truncated"):
+        CamVid(tmp_path / "camvid2", "train")[0]
+
+
+def test_worker_errors_are_unwrapped_to_the_dataset_message(voc):
+    from seg.data import build_eval_transform, build_loader
+
+    _cut(voc / "JPEGImages" / "val_00001.jpg")
+    loader = build_loader(SyntheticSegmentation(voc, "val", build_eval_transform()), 1, train=False, num_workers=1)
+    with pytest.raises(DatasetError) as info:
+        list(loader)
+    assert str(info.value).startswith(str(voc / "JPEGImages" / "val_00001.jpg")) and "\n" not in str(info.value)

@@ -123,8 +123,8 @@ def _run_until(cfg, run_dir, dist, stop_at):
 
     original = training.save_state
 
-    def save_then_stop(path, state, config):
-        original(path, state, config)
+    def save_then_stop(path, state, config, record=None):
+        original(path, state, config, record)
         if state.iteration == stop_at and path.name == "last.pt":
             raise Stop
 
@@ -148,9 +148,9 @@ def test_user_errors_are_one_clear_line(argv, message, capsys):
     assert message in err and "Traceback" not in err
 
 
-def test_out_dir_with_other_config_is_refused(demo_run, data_root, capsys):
+def test_out_dir_holding_a_run_is_refused_without_resume(demo_run, data_root, capsys):
     assert train_seg.main(["--out", str(demo_run), *tiny_overrides(data_root), "optim.lr=0.5"]) == 2
-    assert "different config" in capsys.readouterr().err
+    assert "--resume" in capsys.readouterr().err
 
 
 def test_ddp_two_cpu_ranks_end_with_identical_parameters(tmp_path, data_root):

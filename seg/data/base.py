@@ -5,6 +5,7 @@ train labels. Items are checked as they are read (sizes, label range) because tr
 on a broken mask is far more expensive than two ``np.any`` calls per item.
 """
 
+import io
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -23,9 +24,32 @@ class DatasetError(ValueError):
     """A dataset file or layout is not what the reader expects."""
 
 
+JPEG_END = b"\xff\xd9"  # EOI marker
+PNG_END = b"IEND\xaeB`\x82"  # the IEND chunk's type and CRC
+
+
+def read_complete(path: Path) -> np.ndarray:
+    """The bytes of an image file, refusing a JPEG or PNG cut short.
+
+    OpenCV decodes such files without an error (libjpeg only prints "Premature end of JPEG file",
+    with no file name) and fills the missing rows with grey, which would train silently on them.
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise DatasetError(f"cannot read {path}: {err.strerror}") from None
+    end = data.rstrip(b"\0")  # some writers pad files with zeros
+    truncated = ((data[:2] == b"\xff\xd8" and not end.endswith(JPEG_END))
+                 or (data[:8] == b"\x89PNG\r\n\x1a\n" and not end.endswith(PNG_END)))
+    if truncated:
+        raise DatasetError(f"{path} is truncated ({len(data)} bytes, no end marker); "
+                           "re-copy or re-export it, or remove it from the dataset")
+    return np.frombuffer(data, np.uint8)
+
+
 def read_image(path: Path) -> np.ndarray:
     """Read an image as HxWx3 uint8 RGB with OpenCV."""
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR_RGB)
+    image = cv2.imdecode(read_complete(path), cv2.IMREAD_COLOR_RGB)
     if image is None:
         raise DatasetError(f"cannot read image {path}: the file is missing, unreadable or not an image")
     return image
@@ -38,7 +62,7 @@ def read_label_png(path: Path) -> np.ndarray:
     RGB colours, which would silently turn class indices into colours.
     """
     try:
-        with Image.open(path) as png:
+        with Image.open(io.BytesIO(read_complete(path))) as png:
             if png.mode not in ("P", "L"):
                 raise DatasetError(f"label {path} has PIL mode {png.mode!r}; expected a palette ('P') or "
                                    "8-bit grayscale ('L') PNG holding class indices")
@@ -49,7 +73,7 @@ def read_label_png(path: Path) -> np.ndarray:
 
 def read_gray_png(path: Path) -> np.ndarray:
     """Read an 8-bit single-channel label PNG (CamVid, Cityscapes) with OpenCV, the fast path."""
-    mask = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    mask = cv2.imdecode(read_complete(path), cv2.IMREAD_UNCHANGED)
     if mask is None:
         raise DatasetError(f"cannot read label {path}: the file is missing, unreadable or not an image")
     if mask.ndim != 2 or mask.dtype != np.uint8:

@@ -6,6 +6,7 @@ and pads nothing, so summing per-rank confusion matrices counts every image exac
 Ranks may then hold different numbers of batches; the metric all-reduce happens after the loop.
 """
 
+import re
 from pathlib import Path
 from typing import Iterator
 
@@ -14,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from seg.data.base import SegmentationDataset, TransformFn
+from seg.data.base import DatasetError, SegmentationDataset, TransformFn
 from seg.data.camvid import CamVid
 from seg.data.cityscapes import Cityscapes
 from seg.data.synthetic import SyntheticSegmentation
@@ -52,6 +53,40 @@ class ContiguousSampler(Sampler[int]):
         return self.stop - self.start
 
 
+WORKER_ERROR = re.compile(r"^Caught \w+ in DataLoader worker process \d+\.\nOriginal Traceback")
+
+
+class SegLoader(DataLoader):
+    """A DataLoader whose dataset errors read the same with or without worker processes.
+
+    A worker's exception reaches the main process as the same type holding "Caught ... in
+    DataLoader worker process N", the worker's traceback and, on its last line, the message. For
+    a :class:`DatasetError` (the user's data, not a bug) only that last line is kept.
+    """
+
+    def __iter__(self) -> Iterator:
+        batches = super().__iter__()
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except DatasetError as err:
+                raise unwrap_worker_error(err) from None
+            yield batch
+
+
+def unwrap_worker_error(err: DatasetError) -> DatasetError:
+    """``err`` without the worker traceback that DataLoader wraps around it."""
+    text = str(err)
+    if not WORKER_ERROR.match(text):
+        return err
+    # the traceback ends with "seg.data.base.DatasetError: <message>", which may span lines
+    prefix = f"\n{type(err).__module__}.{type(err).__qualname__}: "
+    start = text.rfind(prefix)
+    return type(err)(text[start + len(prefix):].rstrip() if start >= 0 else text.rstrip().splitlines()[-1])
+
+
 def _init_worker(worker_id: int) -> None:
     # OpenCV's own thread pool would oversubscribe the cores that the other workers use.
     cv2.setNumThreads(0)
@@ -73,7 +108,7 @@ def build_loader(dataset: Dataset, batch_size: int, train: bool, num_workers: in
         sampler, dataset = ResumableSampler(dataset, world, rank, seed=seed), SeededDataset(dataset)
     else:
         sampler = ContiguousSampler(dataset, rank, world)
-    return DataLoader(
+    return SegLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=train,
         pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
         worker_init_fn=_init_worker if num_workers > 0 else None, generator=seeded_generator(seed),

@@ -13,6 +13,8 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from seg.data.base import DatasetError
+
 SEED_STRIDE = 1_000_003  # a prime, so (epoch, rank, position) triples do not collide in practice
 
 
@@ -70,8 +72,8 @@ def endless_batches(loader: DataLoader, start_iteration: int) -> Iterator:
     sampler: ResumableSampler = loader.sampler
     batches_per_epoch = sampler.num_samples // loader.batch_size
     if batches_per_epoch == 0:
-        raise ValueError(f"the training set has {len(sampler.dataset)} samples, fewer than one batch of "
-                         f"{loader.batch_size} per process")
+        raise DatasetError(f"the training set has {len(sampler.dataset)} samples, fewer than one batch of "
+                           f"{loader.batch_size} per process; lower data.batch_size")
     epoch, batch = divmod(start_iteration, batches_per_epoch)
     while True:
         sampler.set_position(epoch, batch * loader.batch_size)

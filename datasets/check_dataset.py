@@ -1,0 +1,73 @@
+"""Scan a dataset before a long run: unreadable or truncated images and labels, image/label size
+mismatches, label values out of range, and listed or orphan files that are missing.
+
+    python datasets/check_dataset.py --name camvid --root data/camvid [--splits train val test] [--workers 4]
+
+Every sample is read exactly as training reads it (through ``seg.data``), so a dataset that
+passes here will not stop a run halfway. Prints one line per problem, then a summary; the exit
+status is 1 when anything is wrong.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+from seg.data import DATASETS, DatasetError, build_dataset  # noqa: E402
+
+DEFAULT_SPLITS = {"voc": ["train", "val"], "cityscapes": ["train", "val"], "camvid": ["train", "val", "test"],
+                  "synthetic": ["train", "val"]}
+
+
+class ProblemPerSample(Dataset):
+    """Item ``i`` is the error that reading sample ``i`` raises, or "" when it reads cleanly."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> str:
+        try:
+            self.dataset[index]
+        except DatasetError as err:
+            return str(err)
+        return ""
+
+
+def check_split(name: str, root: Path, split: str, workers: int) -> tuple[int, list[str]]:
+    """(samples read, problems) for one split; a split that cannot even be listed is one problem."""
+    try:
+        dataset = build_dataset(name, root, split)
+    except (DatasetError, FileNotFoundError) as err:
+        return 0, [f"{split}: {err}"]
+    # batch_size=None hands items over one by one; workers read in parallel
+    loader = DataLoader(ProblemPerSample(dataset), batch_size=None, num_workers=workers)
+    problems = [problem for problem in tqdm(loader, desc=split, total=len(dataset), dynamic_ncols=True) if problem]
+    return len(dataset), problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--name", required=True, choices=sorted(DATASETS))
+    parser.add_argument("--root", type=Path, required=True)
+    parser.add_argument("--splits", nargs="+", help="default: the dataset's usual splits")
+    parser.add_argument("--workers", type=int, default=4, help="reader processes (0: read in this process)")
+    args = parser.parse_args(argv)
+    checked, problems = 0, []
+    for split in args.splits or DEFAULT_SPLITS[args.name]:
+        count, found = check_split(args.name, args.root, split, args.workers)
+        checked += count
+        problems += found
+    for problem in problems:
+        print(f"problem: {problem}")
+    print(f"{args.name} at {args.root}: {checked} samples checked, {len(problems)} problem(s)")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""Test helper (not a test): run ``train_seg.main`` in forked processes that a fault can kill.
+
+Importing torch and smp takes seconds, so this process imports ``train_seg`` once and forks one
+child per run: each child is a real, separate process running the real entry point on real
+files, and the kernel's SIGKILL ends it. The faults wrap ``os.replace`` and ``os.write``, the two
+calls through which seg.checkpoint and seg.rundir change the run directory, so production code
+has no test hooks.
+
+Protocol, one JSON object per line: on stdin ``{"argv": [...], "fault": SPEC or null, "log": PATH}``
+answers ``{"pid": P, "exit": RC}``, ``{"pid": P, "signal": S}`` or ``{"pid": P, "stopped": true}``;
+``{"kill": P}`` SIGKILLs a stopped child and answers ``{"pid": P, "signal": 9}``.
+
+A fault SPEC is ``OP:NAME:N:ACTION``. OP ``replace`` counts ``os.replace`` calls onto a file called
+NAME; OP ``write`` counts ``os.write`` calls into a file whose name contains NAME. On the Nth,
+ACTION is ``kill_before`` / ``kill_after`` (SIGKILL around the real call), ``half_kill`` (write half
+the bytes, then SIGKILL), ``enospc`` (raise a full-disk OSError) or ``stop`` (SIGSTOP after the call).
+"""
+
+import errno
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+
+import train_seg
+
+
+def install_fault(spec: str) -> None:
+    op, name, nth, action = spec.split(":")
+    calls = 0
+    real = {"replace": os.replace, "write": os.write}[op]
+
+    def target(args) -> bool:
+        if op == "replace":
+            return Path(args[1]).name == name
+        return name in Path(os.readlink(f"/proc/self/fd/{args[0]}")).name
+
+    def wrapper(*args):
+        nonlocal calls
+        if not target(args):
+            return real(*args)
+        calls += 1
+        if calls != int(nth):
+            return real(*args)
+        if action == "kill_before":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if action == "enospc":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        if action == "half_kill":
+            real(args[0], bytes(args[1][: len(args[1]) // 2]))
+            os.kill(os.getpid(), signal.SIGKILL)
+        result = real(*args)
+        os.kill(os.getpid(), signal.SIGKILL if action == "kill_after" else signal.SIGSTOP)
+        return result
+
+    setattr(os, op, wrapper)
+
+
+def run_child(request: dict) -> None:
+    log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    rc = 1
+    try:
+        if request.get("fault"):
+            install_fault(request["fault"])
+        rc = train_seg.main(request["argv"])
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+
+
+def answer(pid: int, status: int) -> dict:
+    if os.WIFSTOPPED(status):
+        return {"pid": pid, "stopped": True}
+    if os.WIFSIGNALED(status):
+        return {"pid": pid, "signal": os.WTERMSIG(status)}
+    return {"pid": pid, "exit": os.WEXITSTATUS(status)}
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    for line in sys.stdin:
+        request = json.loads(line)
+        if "kill" in request:
+            os.kill(request["kill"], signal.SIGKILL)
+            pid, status = os.waitpid(request["kill"], 0)
+        else:
+            pid = os.fork()
+            if pid == 0:
+                run_child(request)
+            pid, status = os.waitpid(pid, os.WUNTRACED)
+        print(json.dumps(answer(pid, status)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
