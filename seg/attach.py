@@ -77,9 +77,15 @@ class AttachReport:
 
     kind: str
     placements: list[Placement] = field(default_factory=list)
-    added_params: int = 0  # net: new blocks minus the replaced modules
+    new_params: int = 0  # parameters of the new blocks
+    removed_params: int = 0  # parameters of the modules they replaced
     new_keys: list[str] = field(default_factory=list)
     removed_keys: list[str] = field(default_factory=list)
+
+    @property
+    def added_params(self) -> int:
+        """Net change of the encoder's parameter count."""
+        return self.new_params - self.removed_params
 
     @property
     def count(self) -> int:
@@ -239,13 +245,14 @@ def attach_attention(encoder: nn.Module, kind: str, stages: Optional[int] = None
     if stages is not None and stages < 1:
         raise ConfigError(f"attention stages must be >= 1 (the deepest N stages), got {stages}")
     slots = _find_slots(encoder)
+    if slots:
+        _probe(encoder, slots)
+        slots = [s for s in slots if s.channels is not None]  # the rest never run at this encoder depth
     if not slots:
         raise UnsupportedEncoderError(
-            f"encoder {_encoder_name(encoder)}: no block where attention can be placed; found block "
-            f"types {_block_types(encoder)}; supported: timm EfficientNet/MobileNetV3/MNASNet/MixNet/"
+            f"encoder {_encoder_name(encoder)}: no block where attention can be placed runs in it; found "
+            f"block types {_block_types(encoder)}; supported: timm EfficientNet/MobileNetV3/MNASNet/MixNet/"
             "ResNet/RegNet blocks, smp mobilenet_v2 and resnet*")
-    _probe(encoder, slots)
-    slots = [s for s in slots if s.channels is not None]  # the rest never run at this encoder depth
     if stages is not None:
         if any(s.stage is None for s in slots):
             raise UnsupportedEncoderError(
@@ -258,10 +265,10 @@ def attach_attention(encoder: nn.Module, kind: str, stages: Optional[int] = None
         old, new = slot.get(), make_attention(kind, slot.channels)
         if old is not None:
             report.removed_keys += [f"{slot.key_prefix}.{k}" for k in old.state_dict()]
-            report.added_params -= sum(p.numel() for p in old.parameters())
+            report.removed_params += sum(p.numel() for p in old.parameters())
         slot.put(new)
         report.new_keys += [f"{slot.key_prefix}.{k}" for k in new.state_dict()]
-        report.added_params += sum(p.numel() for p in new.parameters())
+        report.new_params += sum(p.numel() for p in new.parameters())
         replaced = None if old is None or type(old) is nn.Identity else type(old).__name__
         report.placements.append(Placement(slot.name, type(slot.block).__name__, slot.channels, slot.stage, replaced))
     return report
