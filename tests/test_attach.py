@@ -17,7 +17,7 @@ from seg import attach_attention
 from seg.attach import UnsupportedEncoderError
 from seg.attention import ATTENTIONS, CoordAttention, SqueezeExcite
 from seg.complexity import count_params, timm_attention_table
-from seg.config import ModelConfig
+from seg.config import ConfigError, ModelConfig, load_config
 from seg.models import build_model, model_from_config
 from seg.training import USER_ERRORS
 from seg.weights import load_encoder_weights
@@ -198,6 +198,17 @@ def test_config_keys_reach_the_model():
     report = model_from_config(cfg, num_classes=3).attention_report
     assert report.count == 6 + 3 and {p.stage for p in report.placements} == {4, 5}
     assert model_from_config(ModelConfig(encoder="resnet50", decoder_channels=32), 3).attention_report is None
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.attention=eca"], "model.attention"),
+    (["model.attention_stages=2"], "needs model.attention"),
+    (["model.attention=ca", "model.attention_stages=0"], "model.attention_stages"),
+])
+def test_bad_attention_config_is_refused_naming_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+    assert load_config(None, ["model.attention=none"]).model.attention == "none"  # the word, not YAML null
 
 
 def test_timm_table_counts_agree_with_the_report():
