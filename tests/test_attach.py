@@ -13,7 +13,7 @@ from timm.layers import SEModule
 from timm.models._efficientnet_blocks import SqueezeExcite as TimmEffSE
 
 import train_seg
-from seg import attach_attention
+from seg import attach_attention, bench
 from seg.attach import UnsupportedEncoderError
 from seg.attention import ATTENTIONS, CoordAttention, SqueezeExcite
 from seg.complexity import count_params, timm_attention_table
@@ -220,6 +220,16 @@ def test_timm_table_counts_agree_with_the_report():
         blocks, new_params, _, encoder_m = rows[kind][:4]
         assert blocks == "14"
         assert float(encoder_m) == pytest.approx(base + int(new_params.replace(",", "")) / 1e6, abs=1.5e-3)
+
+
+def test_bench_times_timm_variants_with_attention_attached():
+    setup = bench.BenchSetup(batch=2, size=SIZE, repeats=1, warmup=0, flops_size=SIZE)
+    rows = bench.bench_group("tu-efficientnet_b0", 16, setup, compiled=False)
+    assert [(r["variant"], r["encoder_name"], r["attention"]) for r in rows] == [
+        (v, "tu-efficientnet_b0", k) for v, k in bench.VARIANTS.items()]
+    assert all(r["train_ms"] > 0 and r["gflops"] > 0 for r in rows)
+    plain = bench.build_variant("tu-efficientnet_b0", 16, "none")
+    assert rows[0]["params"] == count_params(plain) and _count(plain, TIMM_SE) == 0
 
 
 class _AttachedTester(EncoderTester):
