@@ -8,3 +8,4 @@ works after ``import seg``.
 __version__ = "0.1.0"
 
 from seg.encoders import register as _register  # noqa: E402,F401  (side effect: smp registration)
+from seg.attach import AttachReport, attach_attention  # noqa: E402,F401  (public: seg.attach_attention)

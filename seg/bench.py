@@ -13,7 +13,6 @@ CPU defaults: fp32, batch 2 at 256, eager only; peak memory is reported only on 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 import time
@@ -24,12 +23,13 @@ from typing import Callable
 import torch
 from torch import nn
 
-from seg.complexity import count_flops, count_params
+from seg.complexity import count_flops_on_meta, count_params
+from seg.encoders.register import ENCODER_NAMES
 from seg.engine import TrainState, autocast, train_step
 from seg.models import build_model
 
 ENCODERS = ("mobilenet_v2", "resnet50")
-VARIANTS = {"plain": "", "SE": "_se", "CBAM": "_cbam", "CA": "_ca"}
+VARIANTS = {"plain": "none", "SE": "se", "CBAM": "cbam", "CA": "ca"}  # variant -> attention kind
 ATROUS_RATES = {16: (6, 12, 18), 8: (12, 24, 36)}  # the paper's DeepLabV3 rates per output stride
 NUM_CLASSES = 21
 FLOPS_SIZE = 512
@@ -54,16 +54,22 @@ class BenchSetup:
     threads: int | None = None
 
 
-def build_variant(encoder: str, output_stride: int) -> nn.Module:
+def variant_encoder(encoder: str, kind: str) -> tuple[str, str | None]:
+    """Our named encoder for ``kind`` where there is one (``mobilenet_v2_ca``), else ``encoder`` with
+    ``kind`` attached by ``seg.attach`` (any ``tu-`` timm backbone; "none" strips its own SE)."""
+    named = f"{encoder}_{kind}"
+    return (named, None) if named in ENCODER_NAMES else (encoder, kind)
+
+
+def build_variant(encoder: str, output_stride: int, attention: str | None = None) -> nn.Module:
     """DeepLabV3 with separable ASPP on ``encoder`` at ``output_stride``, with the paper's rates."""
     return build_model("deeplabv3", encoder, NUM_CLASSES, output_stride=output_stride,
-                       decoder_atrous_rates=ATROUS_RATES[output_stride], aspp_separable=True)
+                       decoder_atrous_rates=ATROUS_RATES[output_stride], aspp_separable=True, attention=attention)
 
 
 def gflops(model: nn.Module, size: int) -> float:
     """GFLOPs of one image at ``size`` x ``size``; counted on the meta device, so nothing is computed."""
-    with torch.device("meta"):  # count_flops makes its zero input on the default device
-        return count_flops(copy.deepcopy(model).to("meta"), (1, 3, size, size)) / 1e9
+    return count_flops_on_meta(model, (1, 3, size, size)) / 1e9
 
 
 def _synchronize(device: torch.device) -> None:
@@ -163,10 +169,12 @@ def bench_group(encoder: str, output_stride: int, setup: BenchSetup, compiled: b
                 variants: dict[str, str] = VARIANTS) -> list[dict]:
     """Rows for every attention variant of ``encoder``; the first variant is the baseline."""
     rows, models = [], {}
-    for name, suffix in variants.items():
+    for name, kind in variants.items():
         torch.manual_seed(0)
-        models[name] = build_variant(encoder + suffix, output_stride)
-        rows.append({"encoder": encoder, "variant": name, "encoder_name": encoder + suffix, "os": output_stride,
+        encoder_name, attention = variant_encoder(encoder, kind)
+        models[name] = build_variant(encoder_name, output_stride, attention)
+        rows.append({"encoder": encoder, "variant": name, "encoder_name": encoder_name, "attention": attention,
+                     "os": output_stride,
                      "compile": compiled, "params": count_params(models[name]),
                      "gflops": gflops(models[name], setup.flops_size), "flops_size": setup.flops_size})
     times = time_models(models, setup, compiled)

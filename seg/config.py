@@ -68,6 +68,10 @@ class ModelConfig:
     aux_loss: bool = False
     aux_weight: float = 0.4
     fused_ca: bool = True  # use fused CA kernels on CUDA when they are available
+    # Attention put into the encoder's blocks by seg.attach (None: leave the encoder as built;
+    # "none": empty the slots, e.g. remove EfficientNet's SE). attention_stages: deepest N stages only.
+    attention: Optional[Literal["none", "ca", "se", "cbam"]] = None
+    attention_stages: Optional[int] = None
 
 
 @dataclass
@@ -132,6 +136,7 @@ RULES = [
     ("optim.grad_clip", lambda v: v is None or v > 0, "None or > 0"),
     ("optim.weight_decay", lambda v: v is None or v >= 0, "None or >= 0"),
     ("train.threads", lambda v: v is None or v > 0, "None or > 0"),
+    ("model.attention_stages", lambda v: v is None or v >= 1, "None or >= 1 (the deepest N stages)"),
     ("eval.crop_size", lambda v: v is None or v > 0, "None or > 0"),
     ("eval.stride", lambda v: v is None or v > 0, "None or > 0"),
     ("eval.scales", lambda v: len(v) > 0 and all(s > 0 for s in v), "a non-empty list of positive scales"),
@@ -265,6 +270,8 @@ def validate(cfg: Config) -> None:
     if window["stride"] is not None and window["stride"] > window["crop_size"]:
         raise ConfigError(f"eval.stride ({window['stride']}) must be <= the window eval.crop_size "
                           f"({window['crop_size']}; default data.crop_size): a larger stride leaves pixels unpredicted")
+    if cfg.model.attention_stages is not None and cfg.model.attention is None:
+        raise ConfigError("model.attention_stages needs model.attention (one of 'none', 'ca', 'se', 'cbam')")
     if cfg.optim.warmup_iters > cfg.train.iters:
         raise ConfigError(f"optim.warmup_iters ({cfg.optim.warmup_iters}) exceeds train.iters ({cfg.train.iters})")
     if cfg.optim.name == "adamw" and cfg.optim.momentum != OptimConfig.momentum:

@@ -8,19 +8,27 @@ is on, so weights move between smp models and ours, and ``seg/weights.py`` loads
 into ``model.encoder``.
 """
 
+import logging
+from pathlib import Path
+
 import segmentation_models_pytorch as smp
+import timm
 import torch
 import torch.nn.functional as F
 from segmentation_models_pytorch.base import SegmentationModel
 from segmentation_models_pytorch.base.utils import is_torch_compiling
 from torch import nn
 
+from seg.attach import AttachReport, attach_attention
 from seg.config import ModelConfig
 import seg.encoders.register  # noqa: F401  (our encoder names must be in smp's table)
+
+log = logging.getLogger(__name__)
 
 DEEPLAB_ARCHS = ("deeplabv3", "deeplabv3plus")
 ARCHS = DEEPLAB_ARCHS + ("unet", "fpn")
 AUX_DROPOUT = 0.1
+TIMM_PREFIX = "tu-"  # smp's timm-universal encoders: any timm model name after the prefix
 
 
 class AuxHead(nn.Sequential):
@@ -58,6 +66,7 @@ class SegModel(SegmentationModel):
         self.aux_head = aux_head
         self.requires_divisible_input_shape = model.requires_divisible_input_shape
         self.name = model.name
+        self.attention_report: AttachReport | None = None  # set by build_model when it attaches attention
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if not (torch.jit.is_scripting() or torch.jit.is_tracing() or is_torch_compiling()):
@@ -98,44 +107,81 @@ def build_model(
     aspp_separable: bool = False,
     decoder_channels: int = 256,
     aux_loss: bool = False,
+    attention: str | None = None,
+    attention_stages: int | None = None,
 ) -> SegModel:
     """Build ``arch`` on ``encoder`` with random weights (see the module docstring for the contract).
 
     ``output_stride``, ``decoder_atrous_rates``, ``aspp_separable`` and ``decoder_channels``
     apply to DeepLabV3/V3+ only; U-Net and FPN use smp's defaults at output stride 32.
-    Pretrained weights are local files, loaded afterwards with ``seg/weights.py``.
+    ``attention`` ("none", "ca", "se", "cbam"; None leaves the encoder as built) and
+    ``attention_stages`` go to :func:`seg.attach.attach_attention`; its report is kept in
+    ``model.attention_report``. ``encoder_weights`` may only name a local file for a ``tu-``
+    (timm) encoder, which timm loads before the attention is attached; other encoders load
+    local files afterwards with ``seg/weights.py``.
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; expected one of {list(ARCHS)}")
+    _check_encoder(encoder)
+    kwargs = _arch_kwargs(arch, output_stride, decoder_atrous_rates, aspp_separable, decoder_channels)
+    kwargs.update(_timm_weights(encoder, encoder_weights))
+    model = smp.create_model(
+        arch, encoder_name=encoder, in_channels=in_channels, classes=num_classes, **kwargs,
+    )
+    report = None
+    if attention is not None:
+        report = attach_attention(model.encoder, attention, attention_stages)
+        log.info("%s: %s", encoder, report.summary)
+    aux_head = AuxHead(model.encoder.out_channels[-2], num_classes) if aux_loss else None
+    seg_model = SegModel(model, aux_head)
+    seg_model.attention_report = report
+    return seg_model
+
+
+def _check_encoder(encoder: str) -> None:
+    if encoder.startswith(TIMM_PREFIX):
+        if not timm.is_model(encoder.removeprefix(TIMM_PREFIX)):
+            raise ValueError(f"unknown timm model in encoder {encoder!r}; see timm.list_models()")
+        return
     valid = smp.encoders.get_encoder_names()
     if encoder not in valid:
-        raise ValueError(f"unknown encoder {encoder!r}; expected one of {sorted(valid)}")
-    if encoder_weights is not None:
+        raise ValueError(f"unknown encoder {encoder!r}; expected one of {sorted(valid)} or 'tu-<timm model>'")
+
+
+def _timm_weights(encoder: str, encoder_weights: str | Path | None) -> dict:
+    """smp arguments that make timm load a local file through its own path (never a download)."""
+    if encoder_weights is None:
+        return {"encoder_weights": None}
+    if not encoder.startswith(TIMM_PREFIX):
         raise ValueError(
-            f"encoder_weights must be None (got {encoder_weights!r}): smp would download them; "
-            "load a local checkpoint into model.encoder with seg/weights.py instead"
-        )
-    kwargs = _arch_kwargs(arch, output_stride, decoder_atrous_rates, aspp_separable, decoder_channels)
-    model = smp.create_model(
-        arch, encoder_name=encoder, encoder_weights=None, in_channels=in_channels,
-        classes=num_classes, **kwargs,
-    )
-    aux_head = AuxHead(model.encoder.out_channels[-2], num_classes) if aux_loss else None
-    return SegModel(model, aux_head)
+            f"encoder_weights must be None for {encoder!r} (got {encoder_weights!r}): smp would download them; "
+            "load a local checkpoint into model.encoder with seg/weights.py instead")
+    path = Path(encoder_weights)
+    if not path.is_file():
+        raise FileNotFoundError(f"encoder weights file not found: {path}")
+    # timm reads the file, drops the classifier and adapts the stem to in_channels
+    return {"encoder_weights": True, "pretrained_cfg_overlay": {"file": str(path)}}
 
 
 def model_from_config(cfg: ModelConfig, num_classes: int) -> SegModel:
     """Build the model a run config describes, loading ``cfg.encoder_weights`` if it names a file or URL."""
+    from seg.weights import load_encoder_weights, resolve_weights
+
+    try:
+        weights = resolve_weights(cfg.encoder_weights) if cfg.encoder_weights else None
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"model.encoder_weights: {err}; put the checkpoint there, or train from "
+                                "scratch with model.encoder_weights=none") from None
+    by_timm = weights is not None and cfg.encoder.startswith(TIMM_PREFIX)
     model = build_model(cfg.arch, cfg.encoder, num_classes, output_stride=cfg.output_stride,
                         decoder_atrous_rates=tuple(cfg.atrous_rates), aspp_separable=cfg.aspp_separable,
-                        decoder_channels=cfg.decoder_channels, aux_loss=cfg.aux_loss)
-    if cfg.encoder_weights:
-        from seg.weights import load_encoder_weights, resolve_weights
-
-        try:
-            path = resolve_weights(cfg.encoder_weights)
-        except FileNotFoundError as err:
-            raise FileNotFoundError(f"model.encoder_weights: {err}; put the checkpoint there, or train from "
-                                    "scratch with model.encoder_weights=none") from None
-        load_encoder_weights(model.encoder, path)
+                        decoder_channels=cfg.decoder_channels, aux_loss=cfg.aux_loss,
+                        attention=cfg.attention, attention_stages=cfg.attention_stages,
+                        encoder_weights=weights if by_timm else None)
+    if by_timm and model.attention_report is not None:
+        new = model.attention_report.new_keys
+        log.info("%s loaded by timm; %d attention tensors are new, missing from it on purpose, e.g. %s",
+                 weights.name, len(new), new[:3])
+    elif weights is not None:
+        load_encoder_weights(model.encoder, weights)
     return model

@@ -40,16 +40,24 @@ class MobileNetV2AttentionEncoder(MobileNetV2Encoder):
         self.attention_name = attention
         for block in self.features:
             if isinstance(block, InvertedResidual) and len(block.conv) == 4:
-                block.conv = _with_attention(block.conv, attention)
+                block.conv = with_attention_slot(block.conv, make_attention(attention, slot_channels(block.conv)))
 
     def load_state_dict(self, state_dict: dict, **kwargs):
         """Load backbone weights (``classifier.*`` dropped); returns missing/unexpected keys."""
         return load_backbone_state(self, state_dict, "classifier.", **kwargs)
 
 
-def _with_attention(conv: nn.Sequential, attention: str) -> nn.Sequential:
-    """Return ``conv`` (pw, dw, pw-linear, BN) with the attention block at ATTENTION_SLOT."""
+def slot_channels(conv: nn.Sequential) -> int:
+    """Channels at the attention slot of an expanded block's ``conv`` (with or without the slot)."""
+    return conv[1][0].out_channels  # the depthwise conv works in the expanded space
+
+
+def with_attention_slot(conv: nn.Sequential, attention: nn.Module) -> nn.Sequential:
+    """Return ``conv`` (pw, dw, pw-linear, BN) with ``attention`` inserted at ATTENTION_SLOT.
+
+    Shared with ``seg.attach`` so that smp's ``mobilenet_v2`` with attention attached has
+    exactly the layout (and state-dict keys) of our named encoders.
+    """
     layers = list(conv)
-    hidden = layers[1][0].out_channels  # the depthwise conv works in the expanded space
-    layers.insert(ATTENTION_SLOT, make_attention(attention, hidden))
+    layers.insert(ATTENTION_SLOT, attention)
     return nn.Sequential(*layers)

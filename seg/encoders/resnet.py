@@ -1,4 +1,5 @@
-"""ResNet-50/101 encoders with an attention block in every bottleneck.
+"""ResNet-50/101 encoders with an attention block in every bottleneck (and the same slot for
+smp's plain ResNets, filled by ``seg.attach``).
 
 As the CA author advises (and as SE-ResNet does), the attention sits after the last
 1x1 conv + BN (``bn3``) and before the residual add. It lives in a new child
@@ -9,7 +10,7 @@ As the CA author advises (and as SE-ResNet does), the attention sits after the l
 
 import torch
 from torch import nn
-from torchvision.models.resnet import Bottleneck
+from torchvision.models.resnet import BasicBlock, Bottleneck
 from segmentation_models_pytorch.encoders.resnet import ResNetEncoder
 
 from seg.attention import make_attention
@@ -39,6 +40,43 @@ class AttentionBottleneck(Bottleneck):
             identity = self.downsample(x)
         out += identity
         return self.relu(out)
+
+
+class AttentionBasicBlock(BasicBlock):
+    """torchvision's BasicBlock with an ``attention`` slot after ``bn2``, before the residual add."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.attention: nn.Module = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.attention(self.bn2(self.conv2(out)))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        return self.relu(out)
+
+
+WITH_SLOT = {Bottleneck: AttentionBottleneck, BasicBlock: AttentionBasicBlock}
+
+
+def add_attention_slot(block: nn.Module) -> nn.Module:
+    """Turn a torchvision Bottleneck/BasicBlock into its ``Attention*`` twin in place (slot empty).
+
+    Only the class changes and an ``attention`` child (Identity) appears: every existing key and
+    weight stays, so a trained plain block keeps computing what it did.
+    """
+    if type(block) in WITH_SLOT:
+        block.__class__ = WITH_SLOT[type(block)]
+        block.attention = nn.Identity()
+    return block
+
+
+def slot_channels(block: nn.Module) -> int:
+    """Channels at the attention slot: the output of the block's last BN."""
+    return (block.bn3 if isinstance(block, Bottleneck) else block.bn2).num_features
 
 
 class ResNetAttentionEncoder(ResNetEncoder):
@@ -75,7 +113,7 @@ class ResNetAttentionEncoder(ResNetEncoder):
         self.attention_name = attention
         blocks = [m for m in self.modules() if isinstance(m, AttentionBottleneck)]
         for block in blocks:
-            block.attention = make_attention(attention, block.bn3.num_features)
+            block.attention = make_attention(attention, slot_channels(block))
 
     def load_state_dict(self, state_dict: dict, **kwargs):
         """Load backbone weights (``fc.*`` dropped); returns missing/unexpected keys."""
