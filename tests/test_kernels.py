@@ -88,9 +88,13 @@ def test_op_gradients_match_finite_differences(channels_last, monkeypatch):
 def test_ops_pass_torch_library_checks():
     # Schema, fake (meta) implementation against the real one, autograd registration, AOT dispatch.
     x = torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last).requires_grad_()
-    a_h, a_w = (t.requires_grad_() for t in _strips(x.shape))
+    # Strips as CoordAttention passes them from channels_last convs: (N, C, L, 1) flattened, not contiguous.
+    a_h, a_w = (torch.rand(2, 3, length, 1).to(memory_format=torch.channels_last).flatten(2).requires_grad_()
+                for length in (4, 5))
+    assert not a_h.is_contiguous()
     torch.library.opcheck(ops.ca_pool, (x,))
     torch.library.opcheck(ops.ca_gate, (x, a_h, a_w))
+    torch.library.opcheck(ops.ca_gate_backward, (torch.randn_like(x), x.detach(), a_h.detach(), a_w.detach()))
 
 
 BLOCK_CASES = [(name, fmt, "train") for name in SHAPES for fmt in ("nchw", "nhwc")]

@@ -88,7 +88,8 @@ def ca_gate_backward(grad: Tensor, x: Tensor, a_h: Tensor, a_w: Tensor) -> tuple
 
 @ca_gate_backward.register_fake
 def _(grad: Tensor, x: Tensor, a_h: Tensor, a_w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    return torch.empty_like(x), torch.empty_like(a_h), torch.empty_like(a_w)
+    # The strip gradients come out contiguous whatever the strips' strides (they are summed anew).
+    return torch.empty_like(x), a_h.new_empty(a_h.shape), a_w.new_empty(a_w.shape)
 
 
 def _gate_setup(ctx, inputs: tuple, output: Tensor) -> None:
