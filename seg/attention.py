@@ -44,8 +44,9 @@ class CoordAttention(nn.Module):
         self.conv_w = nn.Conv2d(mip, channels, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused and kernels_can_run(x):
-            return self._forward_fused(x)
+        if not torch.jit.is_scripting():  # TorchScript skips this block: it cannot compile Triton
+            if self.fused and kernels_can_run(x):
+                return self._forward_fused(x)
         h, w = x.shape[2], x.shape[3]
         x_h = x.mean(dim=3, keepdim=True)  # (N, C, H, 1)
         x_w = x.mean(dim=2, keepdim=True).transpose(2, 3)  # (N, C, W, 1)
