@@ -19,6 +19,8 @@ sums of different row blocks, go to separate partial buffers that PyTorch adds u
 no atomics, so results are deterministic.
 """
 
+from contextlib import nullcontext
+
 import torch
 import triton
 import triton.language as tl
@@ -121,6 +123,11 @@ def _grid(x: torch.Tensor, block_c: int, rows: int, block_w: int) -> tuple[int, 
     return n * triton.cdiv(c, block_c), triton.cdiv(w, block_w), triton.cdiv(h, rows)
 
 
+def _on_device_of(t: torch.Tensor):
+    # Triton launches on the current CUDA device, which need not be the tensor's.
+    return torch.cuda.device(t.device) if t.is_cuda else nullcontext()
+
+
 def _strips(x: torch.Tensor, *strips: torch.Tensor) -> list[torch.Tensor]:
     """The (N, C, H) / (N, C, W) strips made contiguous, the layout the kernels index."""
     return [s.reshape(x.shape[0], x.shape[1], -1).contiguous() for s in strips]
@@ -141,10 +148,11 @@ def _sums(x: torch.Tensor, grad: torch.Tensor | None = None, a_h: torch.Tensor |
         a_h, a_w = _strips(x, a_h, a_w)
     if x.numel():
         go, gx = (grad, grad_x) if gated else (x, x)  # unread placeholders when not gated
-        _strip_sums_kernel[grid](
-            x, go, gx, a_h if gated else x, a_w if gated else x, part_h, part_w, n * c, c, h, w,
-            *x.stride(), *go.stride(), *gx.stride(),
-            GATED=gated, ACC=_acc_dtype(x.dtype), BLOCK_C=block_c, ROWS=rows, BLOCK_W=block_w)
+        with _on_device_of(x):
+            _strip_sums_kernel[grid](
+                x, go, gx, a_h if gated else x, a_w if gated else x, part_h, part_w, n * c, c, h, w,
+                *x.stride(), *go.stride(), *gx.stride(),
+                GATED=gated, ACC=_acc_dtype(x.dtype), BLOCK_C=block_c, ROWS=rows, BLOCK_W=block_w)
     return grad_x, part_h.sum(0).view(n, c, h), part_w.sum(0).view(n, c, w)
 
 
@@ -164,9 +172,10 @@ def gate_grads(grad: torch.Tensor, x: torch.Tensor, a_h: torch.Tensor, a_w: torc
 def _apply(x: torch.Tensor, a_h: torch.Tensor, a_w: torch.Tensor, out: torch.Tensor, gate: bool) -> torch.Tensor:
     block_c, rows, block_w = _tile(out)
     if out.numel():
-        _strip_apply_kernel[_grid(out, block_c, rows, block_w)](
-            x, a_h, a_w, out, out.shape[1], out.shape[2], out.shape[3], *x.stride(), *out.stride(),
-            GATE=gate, ACC=_acc_dtype(out.dtype), BLOCK_C=block_c, ROWS=rows, BLOCK_W=block_w)
+        with _on_device_of(out):
+            _strip_apply_kernel[_grid(out, block_c, rows, block_w)](
+                x, a_h, a_w, out, out.shape[1], out.shape[2], out.shape[3], *x.stride(), *out.stride(),
+                GATE=gate, ACC=_acc_dtype(out.dtype), BLOCK_C=block_c, ROWS=rows, BLOCK_W=block_w)
     return out
 
 
