@@ -2,9 +2,10 @@
 
 Importing this package does not import Triton; ``seg.kernels.ops`` does, on first use.
 
-Triton reads ``TRITON_INTERPRET`` once, when a kernel is decorated, so the interpreter (which runs
-the kernels on CPU tensors, slowly) must be switched on before ``seg.kernels.ops`` is imported.
-That is also when this module reads it, so both agree for the life of the process.
+Triton's interpreter runs the kernels on CPU tensors (slowly; it is for tests). Triton reads
+``TRITON_INTERPRET`` when it is first imported and when it decorates a kernel, so set it at process
+start, before anything imports Triton. This module reads it once, at import, and with it on lets
+CPU tensors take the fused path.
 """
 
 import importlib.util
