@@ -13,6 +13,8 @@ CBAM with reduction 20 adds 457,171 (reduction 21 would undershoot by ~3%, 20 ov
 import torch
 from torch import nn
 
+from seg.kernels import kernels_can_run
+
 CA_REDUCTION = 32
 CA_MIN_MIP = 8
 SE_REDUCTION = 20
@@ -26,10 +28,13 @@ class CoordAttention(nn.Module):
     Args:
         channels: input (and output) channels C.
         reduction: C is squeezed to ``mip = max(8, C // reduction)`` channels in between.
+        fused: pool and gate with the Triton kernels of ``seg.kernels`` where they can run (CUDA,
+            or CPU under ``TRITON_INTERPRET=1``); elsewhere the reference code runs regardless.
     """
 
-    def __init__(self, channels: int, reduction: int = CA_REDUCTION) -> None:
+    def __init__(self, channels: int, reduction: int = CA_REDUCTION, fused: bool = False) -> None:
         super().__init__()
+        self.fused = fused  # a plain attribute, not state: the state dict stays the official one
         mip = max(CA_MIN_MIP, channels // reduction)
         self.conv1 = nn.Conv2d(channels, mip, kernel_size=1)
         # One BN over both strips: its batch statistics pool H + W positions per sample.
@@ -39,6 +44,9 @@ class CoordAttention(nn.Module):
         self.conv_w = nn.Conv2d(mip, channels, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():  # TorchScript skips this block: it cannot compile Triton
+            if self.fused and kernels_can_run(x):
+                return self._forward_fused(x)
         h, w = x.shape[2], x.shape[3]
         x_h = x.mean(dim=3, keepdim=True)  # (N, C, H, 1)
         x_w = x.mean(dim=2, keepdim=True).transpose(2, 3)  # (N, C, W, 1)
@@ -55,6 +63,17 @@ class CoordAttention(nn.Module):
         # page faults, and ``x * (a_h * a_w)`` would also build a full-size gate. Autograd must
         # not see this: ``a_w``'s gradient needs ``out`` before the in-place write.
         return out.mul_(a_w)
+
+    def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward`` with the full-size pooling and gating each done by one kernel."""
+        from seg.kernels.ops import ca_gate, ca_pool  # imports Triton: only when a kernel will run
+
+        h, w = x.shape[2], x.shape[3]
+        y = self.act(self.bn1(self.conv1(ca_pool(x).unsqueeze(3))))  # (N, mip, H + W, 1)
+        y_h, y_w = torch.split(y, [h, w], dim=2)
+        a_h = torch.sigmoid(self.conv_h(y_h))  # (N, C, H, 1)
+        a_w = torch.sigmoid(self.conv_w(y_w))  # (N, C, W, 1), no transpose: the op takes strips
+        return ca_gate(x, a_h.flatten(2), a_w.flatten(2))
 
 
 class _ChannelMLP(nn.Sequential):

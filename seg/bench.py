@@ -2,7 +2,8 @@
 
 For plain / SE / CBAM / CA on each encoder and output stride it measures parameters, GFLOPs (at
 ``--flops-size``, default 512), the training step time (forward + backward + SGD step) and the
-inference time, as medians over ``--repeats`` after ``--warmup`` untimed calls. The four variants
+inference time, as medians over ``--repeats`` after ``--warmup`` untimed calls. Where the fused CA
+kernels can run (CUDA), a fifth variant, "CA fused", is CA through them. The variants
 of one encoder are timed in turn within every repeat, so a slow spell of a shared machine hits
 them all alike, and each variant's ratio to plain comes from that same run.
 
@@ -26,10 +27,12 @@ from torch import nn
 from seg.complexity import count_flops_on_meta, count_params
 from seg.encoders.register import ENCODER_NAMES
 from seg.engine import TrainState, autocast, train_step
-from seg.models import build_model
+from seg.kernels import kernels_can_run
+from seg.models import build_model, set_fused_ca
 
 ENCODERS = ("mobilenet_v2", "resnet50")
 VARIANTS = {"plain": "none", "SE": "se", "CBAM": "cbam", "CA": "ca"}  # variant -> attention kind
+FUSED_CA = "CA fused"  # CA through seg.kernels' Triton kernels; benched only where they run (CUDA)
 ATROUS_RATES = {16: (6, 12, 18), 8: (12, 24, 36)}  # the paper's DeepLabV3 rates per output stride
 NUM_CLASSES = 21
 FLOPS_SIZE = 512
@@ -173,6 +176,7 @@ def bench_group(encoder: str, output_stride: int, setup: BenchSetup, compiled: b
         torch.manual_seed(0)
         encoder_name, attention = variant_encoder(encoder, kind)
         models[name] = build_variant(encoder_name, output_stride, attention)
+        set_fused_ca(models[name], name == FUSED_CA)
         rows.append({"encoder": encoder, "variant": name, "encoder_name": encoder_name, "attention": attention,
                      "os": output_stride,
                      "compile": compiled, "params": count_params(models[name]),
@@ -191,11 +195,14 @@ def run_bench(setup: BenchSetup, encoders: tuple[str, ...] = ENCODERS, output_st
     for os_ in output_strides:
         if os_ not in ATROUS_RATES:
             raise ValueError(f"output stride must be one of {sorted(ATROUS_RATES)}, got {os_}")
+    variants = VARIANTS
+    if kernels_can_run(torch.empty(0, device=setup.device)):
+        variants = {**VARIANTS, FUSED_CA: VARIANTS["CA"]}
     rows = []
     for compiled in compile_modes:
         for encoder in encoders:
             for os_ in output_strides:
-                rows += bench_group(encoder, os_, setup, compiled)
+                rows += bench_group(encoder, os_, setup, compiled, variants)
                 if setup.device.startswith("cuda"):
                     torch.cuda.empty_cache()
     return {"setup": {**asdict(setup), "torch": torch.__version__, "threads": torch.get_num_threads()}, "rows": rows}

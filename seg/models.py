@@ -20,6 +20,7 @@ from segmentation_models_pytorch.base.utils import is_torch_compiling
 from torch import nn
 
 from seg.attach import AttachReport, attach_attention
+from seg.attention import CoordAttention
 from seg.config import ModelConfig
 import seg.encoders.register  # noqa: F401  (our encoder names must be in smp's table)
 
@@ -184,4 +185,17 @@ def model_from_config(cfg: ModelConfig, num_classes: int) -> SegModel:
                  weights.name, len(new), new[:3])
     elif weights is not None:
         load_encoder_weights(model.encoder, weights)
+    set_fused_ca(model, cfg.fused_ca)
     return model
+
+
+def set_fused_ca(model: nn.Module, enabled: bool) -> int:
+    """Turn the fused CA kernels on or off in every ``CoordAttention`` of ``model``; return how many.
+
+    The blocks still run their reference code wherever the kernels cannot (see
+    ``seg.kernels.kernels_can_run``), so this is safe to leave on for CPU runs.
+    """
+    blocks = [m for m in model.modules() if isinstance(m, CoordAttention)]
+    for block in blocks:
+        block.fused = enabled
+    return len(blocks)

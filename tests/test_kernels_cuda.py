@@ -1,0 +1,86 @@
+"""seg.kernels compiled on a real GPU, at the sizes of the paper's setting: ``pytest -m cuda``.
+
+Skipped without CUDA (tests/conftest.py). Sizes are those of DeepLabV3 + mobilenet_v2_ca at OS 16,
+512x512, batch 16, where the CA blocks see 96 to 960 channels at 256x256 down to 32x32.
+"""
+
+import pytest
+import torch
+
+from kernel_cases import (
+    EPS, assert_fused_as_accurate, deeplab_ca, fused_reference_exact, memory_format, train_losses)
+
+pytestmark = pytest.mark.cuda
+pytest.importorskip("triton")
+
+DEVICE = "cuda"
+# (N, C, H, W) of CA blocks in the benchmark model, plus an odd one.
+FULL_SHAPES = {"s2": (16, 96, 256, 256), "s8": (16, 192, 64, 64), "s16": (16, 960, 32, 32), "odd": (3, 144, 65, 33)}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@pytest.fixture(scope="module")
+def ops():
+    from seg.kernels import INTERPRET, ops
+
+    if INTERPRET:
+        pytest.skip("TRITON_INTERPRET=1: these tests are for the compiled kernels")
+    return ops
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("shape", FULL_SHAPES.values(), ids=FULL_SHAPES.keys())
+def test_ops_at_full_size(ops, shape, dtype, channels_last):
+    gen = torch.Generator(DEVICE).manual_seed(0)
+    x = torch.randn(shape, device=DEVICE, generator=gen).to(dtype, memory_format=memory_format(channels_last))
+    n, c, h, w = shape
+    a_h = torch.rand(n, c, h, device=DEVICE, generator=gen).to(dtype)
+    a_w = torch.rand(n, c, w, device=DEVICE, generator=gen).to(dtype)
+    pooled = ops.ca_pool(x)
+    exact = torch.cat([x.double().mean(3), x.double().mean(2)], dim=2)
+    torch.testing.assert_close(pooled.double(), exact, atol=4 * EPS[dtype], rtol=4 * EPS[dtype])
+    y = ops.ca_gate(x, a_h, a_w)
+    assert y.stride() == x.stride()
+    # One rounding, to nearest, of the fp32 product taken in the reference's order.
+    assert torch.equal(y, (x.float() * a_h.float()[..., None] * a_w.float()[:, :, None, :]).to(dtype))
+    grad = torch.randn_like(x)
+    grad_x, grad_h, grad_w = ops.ca_gate_backward(grad, x, a_h, a_w)
+    g, xd, ahd, awd = grad.double(), x.double(), a_h.double()[..., None], a_w.double()[:, :, None, :]
+    tol = dict(atol=8 * EPS[dtype], rtol=8 * EPS[dtype])
+    torch.testing.assert_close(grad_x.double(), g * ahd * awd, **tol)
+    # fp32 sums over up to 256 terms, then one rounding to dtype: bounded against the sum of |terms|.
+    for got, terms, dim in ((grad_h, g * xd * awd, 3), (grad_w, g * xd * ahd, 2)):
+        assert (got.double() - terms.sum(dim)).abs().max() <= 32 * EPS[dtype] * terms.abs().sum(dim).max()
+
+
+BLOCK_SHAPES = {"s4": (16, 144, 128, 128), "s16": (16, 960, 32, 32), "odd": (3, 144, 65, 33)}
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("shape", BLOCK_SHAPES.values(), ids=BLOCK_SHAPES.keys())
+def test_block_forward_and_gradients_at_full_size(ops, shape, dtype, channels_last):
+    out = fused_reference_exact(shape, dtype, channels_last, train=True, device=DEVICE)
+    assert_fused_as_accurate(out, dtype)
+
+
+def test_bf16_channels_last_compiled_training_follows_reference(ops):
+    # BN frozen so the two curves can be compared (see train_losses); fullgraph: no graph break.
+    kwargs = dict(steps=5, size=256, batch=8, device=DEVICE, amp="bf16", channels_last=True, bn_eval=True,
+                  compile_backend="inductor")
+    reference = train_losses(deeplab_ca, False, **kwargs)
+    fused = train_losses(deeplab_ca, True, **kwargs)
+    assert reference[-1] < reference[0]
+    torch.testing.assert_close(torch.tensor(fused), torch.tensor(reference), atol=2e-2, rtol=2e-2)
+
+
+def test_bf16_channels_last_compiled_training_with_batch_statistics(ops):
+    # The paper's setting. With batch statistics only the first loss, before any update, can be
+    # matched (see train_losses); the rest must stay finite.
+    kwargs = dict(steps=5, size=512, batch=16, device=DEVICE, amp="bf16", channels_last=True,
+                  compile_backend="inductor")
+    reference = train_losses(deeplab_ca, False, **kwargs)
+    fused = train_losses(deeplab_ca, True, **kwargs)
+    assert torch.isfinite(torch.tensor(fused)).all()
+    assert fused[0] == pytest.approx(reference[0], rel=2e-2)
