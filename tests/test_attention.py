@@ -232,3 +232,19 @@ def test_fold_cache_cleared_by_eval_after_data_writes(monkeypatch):
     block.conv1.weight.data.mul_(-1.0)  # .data bypasses the version counter...
     block.eval()  # ...which is why (re-)entering eval mode drops the cache
     _assert_fresh(block, x, monkeypatch)
+
+
+def test_mobilenet_v2_ca_gates_in_place_with_unchanged_features():
+    import segmentation_models_pytorch as smp
+
+    encoder = smp.encoders.get_encoder("mobilenet_v2_ca", weights=None).eval()
+    blocks = [m for m in encoder.modules() if isinstance(m, CoordAttention)]
+    assert len(blocks) == 16 and all(b.inplace for b in blocks)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        got = encoder(x)
+        for b in blocks:
+            b.inplace = False
+        expected = encoder(x)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)

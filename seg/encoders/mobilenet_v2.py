@@ -11,7 +11,7 @@ from torch import nn
 from torchvision.models.mobilenetv2 import InvertedResidual
 from segmentation_models_pytorch.encoders.mobilenet import MobileNetV2Encoder
 
-from seg.attention import make_attention
+from seg.attention import CoordAttention, make_attention
 from seg.encoders import load_backbone_state
 
 MOBILENET_V2_OUT_CHANNELS = [3, 16, 24, 32, 96, 1280]
@@ -51,5 +51,10 @@ def _with_attention(conv: nn.Sequential, attention: str) -> nn.Sequential:
     """Return ``conv`` (pw, dw, pw-linear, BN) with the attention block at ATTENTION_SLOT."""
     layers = list(conv)
     hidden = layers[1][0].out_channels  # the depthwise conv works in the expanded space
-    layers.insert(ATTENTION_SLOT, make_attention(attention, hidden))
+    block = make_attention(attention, hidden)
+    if isinstance(block, CoordAttention):
+        # Its input is the depthwise ReLU6's (in-place) output, read by nothing else, so at inference
+        # CA may gate it in place and skip allocating a full-size tensor per block.
+        block.inplace = True
+    layers.insert(ATTENTION_SLOT, block)
     return nn.Sequential(*layers)
