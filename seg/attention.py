@@ -106,10 +106,12 @@ class CoordAttention(nn.Module):
         ``.to()``/``.half()`` swap the storage. The cache holds the old storages alive, so an address
         cannot be reused by a new tensor while it is being compared. Writes through ``.data``
         bypass the version counter; ``train()``/``eval()`` clear the cache for those. Traced and
-        compiled graphs fold afresh, so the fold is recorded as graph ops, not hidden constants.
+        compiled graphs fold afresh, so the fold is recorded as graph ops, not hidden constants;
+        so do weights created under ``torch.inference_mode``, which have no version counter.
         """
         sources = self._fold_sources()
-        if torch.jit.is_tracing() or torch.compiler.is_compiling():
+        # Tensors made under inference_mode have no version counter, so they are never cached.
+        if torch.jit.is_tracing() or torch.compiler.is_compiling() or any(t.is_inference() for t in sources):
             return self._fold(sources)
         key = [(t.data_ptr(), t._version, t.dtype, t.device) for t in sources]
         cache = self._fold_cache

@@ -248,3 +248,16 @@ def test_mobilenet_v2_ca_gates_in_place_with_unchanged_features():
         expected = encoder(x)
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+
+
+def test_block_built_under_inference_mode(monkeypatch):
+    x = torch.randn(2, 16, 6, 5)
+    with torch.inference_mode():  # its weights are inference tensors, which have no version counter
+        block = _ca_with_bn_stats()
+        got = block(x)
+        with torch.no_grad():
+            block.conv_h.bias.add_(1.0)
+        got_after = block(x)
+        expected_after = block._forward_reference(x.clone())
+    assert not torch.allclose(got, got_after)
+    torch.testing.assert_close(got_after, expected_after, atol=1e-5, rtol=1e-5)
