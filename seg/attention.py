@@ -78,14 +78,13 @@ class CoordAttention(nn.Module):
         the 1x1 convs are batched matmuls on (N, C, L) strips with the bias fused in.
         """
         w1, b1, wh, bh, ww, bw = self._folded_weights()
-        n = x.shape[0]
         x_h = x.mean(dim=3)  # (N, C, H)
         x_w = x.mean(dim=2)  # (N, C, W)
-        w1 = w1.expand(n, -1, -1)
-        y_h = F.hardswish(torch.baddbmm(b1, w1, x_h), inplace=True)
-        y_w = F.hardswish(torch.baddbmm(b1, w1, x_w), inplace=True)
-        a_h = torch.baddbmm(bh, wh.expand(n, -1, -1), y_h).sigmoid_().unsqueeze(3)  # (N, C, H, 1)
-        a_w = torch.baddbmm(bw, ww.expand(n, -1, -1), y_w).sigmoid_().unsqueeze(2)  # (N, C, 1, W)
+        # (K, C) @ (N, C, L) broadcasts over N, in eager and as one ONNX MatMul alike
+        y_h = F.hardswish(torch.matmul(w1, x_h).add_(b1), inplace=True)
+        y_w = F.hardswish(torch.matmul(w1, x_w).add_(b1), inplace=True)
+        a_h = torch.matmul(wh, y_h).add_(bh).sigmoid_().unsqueeze(3)  # (N, C, H, 1)
+        a_w = torch.matmul(ww, y_w).add_(bw).sigmoid_().unsqueeze(2)  # (N, C, 1, W)
         # Gating the input itself skips allocating (and page-faulting) a full-size output; only
         # allowed when the owner said the input is a private intermediate (``inplace=True``).
         out = x.mul_(a_h) if self.inplace else x * a_h
