@@ -12,9 +12,12 @@ a whole scheduler slice for a descheduled thread, and that swamps the difference
 
 Why onnxruntime shows a larger CA overhead than eager PyTorch: ORT runs this net's convs in its
 blocked NCHWc layout, but the CA block's ReduceMean and broadcast Mul are not NCHWc ops, so ORT
-converts each expanded tensor back to NCHW before every CA block and again after it (profiled:
-ReorderOutput/ReorderInput plus the Muls make up most of the gap). Eager PyTorch has no such
-layout switch, so there CA costs only its two reductions and the two gate multiplies.
+converts each expanded tensor back to NCHW before every CA block and again after it
+(ReorderOutput/ReorderInput), and its broadcasting Mul is 4-10x slower per block than eager's
+in-place gate (profiled at 1 thread: the two gate Muls are ~14 ms of a ~35 ms gap, the reorders
+~10 ms, the ReduceMeans ~5 ms). ORT already folds BN into the strip convs, so CA's lean inference
+graph changes little there. Keeping the gate in NCHWc (AveragePool strips, Upsample'd gates) or
+gating with one full-size MatMul outer product measured no better; see README "CPU cost of CA".
 """
 
 from __future__ import annotations
