@@ -261,3 +261,13 @@ def test_block_built_under_inference_mode(monkeypatch):
         expected_after = block._forward_reference(x.clone())
     assert not torch.allclose(got, got_after)
     torch.testing.assert_close(got_after, expected_after, atol=1e-5, rtol=1e-5)
+
+
+def test_fold_cached_under_inference_mode_serves_no_grad_calls():
+    block, x = _ca_with_bn_stats(inplace=True), torch.randn(2, 16, 6, 7)
+    expected = _reference(block, x)
+    with torch.inference_mode():
+        block(x.clone())  # the cached fold is now made of inference tensors
+    with torch.no_grad():
+        got = block(x.clone())  # a normal tensor gated in place by them
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
