@@ -75,7 +75,7 @@ class CoordAttention(nn.Module):
         dozen small ops (cat, two 1x1 convs through mkldnn/slow_conv2d, BN, split, transposes) cost
         more than their arithmetic. Here BN is folded into conv1, and conv1 runs on each strip
         separately (it acts per position, and BN at eval per channel), so there is no cat or split;
-        the 1x1 convs are batched matmuls on (N, C, L) strips with the bias fused in.
+        the 1x1 convs are matmuls on (N, C, L) strips with in-place bias adds and activations.
         """
         w1, b1, wh, bh, ww, bw = self._folded_weights()
         x_h = x.mean(dim=3)  # (N, C, H)
@@ -109,11 +109,10 @@ class CoordAttention(nn.Module):
         so do weights created under ``torch.inference_mode``, which have no version counter.
         """
         sources = self._fold_sources()
-        # Tensors made under inference_mode have no version counter, so they are never cached.
         if torch.jit.is_tracing() or torch.compiler.is_compiling() or any(t.is_inference() for t in sources):
             return self._fold(sources)
         key = [(t.data_ptr(), t._version, t.dtype, t.device) for t in sources]
-        cache = self._fold_cache
+        cache = getattr(self, "_fold_cache", None)  # absent on modules pickled before it existed
         if cache is None or cache[0] != key:
             # detach() shares storage and version counter, which is what keeps the key unambiguous
             cache = (key, [t.detach() for t in sources], self._fold(sources))
