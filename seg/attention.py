@@ -11,6 +11,7 @@ CBAM with reduction 20 adds 457,171 (reduction 21 would undershoot by ~3%, 20 ov
 """
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from seg.kernels import kernels_can_run
@@ -30,11 +31,16 @@ class CoordAttention(nn.Module):
         reduction: C is squeezed to ``mip = max(8, C // reduction)`` channels in between.
         fused: pool and gate with the Triton kernels of ``seg.kernels`` where they can run (CUDA,
             or CPU under ``TRITON_INTERPRET=1``); elsewhere the reference code runs regardless.
+        inplace: at inference (eval, no grad), gate the input tensor itself instead of a new one.
+            Only for an input nothing else reads afterwards, as after MobileNetV2's in-place ReLU6.
     """
 
-    def __init__(self, channels: int, reduction: int = CA_REDUCTION, fused: bool = False) -> None:
+    def __init__(self, channels: int, reduction: int = CA_REDUCTION, fused: bool = False,
+                 inplace: bool = False) -> None:
         super().__init__()
-        self.fused = fused  # a plain attribute, not state: the state dict stays the official one
+        self.fused = fused  # plain attributes, not state: the state dict stays the official one
+        self.inplace = inplace
+        self._fold_cache: tuple | None = None  # see _folded_weights
         mip = max(CA_MIN_MIP, channels // reduction)
         self.conv1 = nn.Conv2d(channels, mip, kernel_size=1)
         # One BN over both strips: its batch statistics pool H + W positions per sample.
@@ -47,6 +53,12 @@ class CoordAttention(nn.Module):
         if not torch.jit.is_scripting():  # TorchScript skips this block: it cannot compile Triton
             if self.fused and kernels_can_run(x):
                 return self._forward_fused(x)
+        if torch.jit.is_scripting() or self.training or torch.is_grad_enabled() or self._has_hooks():
+            return self._forward_reference(x)
+        return self._forward_inference(x)
+
+    def _forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The paper's op order; training needs it (BN's batch statistics pool both strips)."""
         h, w = x.shape[2], x.shape[3]
         x_h = x.mean(dim=3, keepdim=True)  # (N, C, H, 1)
         x_w = x.mean(dim=2, keepdim=True).transpose(2, 3)  # (N, C, W, 1)
@@ -74,6 +86,73 @@ class CoordAttention(nn.Module):
         a_h = torch.sigmoid(self.conv_h(y_h))  # (N, C, H, 1)
         a_w = torch.sigmoid(self.conv_w(y_w))  # (N, C, W, 1), no transpose: the op takes strips
         return ca_gate(x, a_h.flatten(2), a_w.flatten(2))
+
+    @torch.jit.unused
+    def _forward_inference(self, x: torch.Tensor) -> torch.Tensor:
+        """Eval, no grad: the same function in fewer, cheaper ops (equal to the reference within 1e-5).
+
+        Every op on the tiny strips is a dispatch, often an OpenMP parallel region, so the reference's
+        dozen small ops (cat, two 1x1 convs through mkldnn/slow_conv2d, BN, split, transposes) cost
+        more than their arithmetic. Here BN is folded into conv1, and conv1 runs on each strip
+        separately (it acts per position, and BN at eval per channel), so there is no cat or split;
+        the 1x1 convs are matmuls on (N, C, L) strips with in-place bias adds and activations.
+        """
+        w1, b1, wh, bh, ww, bw = self._folded_weights()
+        x_h = x.mean(dim=3)  # (N, C, H)
+        x_w = x.mean(dim=2)  # (N, C, W)
+        # (K, C) @ (N, C, L) broadcasts over N, in eager and as one ONNX MatMul alike
+        y_h = F.hardswish(torch.matmul(w1, x_h).add_(b1), inplace=True)
+        y_w = F.hardswish(torch.matmul(w1, x_w).add_(b1), inplace=True)
+        a_h = torch.matmul(wh, y_h).add_(bh).sigmoid_().unsqueeze(3)  # (N, C, H, 1)
+        a_w = torch.matmul(ww, y_w).add_(bw).sigmoid_().unsqueeze(2)  # (N, C, 1, W)
+        # Gating the input itself skips allocating (and page-faulting) a full-size output; only
+        # allowed when the owner said the input is a private intermediate (``inplace=True``).
+        out = x.mul_(a_h) if self.inplace else x * a_h
+        return out.mul_(a_w)
+
+    @torch.jit.unused
+    def _has_hooks(self) -> bool:
+        # Hooks on the sub-layers (e.g. seg.visualize's gate maps on conv_h/conv_w) must see them run.
+        return any(m._forward_hooks or m._forward_pre_hooks for m in self.children())
+
+    @torch.jit.unused
+    def _folded_weights(self) -> tuple[torch.Tensor, ...]:
+        """``(w1, b1, wh, bh, ww, bw)`` as matmul operands, BN folded into conv1; cached between calls.
+
+        The cache is a plain attribute, not a buffer, so the state dict keeps the official layout.
+        It is keyed on each source tensor's storage address and version counter: in-place writes
+        (``load_state_dict``, optimizer steps, ``with no_grad(): w.mul_()``) bump the version, and
+        ``.to()``/``.half()`` swap the storage. The cache holds the old storages alive, so an address
+        cannot be reused by a new tensor while it is being compared. Writes through ``.data``
+        bypass the version counter; ``train()``/``eval()`` clear the cache for those. Traced and
+        compiled graphs fold afresh, so the fold is recorded as graph ops, not hidden constants;
+        so do weights created under ``torch.inference_mode``, which have no version counter.
+        """
+        sources = self._fold_sources()
+        if torch.jit.is_tracing() or torch.compiler.is_compiling() or any(t.is_inference() for t in sources):
+            return self._fold(sources)
+        key = [(t.data_ptr(), t._version, t.dtype, t.device) for t in sources]
+        cache = getattr(self, "_fold_cache", None)  # absent on modules pickled before it existed
+        if cache is None or cache[0] != key:
+            # detach() shares storage and version counter, which is what keeps the key unambiguous
+            cache = (key, [t.detach() for t in sources], self._fold(sources))
+            self._fold_cache = cache
+        return cache[2]
+
+    def _fold_sources(self) -> list[torch.Tensor]:
+        bn = self.bn1
+        return [self.conv1.weight, self.conv1.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                self.conv_h.weight, self.conv_h.bias, self.conv_w.weight, self.conv_w.bias]
+
+    def _fold(self, sources: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        w1, b1, gamma, beta, mean, var, wh, bh, ww, bw = (t.detach() for t in sources)
+        scale = gamma * torch.rsqrt(var + self.bn1.eps)
+        return (w1.flatten(1) * scale[:, None], ((b1 - mean) * scale + beta)[:, None],
+                wh.flatten(1), bh[:, None], ww.flatten(1), bw[:, None])
+
+    def train(self, mode: bool = True) -> "CoordAttention":
+        self._fold_cache = None
+        return super().train(mode)
 
 
 class _ChannelMLP(nn.Sequential):

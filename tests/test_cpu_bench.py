@@ -1,16 +1,60 @@
-"""seg.cpu_bench runs end to end at a tiny size and prints both ratios (timings themselves are not tested)."""
+"""seg.cpu_bench: the A/A control's arithmetic and warning, the interleaving, and a tiny end-to-end run.
+
+Timings themselves are not tested; fake timings with hand-computed ratios are."""
+
+import pytest
 
 from seg import cpu_bench
 
 
-def test_tiny_benchmark_prints_both_backends(capsys):
-    cpu_bench.main(["--size", "32", "--threads", "1", "--repeats", "1"])
+def _times(plain, copy, ca):
+    return {"plain": plain, cpu_bench.AA: copy, "ca": ca}
+
+
+def test_tiny_benchmark_prints_both_backends_with_aa_column(capsys):
+    cpu_bench.main(["--size", "32", "--threads", "1", "--repeats", "2"])
     out = capsys.readouterr().out
-    rows = [line for line in out.splitlines() if line.startswith("| pytorch") or line.startswith("| onnxruntime")]
+    rows = [line for line in out.splitlines() if line.startswith(("| pytorch", "| onnxruntime"))]
     assert len(rows) == 2
-    assert all(row.rstrip().endswith("x |") for row in rows)
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert len(cells) == 6 and cells[4].endswith("x") and cells[5].endswith("x")
+        assert all(len(cells[i].split(" / ")) == 3 for i in (1, 2, 3))  # min / median / max
 
 
-def test_table_ratio_is_ca_over_plain():
-    table = cpu_bench.format_table({"pytorch": {"plain": 0.2, "ca": 0.21}})
-    assert "| pytorch | 200.0 | 210.0 | 1.050x |" in table
+def test_ratios_are_of_medians():
+    # medians: plain 0.2, copy 0.202, CA 0.21 (the outliers 9.0 must not move them)
+    aa, ca = cpu_bench.ratios(_times([0.2, 0.1, 9.0], [0.202, 0.2, 0.3], [0.21, 9.0, 0.2]))
+    assert aa == pytest.approx(1.01)
+    assert ca == pytest.approx(1.05)
+
+
+def test_table_shows_spread_and_both_ratios():
+    table = cpu_bench.format_table({"pytorch": _times([0.2, 0.19, 0.25], [0.2, 0.2, 0.2], [0.21, 0.21, 0.3])})
+    assert "| pytorch | 190.0 / 200.0 / 250.0 | 200.0 / 200.0 / 200.0 | 210.0 / 210.0 / 300.0 | 1.000x | 1.050x |" in table
+
+
+@pytest.mark.parametrize("copy_median, warned", [(0.2039, False), (0.1961, False), (0.2041, True), (0.1959, True)])
+def test_warns_only_when_aa_is_off_by_more_than_two_percent(copy_median, warned):
+    results = {"onnxruntime": _times([0.2], [copy_median], [0.21])}
+    lines = cpu_bench.aa_warnings(results)
+    assert bool(lines) == warned
+    if warned:
+        assert "onnxruntime" in lines[0] and "do not quote" in lines[0]
+
+
+def test_interleaving_runs_each_model_once_per_repeat_in_rotating_order():
+    calls = []
+    runners = {name: (lambda n=name: calls.append(n)) for name in ("a", "b", "c")}
+    times = cpu_bench._interleaved_times(runners, repeats=3)
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3, "c": 3}
+    timed = calls[3 * cpu_bench.WARMUP:]
+    assert timed == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+
+
+def test_aa_copy_has_plain_weights_but_is_a_separate_model():
+    models = cpu_bench._models()
+    plain, copy = models["plain"], models[cpu_bench.AA]
+    assert plain is not copy
+    for (k, a), (_, b) in zip(plain.state_dict().items(), copy.state_dict().items()):
+        assert a.data_ptr() != b.data_ptr() and a.equal(b), k

@@ -134,3 +134,26 @@ def test_threads_flag_or_the_checkpoints_train_threads(tmp_path, monkeypatch, fl
     monkeypatch.setattr(export, "export_onnx", stop)
     assert export.main(["--checkpoint", str(path), "--out", str(tmp_path / "m.onnx"), *flag]) == 1
     assert threads == expected
+
+
+def _op_counts(path) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in onnx.load(str(path)).graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+def test_ca_exports_the_lean_inference_graph(tmp_path):
+    """Each CA block is two ReduceMeans, four MatMuls (BN folded into conv1), no Conv/BN/Concat/Split."""
+    counts = {}
+    for encoder in ("mobilenet_v2", "mobilenet_v2_ca"):
+        cfg = _config(encoder)
+        model = model_from_config(cfg.model, cfg.data.num_classes).eval()
+        export.export_onnx(model, tmp_path / f"{encoder}.onnx", 32, 32)
+        counts[encoder] = _op_counts(tmp_path / f"{encoder}.onnx")
+    plain, ca = counts["mobilenet_v2"], counts["mobilenet_v2_ca"]
+    blocks = 16
+    assert ca.get("MatMul", 0) - plain.get("MatMul", 0) == 4 * blocks
+    assert ca.get("ReduceMean", 0) - plain.get("ReduceMean", 0) == 2 * blocks
+    for op in ("Conv", "BatchNormalization", "Concat", "Split", "Transpose"):
+        assert ca.get(op, 0) == plain.get(op, 0), op

@@ -11,7 +11,7 @@ from torch import nn
 from torchvision.models.mobilenetv2 import InvertedResidual
 from segmentation_models_pytorch.encoders.mobilenet import MobileNetV2Encoder
 
-from seg.attention import make_attention
+from seg.attention import CoordAttention, make_attention
 from seg.encoders import load_backbone_state
 
 MOBILENET_V2_OUT_CHANNELS = [3, 16, 24, 32, 96, 1280]
@@ -59,5 +59,9 @@ def with_attention_slot(conv: nn.Sequential, attention: nn.Module) -> nn.Sequent
     exactly the layout (and state-dict keys) of our named encoders.
     """
     layers = list(conv)
+    if isinstance(attention, CoordAttention):
+        # Its input is the depthwise ReLU6's (in-place) output, read by nothing else, so at inference
+        # CA may gate it in place and skip allocating a full-size tensor per block.
+        attention.inplace = True
     layers.insert(ATTENTION_SLOT, attention)
     return nn.Sequential(*layers)
