@@ -125,8 +125,10 @@ def train(state: TrainState, batches: Iterator[tuple[torch.Tensor, torch.Tensor]
                 eval_start = time.perf_counter()
                 on_eval(state)
                 state.model.train()
-                _exclude_from_rate(bar, time.perf_counter() - eval_start)
-                window_start = time.perf_counter()  # validation time is not training throughput
+                paused = time.perf_counter() - eval_start
+                _exclude_from_rate(bar, paused)
+                # validation time is not training throughput; the window keeps the steps before it
+                window_start += paused
     bar.close()
 
 

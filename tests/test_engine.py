@@ -67,6 +67,26 @@ def test_progress_bar_rate_excludes_validation(monkeypatch):
     assert bar["elapsed"] < wall - 2 * pause + 0.05
 
 
+def test_logged_rate_leaves_out_a_validation_inside_the_window(monkeypatch, caplog):
+    """A validation between two log lines pauses the rate's clock; the steps before it still count."""
+    clock = [0.0]
+    monkeypatch.setattr(engine.time, "perf_counter", lambda: clock[0])
+
+    def batches():  # every step takes 1 s on the fake clock
+        for batch in _batches():
+            clock[0] += 1.0
+            yield batch
+
+    def validate(state):
+        clock[0] += 100.0
+
+    with caplog.at_level(logging.INFO, logger="seg.engine"):
+        train(_state(), batches(), total_iters=4, device=torch.device("cpu"), log_interval=4, eval_interval=2,
+              on_eval=validate)
+    (line,) = [LINE.fullmatch(r.getMessage()) for r in caplog.records]
+    assert float(line[5]) == pytest.approx(8 / 4)  # 4 steps of 2 images in 4 s of training
+
+
 def test_bar_only_on_a_terminal(monkeypatch):
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
     assert not engine.show_progress_bar()
