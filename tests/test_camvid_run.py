@@ -45,7 +45,7 @@ def run(camvid, tmp_path_factory):
         argv = ["--config", str(REPO / "configs" / "camvid_cpu.yaml"), "--out", str(out), f"data.root={camvid}",
                 "data.crop_size=64", "data.batch_size=2", "data.val_batch_size=3", "data.num_workers=0",
                 "model.decoder_channels=16", "train.iters=4", "train.eval_interval=4", "train.log_interval=2",
-                "train.vis_images=2", "train.ca_maps=true"]
+                "train.vis_images=2", "train.ca_maps=true", "train.threads=1"]
         assert train_seg.main(argv) == 0
     return out, threads
 
@@ -56,7 +56,7 @@ def test_train_log_has_plain_progress_lines_and_threads_are_set(run):
     assert "\r" not in log
     lines = re.findall(r"iter (\d+)/4: loss [\d.]+, lr [\d.e+-]+, [\d.]+ img/s", log)
     assert lines == ["2", "4"]
-    assert threads == [1]  # the recipe's train.threads
+    assert threads == [1]  # train.threads
 
 
 def test_tensorboard_has_legend_accuracy_scalars_and_unpadded_ca_overlays(run):
