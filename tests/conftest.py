@@ -26,6 +26,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session")
+def tiny_synthetic(tmp_path_factory) -> Path:
+    """4 train and 2 val synthetic images of 32 px: enough for real runs that train and validate."""
+    from seg.data import make_synthetic
+
+    root = tmp_path_factory.mktemp("synthetic")
+    make_synthetic(root, n_train=4, n_val=2, size=32, seed=0)
+    return root
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

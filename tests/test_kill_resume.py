@@ -15,15 +15,14 @@ from pathlib import Path
 import pytest
 
 from seg.checkpoint import load_checkpoint
-from seg.data import make_synthetic
 
 REPO = Path(__file__).resolve().parents[1]
 ITERS = 4
 
 
-def run_args(data_root: Path) -> list[str]:
+def run_args(root: Path) -> list[str]:
     return [
-        "data.name=synthetic", f"data.root={data_root}", "data.num_classes=5", "data.crop_size=32",
+        "data.name=synthetic", f"data.root={root}", "data.num_classes=5", "data.crop_size=32",
         "data.scale_range=[1.0,1.0]", "data.batch_size=2", "data.val_batch_size=2", "data.num_workers=0",
         "data.synthetic_train_images=4", "data.synthetic_val_images=2", "data.synthetic_image_size=32",
         "model.encoder=mobilenet_v2_ca", "model.decoder_channels=8", "optim.name=adamw", "optim.lr=0.01",
@@ -71,17 +70,10 @@ def forker(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic")
-    make_synthetic(root, n_train=4, n_val=2, size=32, seed=0)
-    return root
-
-
-@pytest.fixture(scope="module")
-def reference(forker, data_root, tmp_path_factory):
+def reference(forker, tiny_synthetic, tmp_path_factory):
     """One uninterrupted run; the kill scenarios need a second validation that improves the best."""
     out = tmp_path_factory.mktemp("reference")
-    outcome, log = forker.run(["--out", out, *run_args(data_root)])
+    outcome, log = forker.run(["--out", out, *run_args(tiny_synthetic)])
     assert outcome["exit"] == 0, log
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     improved = [r["iter"] for i, r in enumerate(records) if all(r["miou"] > p["miou"] for p in records[:i])]
@@ -111,21 +103,21 @@ KILL_POINTS = [
 
 
 @pytest.mark.parametrize("fault", KILL_POINTS)
-def test_kill_then_resume_equals_uninterrupted(fault, forker, data_root, reference, tmp_path):
+def test_kill_then_resume_equals_uninterrupted(fault, forker, tiny_synthetic, reference, tmp_path):
     out = tmp_path / "run"
-    outcome, log = forker.run(["--out", out, *run_args(data_root)], fault=fault)
+    outcome, log = forker.run(["--out", out, *run_args(tiny_synthetic)], fault=fault)
     assert outcome.get("signal") == 9, f"the fault never fired: {outcome}\n{log}"
-    outcome, log = forker.run(["--out", out, "--resume", *run_args(data_root)])
+    outcome, log = forker.run(["--out", out, "--resume", *run_args(tiny_synthetic)])
     assert outcome["exit"] == 0, log
     assert_same_as(out, reference)
 
 
-def test_kill_in_first_validation_then_plain_rerun(forker, data_root, reference, tmp_path):
+def test_kill_in_first_validation_then_plain_rerun(forker, tiny_synthetic, reference, tmp_path):
     """Killed after best.pt but before the first last.pt: nothing to resume, and nothing blocks a rerun."""
     out = tmp_path / "run"
-    outcome, _ = forker.run(["--out", out, *run_args(data_root)], fault="replace:best.pt:1:kill_after")
+    outcome, _ = forker.run(["--out", out, *run_args(tiny_synthetic)], fault="replace:best.pt:1:kill_after")
     assert outcome.get("signal") == 9 and (out / "best.pt").is_file() and not (out / "last.pt").exists()
-    outcome, log = forker.run(["--out", out, *run_args(data_root)])
+    outcome, log = forker.run(["--out", out, *run_args(tiny_synthetic)])
     assert outcome["exit"] == 0, log
     assert_same_as(out, reference)
 
@@ -137,24 +129,24 @@ def error_line(log: str) -> str:
     return errors[0]
 
 
-def test_second_process_is_refused_and_dead_holder_does_not_block_resume(forker, data_root, reference, tmp_path):
+def test_second_process_is_refused_and_dead_holder_does_not_block_resume(forker, tiny_synthetic, reference, tmp_path):
     out = tmp_path / "run"
-    first, _ = forker.run(["--out", out, *run_args(data_root)], fault="replace:last.pt:1:stop")
+    first, _ = forker.run(["--out", out, *run_args(tiny_synthetic)], fault="replace:last.pt:1:stop")
     assert first.get("stopped"), first
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    outcome, log = forker.run(["--out", out, *run_args(data_root)])
+    outcome, log = forker.run(["--out", out, *run_args(tiny_synthetic)])
     assert outcome["exit"] == 2
     assert f"in use by process {first['pid']}" in error_line(log) and str(out) in error_line(log)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert forker.kill(first["pid"])["signal"] == 9
-    outcome, log = forker.run(["--out", out, "--resume", *run_args(data_root)])
+    outcome, log = forker.run(["--out", out, "--resume", *run_args(tiny_synthetic)])
     assert outcome["exit"] == 0, log
     assert_same_as(out, reference)
 
 
-def test_disk_full_keeps_last_checkpoint_and_resume_recovers(forker, data_root, reference, tmp_path):
+def test_disk_full_keeps_last_checkpoint_and_resume_recovers(forker, tiny_synthetic, reference, tmp_path):
     out = tmp_path / "run"
-    outcome, log = forker.run(["--out", out, *run_args(data_root)], fault="write:last.pt:2:enospc")
+    outcome, log = forker.run(["--out", out, *run_args(tiny_synthetic)], fault="write:last.pt:2:enospc")
     assert outcome["exit"] == 2
     line = error_line(log)
     assert f"no space left on device writing {out / 'last.pt'}" in line and "at iteration 1 is intact" in line
@@ -162,6 +154,6 @@ def test_disk_full_keeps_last_checkpoint_and_resume_recovers(forker, data_root, 
     first = (reference / "metrics.jsonl").read_text().splitlines()[0]
     assert (out / "metrics.jsonl").read_text().splitlines() == [first]
     assert not list(out.glob(".*.tmp"))
-    outcome, log = forker.run(["--out", out, "--resume", *run_args(data_root)])
+    outcome, log = forker.run(["--out", out, "--resume", *run_args(tiny_synthetic)])
     assert outcome["exit"] == 0, log
     assert_same_as(out, reference)

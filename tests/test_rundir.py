@@ -10,15 +10,14 @@ import pytest
 import train_seg
 from seg.checkpoint import load_checkpoint
 from seg.config import Config, config_to_dict
-from seg.data import make_synthetic
 from seg.rundir import RunDirError, changed_keys, locked, trim_metrics
 
 ITERS = 2
 
 
-def run_args(data_root: Path, *extra: str) -> list[str]:
+def run_args(root: Path, *extra: str) -> list[str]:
     return [
-        "data.name=synthetic", f"data.root={data_root}", "data.num_classes=5", "data.crop_size=32",
+        "data.name=synthetic", f"data.root={root}", "data.num_classes=5", "data.crop_size=32",
         "data.batch_size=2", "data.val_batch_size=2", "data.num_workers=0", "data.synthetic_train_images=4",
         "data.synthetic_val_images=2", "data.synthetic_image_size=32", "model.encoder=mobilenet_v2",
         "model.decoder_channels=8", "optim.lr=0.01", "optim.warmup_iters=0", f"train.iters={ITERS}",
@@ -27,16 +26,9 @@ def run_args(data_root: Path, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic")
-    make_synthetic(root, n_train=4, n_val=2, size=32, seed=0)
-    return root
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory, data_root):
+def finished(tmp_path_factory, tiny_synthetic):
     out = tmp_path_factory.mktemp("finished")
-    assert train_seg.main(["--out", str(out), *run_args(data_root)]) == 0
+    assert train_seg.main(["--out", str(out), *run_args(tiny_synthetic)]) == 0
     return out
 
 
@@ -55,57 +47,57 @@ def one_error_line(capsys) -> str:
     return lines[-1]
 
 
-def test_rerun_without_resume_is_refused_and_changes_nothing(finished, data_root, capsys):
+def test_rerun_without_resume_is_refused_and_changes_nothing(finished, tiny_synthetic, capsys):
     before = snapshot(finished)
-    assert train_seg.main(["--out", str(finished), *run_args(data_root)]) == 2
+    assert train_seg.main(["--out", str(finished), *run_args(tiny_synthetic)]) == 2
     line = one_error_line(capsys)
     assert f"--resume --out {finished}" in line and "--overwrite" in line
     assert snapshot(finished) == before
 
 
-def test_resume_with_changed_model_lists_keys_and_changes_nothing(finished, data_root, capsys):
+def test_resume_with_changed_model_lists_keys_and_changes_nothing(finished, tiny_synthetic, capsys):
     before = snapshot(finished)
-    argv = ["--out", str(finished), "--resume", *run_args(data_root, "model.decoder_channels=16", "optim.lr=0.5")]
+    argv = ["--out", str(finished), "--resume", *run_args(tiny_synthetic, "model.decoder_channels=16", "optim.lr=0.5")]
     assert train_seg.main(argv) == 2
     line = one_error_line(capsys)
     assert "model.decoder_channels (stored 8, requested 16)" in line and "optim.lr (stored 0.01, requested 0.5)" in line
     assert snapshot(finished) == before
 
 
-def test_resume_may_extend_the_run(finished, data_root, tmp_path):
+def test_resume_may_extend_the_run(finished, tiny_synthetic, tmp_path):
     run = shutil.copytree(finished, tmp_path / "run")
-    assert train_seg.main(["--out", str(run), "--resume", *run_args(data_root, "train.iters=3")]) == 0
+    assert train_seg.main(["--out", str(run), "--resume", *run_args(tiny_synthetic, "train.iters=3")]) == 0
     assert [json.loads(line)["iter"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
 
 
-def test_overwrite_discards_the_old_run(finished, data_root, tmp_path):
+def test_overwrite_discards_the_old_run(finished, tiny_synthetic, tmp_path):
     run = shutil.copytree(finished, tmp_path / "run")
-    assert train_seg.main(["--out", str(run), "--overwrite", *run_args(data_root)]) == 0
+    assert train_seg.main(["--out", str(run), "--overwrite", *run_args(tiny_synthetic)]) == 0
     assert [json.loads(line)["iter"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     assert len(list(run.glob("events.out.tfevents.*"))) == 1
 
 
-def test_failed_start_leaves_nothing_and_the_corrected_rerun_works(data_root, tmp_path, capsys):
+def test_failed_start_leaves_nothing_and_the_corrected_rerun_works(tiny_synthetic, tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
-    assert train_seg.main(["--out", str(out), *run_args(data_root, "data.num_classes=3")]) == 2
+    assert train_seg.main(["--out", str(out), *run_args(tiny_synthetic, "data.num_classes=3")]) == 2
     line = one_error_line(capsys)
     assert "data.num_classes is 3" in line and "data.num_classes=5" in line
     assert snapshot(out) == {}
-    assert train_seg.main(["--out", str(out), *run_args(data_root)]) == 0
+    assert train_seg.main(["--out", str(out), *run_args(tiny_synthetic)]) == 0
 
 
-def test_crop_not_fitting_the_stride_is_a_config_error(data_root, tmp_path, capsys):
+def test_crop_not_fitting_the_stride_is_a_config_error(tiny_synthetic, tmp_path, capsys):
     out = tmp_path / "run"
-    assert train_seg.main(["--out", str(out), *run_args(data_root, "data.crop_size=40")]) == 2
+    assert train_seg.main(["--out", str(out), *run_args(tiny_synthetic, "data.crop_size=40")]) == 2
     line = one_error_line(capsys)
     assert "data.crop_size=40 is not a multiple of 16" in line and "data.crop_size=32 or 48" in line
     assert not out.exists()
 
 
 @pytest.mark.parametrize("workers", [0, 1])
-def test_truncated_jpeg_is_named(data_root, tmp_path, capsys, workers):
-    root = shutil.copytree(data_root, tmp_path / "data")
+def test_truncated_jpeg_is_named(tiny_synthetic, tmp_path, capsys, workers):
+    root = shutil.copytree(tiny_synthetic, tmp_path / "data")
     jpeg = root / "VOCdevkit" / "VOC2012" / "JPEGImages" / "train_00002.jpg"
     jpeg.write_bytes(jpeg.read_bytes()[: jpeg.stat().st_size // 2])
     out = tmp_path / "run"
@@ -150,14 +142,14 @@ def test_trim_metrics(tmp_path, lines, record, expected):
     assert [json.loads(line)["iter"] for line in path.read_text().splitlines()] == expected
 
 
-def test_batch_not_divisible_by_processes_is_a_config_error(data_root):
+def test_batch_not_divisible_by_processes_is_a_config_error(tiny_synthetic):
     import torch
 
     from seg.config import ConfigError, load_config
     from seg.distributed import DistInfo
     from seg.training import build_loaders
 
-    cfg = load_config(None, run_args(data_root, "data.batch_size=100"))
+    cfg = load_config(None, run_args(tiny_synthetic, "data.batch_size=100"))
     three_ranks = DistInfo(rank=0, local_rank=0, world_size=3, device=torch.device("cpu"), is_main=True)
     with pytest.raises(ConfigError, match=r"data.batch_size=100 \(global\) is not divisible by 3 processes"):
         build_loaders(cfg, None, None, three_ranks)
