@@ -65,14 +65,12 @@ def main(argv: list[str] | None = None) -> int:
             print_summary(run_dir, state.best_miou)
         return 0
     except USER_ERRORS as err:
-        message = str(err)
+        # user errors: one clear line, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     finally:
         if dist is not None:
             cleanup()
-    # user errors: one clear line, no traceback. Printed after the except block, whose traceback
-    # kept the failed loop's progress bar alive: freed now, it has drawn its last line already.
-    print(f"error: {message}", file=sys.stderr)
-    return 2
 
 
 if __name__ == "__main__":

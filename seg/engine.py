@@ -98,11 +98,13 @@ def train(state: TrainState, batches: Iterator[tuple[torch.Tensor, torch.Tensor]
     """
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     state.model.train()
-    bar = tqdm(total=total_iters, initial=state.iteration, desc="train", disable=not show_progress_bar(),
-               dynamic_ncols=True)
+    show_bar = show_progress_bar()
     window_loss, window_images, window_start = 0.0, 0, time.perf_counter()
-    # log lines (train.log, console) go through tqdm.write while the bar is up, so they don't tear it
-    with logging_redirect_tqdm() if not bar.disable else nullcontext():
+    # The bar closes even when a step raises, so an error line is not printed into a live bar; log
+    # lines (train.log, console) go through tqdm.write while it is up, so they don't tear it.
+    with (tqdm(total=total_iters, initial=state.iteration, desc="train", disable=not show_bar,
+               dynamic_ncols=True) as bar,
+          logging_redirect_tqdm() if show_bar else nullcontext()):
         while state.iteration < total_iters:
             images, targets = next(batches)
             images = images.to(device, non_blocking=True, memory_format=memory_format)
@@ -129,7 +131,6 @@ def train(state: TrainState, batches: Iterator[tuple[torch.Tensor, torch.Tensor]
                 _exclude_from_rate(bar, paused)
                 # validation time is not training throughput; the window keeps the steps before it
                 window_start += paused
-    bar.close()
 
 
 def _window_scalars(state: TrainState, device: torch.device, loss: float, images: int, start: float) -> dict:

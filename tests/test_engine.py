@@ -67,6 +67,21 @@ def test_progress_bar_rate_excludes_validation(monkeypatch):
     assert bar["elapsed"] < wall - 2 * pause + 0.05
 
 
+def test_progress_bar_is_closed_when_training_fails(monkeypatch):
+    monkeypatch.setattr(engine, "tqdm", _RecordingBar)
+    monkeypatch.setattr(engine, "show_progress_bar", lambda: True)
+    _RecordingBar.bars.clear()
+
+    def fail(state):
+        raise RuntimeError("validation failed")
+
+    with pytest.raises(RuntimeError) as failure:  # the live traceback keeps the loop's frame, and its bar
+        train(_state(), _batches(), total_iters=4, device=torch.device("cpu"), log_interval=2, eval_interval=2,
+              on_eval=fail)
+    assert [bar["n"] for bar in _RecordingBar.bars] == [2]
+    del failure
+
+
 def test_logged_rate_leaves_out_a_validation_inside_the_window(monkeypatch, caplog):
     """A validation between two log lines pauses the rate's clock; the steps before it still count."""
     clock = [0.0]
