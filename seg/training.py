@@ -44,8 +44,12 @@ def build_datasets(cfg: Config, dist: DistInfo):
     """Train and val datasets; the synthetic set is generated on first use (by rank 0 alone)."""
     data = cfg.data
     if data.name == "synthetic" and dist.is_main:
-        make_synthetic(data.root, n_train=data.synthetic_train_images, n_val=data.synthetic_val_images,
-                       size=data.synthetic_image_size, seed=0)
+        try:
+            make_synthetic(data.root, n_train=data.synthetic_train_images, n_val=data.synthetic_val_images,
+                           size=data.synthetic_image_size, seed=0)
+        except OSError as err:
+            raise DatasetError(f"data.root={data.root}: cannot write the synthetic dataset there "
+                               f"({err.strerror}: {err.filename}); choose a writable data.root") from None
     barrier()
     train_tf = build_train_transform(data.crop_size, scale=tuple(data.scale_range), hflip=data.hflip,
                                      jitter=data.jitter)

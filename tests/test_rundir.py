@@ -87,6 +87,16 @@ def test_failed_start_leaves_nothing_and_the_corrected_rerun_works(tiny_syntheti
     assert train_seg.main(["--out", str(out), *run_args(tiny_synthetic)]) == 0
 
 
+def test_unwritable_synthetic_root_is_one_line(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    argv = ["--out", str(tmp_path / "run"), *run_args(blocker / "synthetic")]
+    assert train_seg.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: data.root=") and "writable data.root" in err[0]
+    assert not (tmp_path / "run").exists()
+
+
 def test_crop_not_fitting_the_stride_is_a_config_error(tiny_synthetic, tmp_path, capsys):
     out = tmp_path / "run"
     assert train_seg.main(["--out", str(out), *run_args(tiny_synthetic, "data.crop_size=40")]) == 2
