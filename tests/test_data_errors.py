@@ -126,7 +126,7 @@ def _cut(path, keep: float = 0.6):
 def test_truncated_jpeg_is_refused_while_padded_one_reads(voc):
     jpeg = voc / "JPEGImages" / "train_00001.jpg"
     complete = SyntheticSegmentation(voc, "train")[1][0]
-    jpeg.write_bytes(jpeg.read_bytes() + b"\0" * 16)  # zero padding after the end marker is harmless
+    jpeg.write_bytes(jpeg.read_bytes() + b"\0" * 16 + b"vendor trailer")  # bytes after the end marker are harmless
     assert np.array_equal(SyntheticSegmentation(voc, "train")[1][0], complete)
     _cut(jpeg)
     # OpenCV alone would return a grey-filled image here, and only libjpeg's nameless warning

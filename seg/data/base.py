@@ -25,6 +25,7 @@ class DatasetError(ValueError):
 
 
 JPEG_END = b"\xff\xd9"  # EOI marker
+JPEG_TAIL = 4096  # bytes searched for it: trailers (padding, vendor data) are short
 PNG_END = b"IEND\xaeB`\x82"  # the IEND chunk's type and CRC
 
 
@@ -38,9 +39,11 @@ def read_complete(path: Path) -> np.ndarray:
         data = path.read_bytes()
     except OSError as err:
         raise DatasetError(f"cannot read {path}: {err.strerror}") from None
-    end = data.rstrip(b"\0")  # some writers pad files with zeros
-    truncated = ((data[:2] == b"\xff\xd8" and not end.endswith(JPEG_END))
-                 or (data[:8] == b"\x89PNG\r\n\x1a\n" and not end.endswith(PNG_END)))
+    tail = data[-JPEG_TAIL:]
+    # Some cameras and editors append bytes after a JPEG's end marker. Inside the compressed data
+    # 0xFF is always stuffed, so an end marker near the end means the image data is complete.
+    truncated = ((data[:2] == b"\xff\xd8" and JPEG_END not in tail)
+                 or (data[:8] == b"\x89PNG\r\n\x1a\n" and not data.rstrip(b"\0").endswith(PNG_END)))
     if truncated:
         raise DatasetError(f"{path} is truncated ({len(data)} bytes, no end marker); "
                            "re-copy or re-export it, or remove it from the dataset")
