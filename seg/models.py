@@ -179,10 +179,11 @@ def model_from_config(cfg: ModelConfig, num_classes: int) -> SegModel:
                         decoder_channels=cfg.decoder_channels, aux_loss=cfg.aux_loss,
                         attention=cfg.attention, attention_stages=cfg.attention_stages,
                         encoder_weights=weights if by_timm else None)
-    if by_timm and model.attention_report is not None:
-        new = model.attention_report.new_keys
-        log.info("%s loaded by timm; %d attention tensors are new, missing from it on purpose, e.g. %s",
-                 weights.name, len(new), new[:3])
+    if by_timm:  # timm loaded the file while building; only the attention blocks are new
+        if model.attention_report is not None:
+            new = model.attention_report.new_keys
+            log.info("%s loaded by timm; %d attention tensors are new, missing from it on purpose, e.g. %s",
+                     weights.name, len(new), new[:3])
     elif weights is not None:
         load_encoder_weights(model.encoder, weights)
     set_fused_ca(model, cfg.fused_ca)

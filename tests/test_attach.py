@@ -178,6 +178,17 @@ def test_deeplabv3_trains_a_few_steps(name, output_stride):
     assert sum(not torch.equal(p, q) for p, q in zip(model.encoder.parameters(), start)) > len(start) // 2
 
 
+def test_timm_weights_load_without_attention_too(tmp_path):
+    torch.manual_seed(1)
+    source = timm.create_model("efficientnet_b0")
+    path = tmp_path / "b0.pth"
+    torch.save(source.state_dict(), path)
+    model = model_from_config(ModelConfig(encoder="tu-efficientnet_b0", encoder_weights=str(path)), num_classes=3)
+    state, src = model.encoder.model.state_dict(), source.state_dict()
+    assert model.attention_report is None and set(state) <= set(src)
+    assert all(torch.equal(state[k], src[k]) for k in state)
+
+
 def test_timm_weights_load_through_timm_and_only_new_blocks_are_missing(tmp_path):
     torch.manual_seed(1)
     source = timm.create_model("efficientnet_b0")  # a classifier model, as timm releases them
