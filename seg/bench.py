@@ -3,9 +3,10 @@
 For plain / SE / CBAM / CA on each encoder and output stride it measures parameters, GFLOPs (at
 ``--flops-size``, default 512), the training step time (forward + backward + SGD step) and the
 inference time, as medians over ``--repeats`` after ``--warmup`` untimed calls. Where the fused CA
-kernels can run (CUDA), a fifth variant, "CA fused", is CA through them. The variants
-of one encoder are timed in turn within every repeat, so a slow spell of a shared machine hits
-them all alike, and each variant's ratio to plain comes from that same run.
+kernels can run (CUDA), "CA fused" is CA through them. "plain A/A", a second plain built
+apart, is the control: its ratio to plain shows how far the run's noise alone moves a ratio.
+The variants of one encoder are timed in turn within every repeat, so a slow spell of a shared
+machine hits them all alike, and each variant's ratio to plain comes from that same run.
 
 CUDA defaults: bf16 autocast, channels-last, batch 16 at 512, eager and ``torch.compile``.
 CPU defaults: fp32, batch 2 at 256, eager only; peak memory is reported only on CUDA.
@@ -33,6 +34,7 @@ from seg.models import build_model, set_fused_ca
 ENCODERS = ("mobilenet_v2", "resnet50")
 VARIANTS = {"plain": "none", "SE": "se", "CBAM": "cbam", "CA": "ca"}  # variant -> attention kind
 FUSED_CA = "CA fused"  # CA through seg.kernels' Triton kernels; benched only where they run (CUDA)
+AA = "plain A/A"  # a second, separately built plain: its ratio to plain is the run's noise floor
 ATROUS_RATES = {16: (6, 12, 18), 8: (12, 24, 36)}  # the paper's DeepLabV3 rates per output stride
 NUM_CLASSES = 21
 FLOPS_SIZE = 512
@@ -188,16 +190,24 @@ def bench_group(encoder: str, output_stride: int, setup: BenchSetup, compiled: b
 
 
 def run_bench(setup: BenchSetup, encoders: tuple[str, ...] = ENCODERS, output_strides: tuple[int, ...] = (16, 8),
-              compile_modes: tuple[bool, ...] = (False,)) -> dict:
-    """Every (encoder, OS, compile) group; returns ``{"setup": ..., "rows": [...]}`` for the table and JSON."""
+              compile_modes: tuple[bool, ...] = (False,), names: list[str] | None = None) -> dict:
+    """Every (encoder, OS, compile) group; returns ``{"setup": ..., "rows": [...]}`` for the table and JSON.
+
+    ``names`` picks variants (default: all that can run here); plain always runs first, as the baseline.
+    """
     if setup.threads is not None:
         torch.set_num_threads(setup.threads)
     for os_ in output_strides:
         if os_ not in ATROUS_RATES:
             raise ValueError(f"output stride must be one of {sorted(ATROUS_RATES)}, got {os_}")
-    variants = VARIANTS
+    available = {"plain": "none", AA: "none", **VARIANTS}
     if kernels_can_run(torch.empty(0, device=setup.device)):
-        variants = {**VARIANTS, FUSED_CA: VARIANTS["CA"]}
+        available[FUSED_CA] = VARIANTS["CA"]
+    names = list(available) if names is None else ["plain", *(n for n in names if n != "plain")]
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        raise ValueError(f"unknown variants {unknown}; expected some of {list(available)}")
+    variants = {n: available[n] for n in names}
     rows = []
     for compiled in compile_modes:
         for encoder in encoders:
@@ -236,6 +246,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", choices=["off", "on", "both"], help="default: both on CUDA, off on CPU")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--flops-size", type=int, default=FLOPS_SIZE)
+    p.add_argument("--variants", nargs="+", metavar="NAME",
+                   help=f"default: all of {['plain', AA, *list(VARIANTS)[1:], FUSED_CA]} that can run here")
     p.add_argument("--json", type=Path, help="also write the rows and setup here")
     return p.parse_args(argv)
 
@@ -252,7 +264,10 @@ def main(argv: list[str] | None = None) -> int:
                        repeats=args.repeats, warmup=args.warmup, amp=defaults["amp"],
                        channels_last=defaults["channels_last"], flops_size=args.flops_size, threads=args.threads)
     compile_modes = {"off": (False,), "on": (True,), "both": (False, True)}[args.compile or defaults["compile"]]
-    result = run_bench(setup, tuple(args.encoders), tuple(args.os), compile_modes)
+    try:
+        result = run_bench(setup, tuple(args.encoders), tuple(args.os), compile_modes, args.variants)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
     print(format_table(result))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
