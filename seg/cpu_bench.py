@@ -27,6 +27,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
@@ -35,10 +36,12 @@ import torch
 
 from seg.config import ModelConfig
 from seg.export import export_onnx
+from seg.kernels import cpu
 from seg.models import model_from_config
 
 PLAIN, CA = "mobilenet_v2", "mobilenet_v2_ca"
 AA = "plain_copy"  # the A/A control: timing differences between two identical models are pure noise
+CA_TORCH = "ca_torch_ops"  # eager only: the same CA model without seg.kernels.cpu (what CA costs without them)
 BACKENDS = ("pytorch", "onnxruntime")
 NUM_CLASSES = 21
 WARMUP = 3
@@ -62,11 +65,11 @@ def _ort_runner(model: torch.nn.Module, size: int, threads: int, folder: Path, n
     return lambda: session.run(None, {"image": image})
 
 
-def _torch_runner(model: torch.nn.Module, size: int) -> Callable:
+def _torch_runner(model: torch.nn.Module, size: int, cpu_kernels: bool = True) -> Callable:
     image = torch.randn(1, 3, size, size)
 
     def run():
-        with torch.inference_mode():
+        with torch.inference_mode(), nullcontext() if cpu_kernels else cpu.disabled():
             model(image)
     return run
 
@@ -96,14 +99,19 @@ def _models() -> dict[str, torch.nn.Module]:
 
 def benchmark(size: int = 512, threads: int = 2, repeats: int = 15,
               backends: tuple[str, ...] = BACKENDS) -> dict[str, dict[str, list[float]]]:
-    """``{backend: {"plain": [s, ...], AA: [...], "ca": [...]}}``: seconds per image, one per repeat."""
+    """``{backend: {"plain": [s, ...], AA: [...], "ca": [...]}}``: seconds per image, one per repeat.
+
+    The eager backend also times CA_TORCH: the CA model with its CPU kernels switched off.
+    """
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         models = _models()
         results = {}
         if "pytorch" in backends:
-            results["pytorch"] = _interleaved_times({k: _torch_runner(m, size) for k, m in models.items()}, repeats)
+            runners = {k: _torch_runner(m, size) for k, m in models.items()}
+            runners[CA_TORCH] = _torch_runner(models["ca"], size, cpu_kernels=False)
+            results["pytorch"] = _interleaved_times(runners, repeats)
         if "onnxruntime" in backends:
             with tempfile.TemporaryDirectory() as tmp:
                 ort_runners = {k: _ort_runner(m, size, threads, Path(tmp), k) for k, m in models.items()}
@@ -136,12 +144,15 @@ def _spread(seconds: list[float]) -> str:
 
 def format_table(results: dict[str, dict[str, list[float]]]) -> str:
     """Markdown table: per backend, min / median / max ms of each model, then A/A and CA/plain."""
-    lines = ["| backend | plain ms (min / med / max) | plain copy ms | CA ms | A/A | CA / plain |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| backend | plain ms (min / med / max) | plain copy ms | CA ms | A/A | CA / plain "
+             "| CA without CPU kernels / plain |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for backend, t in results.items():
         aa, ca = ratios(t)
+        torch_ops = (f"{statistics.median(t[CA_TORCH]) / statistics.median(t['plain']):.3f}x" if CA_TORCH in t
+                     else "n/a")
         lines.append(f"| {backend} | {_spread(t['plain'])} | {_spread(t[AA])} | {_spread(t['ca'])} "
-                     f"| {aa:.3f}x | {ca:.3f}x |")
+                     f"| {aa:.3f}x | {ca:.3f}x | {torch_ops} |")
     return "\n".join(lines)
 
 

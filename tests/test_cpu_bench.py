@@ -18,8 +18,10 @@ def test_tiny_benchmark_prints_both_backends_with_aa_column(capsys):
     assert len(rows) == 2
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
-        assert len(cells) == 6 and cells[4].endswith("x") and cells[5].endswith("x")
+        assert len(cells) == 7 and cells[4].endswith("x") and cells[5].endswith("x")
         assert all(len(cells[i].split(" / ")) == 3 for i in (1, 2, 3))  # min / median / max
+    # only eager has the CA-without-CPU-kernels column
+    assert rows[0].rstrip(" |").endswith("x") and rows[1].rstrip(" |").endswith("n/a")
 
 
 def test_ratios_are_of_medians():
@@ -31,7 +33,10 @@ def test_ratios_are_of_medians():
 
 def test_table_shows_spread_and_both_ratios():
     table = cpu_bench.format_table({"pytorch": _times([0.2, 0.19, 0.25], [0.2, 0.2, 0.2], [0.21, 0.21, 0.3])})
-    assert "| pytorch | 190.0 / 200.0 / 250.0 | 200.0 / 200.0 / 200.0 | 210.0 / 210.0 / 300.0 | 1.000x | 1.050x |" in table
+    assert ("| pytorch | 190.0 / 200.0 / 250.0 | 200.0 / 200.0 / 200.0 | 210.0 / 210.0 / 300.0 | 1.000x | 1.050x "
+            "| n/a |") in table
+    with_torch_ops = {**_times([0.2], [0.2], [0.21]), cpu_bench.CA_TORCH: [0.23]}
+    assert "| 1.050x | 1.150x |" in cpu_bench.format_table({"pytorch": with_torch_ops})
 
 
 @pytest.mark.parametrize("copy_median, warned", [(0.2039, False), (0.1961, False), (0.2041, True), (0.1959, True)])
@@ -58,3 +63,15 @@ def test_aa_copy_has_plain_weights_but_is_a_separate_model():
     assert plain is not copy
     for (k, a), (_, b) in zip(plain.state_dict().items(), copy.state_dict().items()):
         assert a.data_ptr() != b.data_ptr() and a.equal(b), k
+
+
+def test_eager_run_times_ca_with_and_without_its_cpu_kernels(monkeypatch):
+    from seg.kernels import cpu
+
+    used = []
+    real = cpu.kernels_for
+    monkeypatch.setattr("seg.attention.cpu_kernels_for", lambda x: used.append(real(x) is not None) or real(x))
+    times = cpu_bench.benchmark(size=32, threads=1, repeats=1, backends=("pytorch",))["pytorch"]
+    assert set(times) == {"plain", cpu_bench.AA, "ca", cpu_bench.CA_TORCH}
+    # 16 CA blocks per call; (3 warm-up + 1 timed) calls each of "ca" (kernels) and CA_TORCH (none)
+    assert sorted(used) == [False] * 64 + [True] * 64

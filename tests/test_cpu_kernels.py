@@ -1,0 +1,117 @@
+"""seg.kernels.cpu: the C++ pooling and gating kernels of CA's CPU inference path.
+
+The kernels are built here for real (g++ through torch.utils.cpp_extension, cached after the
+first build). A machine without a compiler must still run CA: that fallback is tested by making
+the build fail.
+"""
+
+import logging
+
+import pytest
+import torch
+
+from seg.attention import CoordAttention
+from seg.kernels import cpu
+
+
+@pytest.fixture(scope="module")
+def ext():
+    module = cpu.kernels()
+    assert module is not None, "the CPU kernels did not build; see the warning logged above"
+    return module
+
+
+def test_strip_means_of_a_hand_computed_plane(ext):
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]).view(1, 1, 2, 3)
+    mean_h, mean_w = ext.strip_means(x)
+    assert mean_h.tolist() == [[[2.0, 5.0]]]
+    assert mean_w.tolist() == [[[2.5, 3.5, 4.5]]]
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 7, 13), (1, 3, 1, 9), (1, 3, 9, 1), (1, 1, 1, 1), (3, 40, 33, 65)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_strip_means_match_torch(ext, shape, threads):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x = torch.randn(shape) + 1.0
+        mean_h, mean_w = ext.strip_means(x)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(mean_h, x.mean(3), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(mean_w, x.mean(2), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 7, 13), (1, 3, 1, 9), (3, 40, 33, 65)])
+def test_gate_is_bit_identical_to_torch_and_can_write_in_place(ext, shape):
+    n, c, h, w = shape
+    x, a_h, a_w = torch.randn(shape), torch.rand(n, c, h), torch.rand(n, c, w)
+    expected = x * a_h[..., None] * a_w[..., None, :]
+    assert torch.equal(ext.gate(x, a_h, a_w, torch.empty_like(x)), expected)
+    out = ext.gate(x, a_h, a_w, x)
+    assert out.data_ptr() == x.data_ptr() and torch.equal(x, expected)
+
+
+@pytest.mark.parametrize("bad", ["double", "channels_last", "strip_shape"])
+def test_kernels_refuse_what_they_cannot_index(ext, bad):
+    x, a_h, a_w = torch.randn(1, 4, 5, 6), torch.rand(1, 4, 5), torch.rand(1, 4, 6)
+    if bad == "double":
+        x = x.double()
+    elif bad == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    else:
+        a_h = torch.rand(1, 4, 6)
+    with pytest.raises(RuntimeError, match="contiguous float32|a_h must be"):
+        ext.gate(x, a_h, a_w, torch.empty(1, 4, 5, 6))
+
+
+def test_kernels_apply_only_to_contiguous_float32_cpu_maps(ext):
+    x = torch.randn(1, 4, 5, 6)
+    assert cpu.kernels_for(x) is ext
+    assert cpu.kernels_for(x.double()) is None
+    assert cpu.kernels_for(x.to(memory_format=torch.channels_last)) is None
+    assert cpu.kernels_for(x.transpose(2, 3)) is None
+
+
+def _block() -> CoordAttention:
+    block = CoordAttention(16)
+    with torch.no_grad():
+        block.bn1.running_var.uniform_(0.3, 2.0)
+    return block.eval()
+
+
+def test_ca_inference_runs_the_kernels_and_matches_reference(ext, monkeypatch):
+    calls = []
+    for name in ("strip_means", "gate"):
+        fn = getattr(ext, name)
+        monkeypatch.setattr(ext, name, lambda *a, _fn=fn, _name=name: calls.append(_name) or _fn(*a))
+    block, x = _block(), torch.randn(2, 16, 11, 7)
+    with torch.no_grad():
+        expected = block._forward_reference(x)
+        got = block(x)
+    assert calls == ["strip_means", "gate"]
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_failed_build_warns_once_and_ca_still_runs(monkeypatch, caplog):
+    def no_compiler():
+        raise OSError("g++: command not found\nsecond line")
+
+    monkeypatch.setattr(cpu, "_module", None)
+    monkeypatch.setattr(cpu, "_failed", False)
+    monkeypatch.setattr(cpu, "_build", no_compiler)
+    block, x = _block(), torch.randn(2, 16, 5, 6)
+    with caplog.at_level(logging.WARNING, logger=cpu.__name__), torch.no_grad():
+        got = [block(x), block(x)]
+        expected = block._forward_reference(x)
+    warnings = [r.getMessage() for r in caplog.records if r.name == cpu.__name__]
+    assert len(warnings) == 1 and "g++: command not found" in warnings[0] and "second line" not in warnings[0]
+    for y in got:
+        torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_switched_off_kernels_are_not_built(monkeypatch):
+    monkeypatch.setattr(cpu, "_module", None)
+    monkeypatch.setattr(cpu, "ENABLED", False)
+    monkeypatch.setattr(cpu, "_build", lambda: pytest.fail("built although SEG_CPU_KERNELS=0"))
+    assert cpu.kernels() is None
