@@ -43,3 +43,11 @@ def _seed():
 
 # Two OpenMP threads on a shared 2-core machine make small forwards ~100x slower; tests use one.
 torch.set_num_threads(1)
+
+
+def pytest_sessionstart(session):
+    # Compile CA's CPU kernels (~30 s, once per cache) here, not inside whichever test first runs
+    # a CA model in eval: that may be a timed child process of the kill/resume tests.
+    from seg.kernels import cpu
+
+    cpu.kernels()

@@ -6,6 +6,10 @@ the build fail.
 """
 
 import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -115,3 +119,21 @@ def test_switched_off_kernels_are_not_built(monkeypatch):
     monkeypatch.setattr(cpu, "ENABLED", False)
     monkeypatch.setattr(cpu, "_build", lambda: pytest.fail("built although SEG_CPU_KERNELS=0"))
     assert cpu.kernels() is None
+
+
+def test_a_build_killed_midway_is_redone_by_the_next_process(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    folder = cpu.build_dir()
+    build = [sys.executable, "-c", "import sys; from seg.kernels import cpu; sys.exit(cpu.kernels() is None)"]
+    repo = Path(__file__).resolve().parents[1]
+    child = subprocess.Popen(build, cwd=repo)
+    # build.ninja is written just before the compiler starts
+    deadline = time.monotonic() + 60
+    while not (folder / "build.ninja").exists() and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    child.kill()
+    child.wait()
+    assert (folder / "build.ninja").exists() and not (folder / "seg_ca_cpu.so").exists(), "not caught mid-build"
+    done = subprocess.run(build, cwd=repo, timeout=240, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (folder / "seg_ca_cpu.so").exists()

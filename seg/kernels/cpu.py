@@ -1,7 +1,7 @@
 """The C++ CPU kernels of ``ca_cpu.cpp`` for ``CoordAttention``'s inference path, built on first use.
 
-``torch.utils.cpp_extension`` compiles them once (about 25 s) into its cache
-(``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``) and later processes load the
+``torch.utils.cpp_extension`` compiles them once (about 25 s) into a cache under
+``TORCH_EXTENSIONS_DIR`` (by default ``~/.cache/torch_extensions``), and later processes load the
 cached build. Where no compiler works, one warning is logged and CA runs through PyTorch ops,
 which give the same results, only slower. ``SEG_CPU_KERNELS=0`` turns them off (for comparisons).
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from types import ModuleType
@@ -25,25 +26,34 @@ _module: ModuleType | None = None
 _failed = False
 
 
+def build_dir() -> Path:
+    """Where the build is cached: per Python and torch version (torch's own default folder is not
+    per torch version, so an upgrade could load a build made against another ABI)."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
+    tag = f"py{sys.version_info[0]}{sys.version_info[1]}_torch{torch.__version__.replace('+', '_')}"
+    return Path(root) / tag / "seg_ca_cpu"
+
+
 def _build() -> ModuleType:
+    # Importing it logs "no CUDA runtime is found", which concerns CUDA builds; this one is CPU only.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     from torch.utils import cpp_extension
 
-    # Its "no CUDA runtime found" warning concerns CUDA builds; this one is CPU only.
-    ext_log = logging.getLogger(cpp_extension.__name__)
-    level = ext_log.level
-    ext_log.setLevel(logging.ERROR)
-    try:
-        # torch calls `ninja` by name: find pip's ninja (requirements.txt) even in an unactivated venv
-        with suppress(ImportError):
-            import ninja
+    folder = build_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "seg_ca_cpu.so").exists():
+        log.info("compiling the CPU kernels for coordinate attention into %s (once, ~30 s)", folder)
+    # torch calls `ninja` by name: find pip's ninja (requirements.txt) even in an unactivated venv
+    with suppress(ImportError):
+        import ninja
 
-            if ninja.BIN_DIR not in os.environ.get("PATH", "").split(os.pathsep):
-                os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
-        # No -march=native: the build is cached per user, possibly on a home shared by other CPUs.
-        return cpp_extension.load(name="seg_ca_cpu", sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp"],
-                                  extra_ldflags=["-fopenmp"])
-    finally:
-        ext_log.setLevel(level)
+        if ninja.BIN_DIR not in os.environ.get("PATH", "").split(os.pathsep):
+            os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
+    # torch holds an OS lock (released if the holder dies) while building, so a build killed
+    # midway is simply redone by the next process (tests/test_cpu_kernels.py kills one).
+    # No -march=native: the cache may sit on a home directory shared by other CPUs.
+    return cpp_extension.load(name="seg_ca_cpu", sources=[str(SOURCE)], build_directory=str(folder),
+                              extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"])
 
 
 def kernels() -> ModuleType | None:
