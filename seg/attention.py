@@ -99,25 +99,22 @@ class CoordAttention(nn.Module):
         the 1x1 convs are matmuls on (N, C, L) strips with in-place bias adds and activations.
         """
         w1, b1, wh, bh, ww, bw = self._folded_weights()
-        # On CPU the C++ kernels pool in one read of x and gate in one read and write, where
-        # PyTorch takes two of each (the early maps do not fit in cache; see ca_cpu.cpp).
         kernels = cpu_kernels_for(x)
         if kernels is not None:
-            x_h, x_w = kernels.strip_means(x)
-        else:
-            x_h = x.mean(dim=3)  # (N, C, H)
-            x_w = x.mean(dim=2)  # (N, C, W)
+            # On CPU, one C++ call: it pools in one read of x and gates in one read and write,
+            # where PyTorch takes two of each, and skips the small ops' Python dispatch.
+            return kernels.forward(x, w1, b1, wh, bh, ww, bw, x if self.inplace else torch.empty_like(x))
+        x_h = x.mean(dim=3)  # (N, C, H)
+        x_w = x.mean(dim=2)  # (N, C, W)
         # (K, C) @ (N, C, L) broadcasts over N, in eager and as one ONNX MatMul alike
         y_h = F.hardswish(torch.matmul(w1, x_h).add_(b1), inplace=True)
         y_w = F.hardswish(torch.matmul(w1, x_w).add_(b1), inplace=True)
-        a_h = torch.matmul(wh, y_h).add_(bh).sigmoid_()  # (N, C, H)
-        a_w = torch.matmul(ww, y_w).add_(bw).sigmoid_()  # (N, C, W)
+        a_h = torch.matmul(wh, y_h).add_(bh).sigmoid_().unsqueeze(3)  # (N, C, H, 1)
+        a_w = torch.matmul(ww, y_w).add_(bw).sigmoid_().unsqueeze(2)  # (N, C, 1, W)
         # Gating the input itself skips allocating (and page-faulting) a full-size output; only
         # allowed when the owner said the input is a private intermediate (``inplace=True``).
-        if kernels is not None:
-            return kernels.gate(x, a_h.contiguous(), a_w.contiguous(), x if self.inplace else torch.empty_like(x))
-        out = x.mul_(a_h.unsqueeze(3)) if self.inplace else x * a_h.unsqueeze(3)
-        return out.mul_(a_w.unsqueeze(2))
+        out = x.mul_(a_h) if self.inplace else x * a_h
+        return out.mul_(a_w)
 
     @torch.jit.unused
     def _has_hooks(self) -> bool:

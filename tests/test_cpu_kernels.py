@@ -86,14 +86,12 @@ def _block() -> CoordAttention:
 
 def test_ca_inference_runs_the_kernels_and_matches_reference(ext, monkeypatch):
     calls = []
-    for name in ("strip_means", "gate"):
-        fn = getattr(ext, name)
-        monkeypatch.setattr(ext, name, lambda *a, _fn=fn, _name=name: calls.append(_name) or _fn(*a))
+    monkeypatch.setattr(ext, "forward", lambda *a, _fn=ext.forward: calls.append(a[-1]) or _fn(*a))
     block, x = _block(), torch.randn(2, 16, 11, 7)
     with torch.no_grad():
         expected = block._forward_reference(x)
         got = block(x)
-    assert calls == ["strip_means", "gate"]
+    assert len(calls) == 1 and calls[0].data_ptr() != x.data_ptr()  # not in place: a fresh output
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
