@@ -79,14 +79,14 @@ class CoordAttention(nn.Module):
 
     def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
         """``forward`` with the full-size pooling and gating each done by one kernel."""
-        from seg.kernels.ops import ca_gate, ca_pool  # imports Triton: only when a kernel will run
+        from seg.kernels.ops import gate, pool  # imports Triton: only when a kernel will run
 
         h, w = x.shape[2], x.shape[3]
-        y = self.act(self.bn1(self.conv1(ca_pool(x).unsqueeze(3))))  # (N, mip, H + W, 1)
+        y = self.act(self.bn1(self.conv1(pool(x).unsqueeze(3))))  # (N, mip, H + W, 1)
         y_h, y_w = torch.split(y, [h, w], dim=2)
         a_h = torch.sigmoid(self.conv_h(y_h))  # (N, C, H, 1)
         a_w = torch.sigmoid(self.conv_w(y_w))  # (N, C, W, 1), no transpose: the op takes strips
-        return ca_gate(x, a_h.flatten(2), a_w.flatten(2))
+        return gate(x, a_h.flatten(2), a_w.flatten(2))
 
     @torch.jit.unused
     def _forward_inference(self, x: torch.Tensor) -> torch.Tensor:

@@ -85,6 +85,23 @@ def test_op_gradients_match_finite_differences(channels_last, monkeypatch):
     assert torch.autograd.gradcheck(ops.ca_pool, (inputs[0],), fast_mode=True)
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_eager_functions_equal_the_custom_ops_with_gradients(channels_last):
+    # CoordAttention calls ops.pool / ops.gate: autograd.Functions in eager, the custom ops when compiled.
+    x = torch.randn(2, 3, 5, 6).to(memory_format=memory_format(channels_last))
+    a_h, a_w = _strips(x.shape)
+    grads = []
+    for pool, gate in ((ops.pool, ops.gate), (ops.ca_pool, ops.ca_gate)):
+        inputs = [t.detach().clone().requires_grad_() for t in (x, a_h, a_w)]
+        pooled = pool(inputs[0])
+        y = gate(*inputs)
+        (y * torch.cos(y)).sum().backward()
+        (pooled * pooled).sum().backward()
+        grads.append([pooled, y, *(t.grad for t in inputs)])
+    for eager, op in zip(*grads):
+        assert torch.equal(eager, op)
+
+
 def test_ops_pass_torch_library_checks():
     # Schema, fake (meta) implementation against the real one, autograd registration, AOT dispatch.
     x = torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last).requires_grad_()
@@ -118,7 +135,7 @@ def test_block_in_low_precision_is_as_accurate_as_reference(dtype, channels_last
 
 def test_fused_flag_dispatches_and_keeps_state_dict(monkeypatch):
     calls = []
-    monkeypatch.setattr(ops, "ca_gate", lambda *a: calls.append(1) or ops.kernels.gate(*a))
+    monkeypatch.setattr(ops, "gate", lambda *a: calls.append(1) or ops.kernels.gate(*a))
     block = CoordAttention(8).eval()
     keys = list(block.state_dict())
     x = torch.randn(1, 8, 4, 4)

@@ -15,6 +15,12 @@ so no single op sees both. Autograd adds the two grad_x contributions instead.
 
 Fake implementations give the shapes, dtypes and strides, so ``torch.compile(fullgraph=True)``
 traces each op as one node. Double backward is not supported.
+
+``pool`` and ``gate`` are what ``CoordAttention`` calls: the custom ops under ``torch.compile``,
+and in eager the same kernels through plain ``autograd.Function``s. A custom op's eager call goes
+through the dispatcher into Python twice and checks its outputs: about 0.1 ms of CPU per call,
+measured with the kernels stubbed out, which made the fused block slower than the reference on
+an H200 in eager (see README, "Fused CA kernels").
 """
 
 import torch
@@ -27,11 +33,23 @@ def _is_channels_last(x: Tensor) -> bool:
     return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
+def _pool(x: Tensor) -> Tensor:
+    sum_h, sum_w = kernels.strip_sums(x)
+    return torch.cat([sum_h / x.shape[3], sum_w / x.shape[2]], dim=2).to(x.dtype)
+
+
+def _pool_backward(grad: Tensor, height: int, channels_last: bool) -> Tensor:
+    n, c, length = grad.shape
+    width = length - height
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    out = torch.empty((n, c, height, width), dtype=grad.dtype, device=grad.device, memory_format=fmt)
+    return kernels.broadcast_sum(grad[:, :, :height] / width, grad[:, :, height:] / height, out)
+
+
 @torch.library.custom_op("seg::ca_pool", mutates_args=())
 def ca_pool(x: Tensor) -> Tensor:
     """Strip means of x (N, C, H, W): (N, C, H + W), row means then column means, in x's dtype."""
-    sum_h, sum_w = kernels.strip_sums(x)
-    return torch.cat([sum_h / x.shape[3], sum_w / x.shape[2]], dim=2).to(x.dtype)
+    return _pool(x)
 
 
 @ca_pool.register_fake
@@ -43,11 +61,7 @@ def _(x: Tensor) -> Tensor:
 @torch.library.custom_op("seg::ca_pool_backward", mutates_args=())
 def ca_pool_backward(grad: Tensor, height: int, channels_last: bool) -> Tensor:
     """The pooling's gradient: ``grad`` (N, C, H + W) spread evenly over each row and column."""
-    n, c, length = grad.shape
-    width = length - height
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    out = torch.empty((n, c, height, width), dtype=grad.dtype, device=grad.device, memory_format=fmt)
-    return kernels.broadcast_sum(grad[:, :, :height] / width, grad[:, :, height:] / height, out)
+    return _pool_backward(grad, height, channels_last)
 
 
 @ca_pool_backward.register_fake
@@ -102,3 +116,41 @@ def _gate_grad(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 ca_gate.register_autograd(_gate_grad, setup_context=_gate_setup)
+
+
+class _PoolFunction(torch.autograd.Function):
+    """``ca_pool`` for eager autograd, without the custom op's dispatch."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        ctx.height, ctx.channels_last = x.shape[2], _is_channels_last(x)
+        return _pool(x)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return _pool_backward(grad, ctx.height, ctx.channels_last)
+
+
+class _GateFunction(torch.autograd.Function):
+    """``ca_gate`` for eager autograd, without the custom op's dispatch."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, a_h: Tensor, a_w: Tensor) -> Tensor:
+        ctx.save_for_backward(x, a_h, a_w)  # x, not the output: see _gate_setup
+        return kernels.gate(x, a_h, a_w)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return kernels.gate_grads(grad, *ctx.saved_tensors)
+
+
+def pool(x: Tensor) -> Tensor:
+    """``ca_pool(x)``: the custom op while compiling, an ``autograd.Function`` in eager."""
+    return ca_pool(x) if torch.compiler.is_compiling() else _PoolFunction.apply(x)
+
+
+def gate(x: Tensor, a_h: Tensor, a_w: Tensor) -> Tensor:
+    """``ca_gate(x, a_h, a_w)``: the custom op while compiling, an ``autograd.Function`` in eager."""
+    return ca_gate(x, a_h, a_w) if torch.compiler.is_compiling() else _GateFunction.apply(x, a_h, a_w)
