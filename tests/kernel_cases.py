@@ -62,7 +62,12 @@ def assert_fused_as_accurate(out: dict[str, list[torch.Tensor]], dtype: torch.dt
         scale = max(exact.abs().max().item(), 1.0)
         err_fused = (fused - exact).abs().max().item()
         err_ref = (ref - exact).abs().max().item()
-        assert err_fused <= 2 * err_ref + 4 * EPS[dtype] * scale, (
+        # A tensor that is 0 by cancellation (conv1's bias gradient: BN's batch statistics cancel
+        # it) holds only the rounding noise of a long sum of large terms in both runs, and how two
+        # such noises compare is luck: an H200 run with other tile sizes gave 3.2x. A wrong index
+        # still shows, as an error of the order of the terms.
+        factor = 8 if exact.abs().max().item() < 1e-6 else 2
+        assert err_fused <= factor * err_ref + 4 * EPS[dtype] * scale, (
             f"tensor {i}: fused error {err_fused:.3g}, reference error {err_ref:.3g}, scale {scale:.3g}")
 
 
