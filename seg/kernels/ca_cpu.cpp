@@ -34,10 +34,30 @@ void pool(const at::Tensor& x, float* mean_h, int64_t stride_h, float* mean_w, i
       const float* plane = src + p * h * w;
       float* col = mean_w + p * stride_w;
       std::fill(col, col + w, 0.0f);
-      for (int64_t i = 0; i < h; ++i) {
+      int64_t i = 0;
+      // Four rows per sweep: the column sums are loaded and stored once per four rows.
+      for (; i + 4 <= h; i += 4) {
+        const float* r0 = plane + i * w;
+        const float* r1 = r0 + w;
+        const float* r2 = r1 + w;
+        const float* r3 = r2 + w;
+        float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+        for (int64_t j = 0; j < w; ++j) {
+          s0 += r0[j];
+          s1 += r1[j];
+          s2 += r2[j];
+          s3 += r3[j];
+          col[j] += (r0[j] + r1[j]) + (r2[j] + r3[j]);
+        }
+        mean_h[p * stride_h + i] = s0 * inv_w;
+        mean_h[p * stride_h + i + 1] = s1 * inv_w;
+        mean_h[p * stride_h + i + 2] = s2 * inv_w;
+        mean_h[p * stride_h + i + 3] = s3 * inv_w;
+      }
+      for (; i < h; ++i) {
         const float* row = plane + i * w;
         float sum = 0.0f;
-        // simd: lets the compiler keep several partial row sums (a reordering of fp32 adds)
 #pragma omp simd reduction(+ : sum)
         for (int64_t j = 0; j < w; ++j) {
           sum += row[j];

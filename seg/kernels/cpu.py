@@ -26,12 +26,21 @@ _module: ModuleType | None = None
 _failed = False
 
 
+def _isa() -> tuple[str, list[str]]:
+    """(name, compiler flags) of the vector instructions to build for: AVX2 + FMA where torch
+    finds them (about 20% faster than SSE2 here), else the compiler's default."""
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        return "avx2", ["-mavx2", "-mfma"]
+    return "default", []
+
+
 def build_dir() -> Path:
-    """Where the build is cached: per Python and torch version (torch's own default folder is not
-    per torch version, so an upgrade could load a build made against another ABI)."""
+    """Where the build is cached: per Python, torch version and instruction set. torch's default
+    folder is not per torch version (an upgrade could load a build made against another ABI),
+    and a home directory may be shared by machines with different CPUs."""
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
     tag = f"py{sys.version_info[0]}{sys.version_info[1]}_torch{torch.__version__.replace('+', '_')}"
-    return Path(root) / tag / "seg_ca_cpu"
+    return Path(root) / tag / f"seg_ca_cpu_{_isa()[0]}"
 
 
 def _build() -> ModuleType:
@@ -51,9 +60,8 @@ def _build() -> ModuleType:
             os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
     # torch holds an OS lock (released if the holder dies) while building, so a build killed
     # midway is simply redone by the next process (tests/test_cpu_kernels.py kills one).
-    # No -march=native: the cache may sit on a home directory shared by other CPUs.
     return cpp_extension.load(name="seg_ca_cpu", sources=[str(SOURCE)], build_directory=str(folder),
-                              extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"])
+                              extra_cflags=["-O3", "-fopenmp", *_isa()[1]], extra_ldflags=["-fopenmp"])
 
 
 def kernels() -> ModuleType | None:
