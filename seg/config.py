@@ -67,7 +67,7 @@ class ModelConfig:
     decoder_channels: int = 256
     aux_loss: bool = False
     aux_weight: float = 0.4
-    fused_ca: bool = True  # use fused CA kernels on CUDA when they are available
+    fused_ca: bool = False  # fused CA kernels on CUDA; off: slower than the reference in eager on an H200 (README)
     # Attention put into the encoder's blocks by seg.attach (None: leave the encoder as built;
     # "none": empty the slots, e.g. remove EfficientNet's SE). attention_stages: deepest N stages only.
     attention: Optional[Literal["none", "ca", "se", "cbam"]] = None
