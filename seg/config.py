@@ -11,12 +11,13 @@ from __future__ import annotations
 import difflib
 import logging
 import os
-import types
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, Optional, get_args, get_type_hints
 
 import yaml
+
+from seg.coerce import Mismatch, coerce, type_name
 
 log = logging.getLogger(__name__)
 MAX_DEFAULT_WORKERS = 4
@@ -143,57 +144,6 @@ RULES = [
 ]
 
 
-class _Mismatch(Exception):
-    """Internal: a value does not match a type; turned into a ConfigError naming the key."""
-
-
-def _type_name(tp: Any) -> str:
-    origin, args = get_origin(tp), get_args(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in args)
-    if origin in (Union, types.UnionType):
-        return " or ".join("None" if a is type(None) else _type_name(a) for a in args)
-    if origin is tuple:
-        if len(args) == 2 and args[1] is Ellipsis:
-            return f"list of {_type_name(args[0])}"
-        return f"list of {len(args)} {_type_name(args[0])}"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value: Any, tp: Any) -> Any:
-    """Return ``value`` converted to ``tp`` (int -> float, list -> tuple) or raise _Mismatch."""
-    origin, args = get_origin(tp), get_args(tp)
-    if origin is Literal:
-        # type() check too, so that True does not pass for 1 and 16.0 not for 16
-        if any(type(value) is type(a) and value == a for a in args):
-            return value
-        raise _Mismatch
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is not type(None):
-                try:
-                    return _coerce(value, arg)
-                except _Mismatch:
-                    pass
-        raise _Mismatch
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise _Mismatch
-        elems = [args[0]] * len(value) if args[-1] is Ellipsis else list(args)
-        if len(elems) != len(value):
-            raise _Mismatch
-        return tuple(_coerce(v, t) for v, t in zip(value, elems))
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if tp is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if tp in (bool, str) and isinstance(value, tp):
-        return value
-    raise _Mismatch
-
-
 def _suggest(key: str) -> str:
     """Hint naming the nearest valid key(s) for an unknown dotted ``key``."""
     section, _, leaf = key.rpartition(".")
@@ -214,10 +164,10 @@ def _suggest(key: str) -> str:
 def _check(key: str, value: Any, source: str) -> Any:
     tp = FIELD_TYPES[key]
     try:
-        return _coerce(value, tp)
-    except _Mismatch:
+        return coerce(value, tp)
+    except Mismatch:
         raise ConfigError(
-            f"{source}: '{key}' expects {_type_name(tp)}, got {value!r} ({type(value).__name__})") from None
+            f"{source}: '{key}' expects {type_name(tp)}, got {value!r} ({type(value).__name__})") from None
 
 
 def _apply(cfg: Config, data: Any, source: str) -> None:
