@@ -196,3 +196,23 @@ def test_compiled_training_with_fused_ops_matches_eager():
     eager = train_losses(tiny_ca_net, True, **kwargs)
     compiled = train_losses(tiny_ca_net, True, compile_backend="aot_eager", **kwargs)
     torch.testing.assert_close(torch.tensor(compiled), torch.tensor(eager), atol=1e-5, rtol=1e-5)
+
+
+def test_gpu_bench_runs_its_tables_and_restores_the_tiles(monkeypatch, capsys):
+    # seg.kernels.bench is for GPUs; here it runs end to end on tiny CPU shapes, with a fake timer,
+    # so that its tables and its tile sweep cannot rot unnoticed between GPU sessions.
+    from seg.kernels import bench
+
+    monkeypatch.setattr(bench, "DEVICE", "cpu")
+    monkeypatch.setattr(bench, "SHAPES", {"a": (2, 6, 5, 7)})
+    monkeypatch.setattr(bench, "TILES", [dict(MAX_TILE=8, MAX_ROWS=2), dict(MAX_TILE=64, MAX_ROWS=4)])
+    monkeypatch.setattr(bench.triton.testing, "do_bench", lambda fn, **kw: (fn(), 0.5)[1])
+    defaults = (kernels.MAX_TILE, kernels.MAX_ROWS)
+    assert bench.main(["--repeats", "2"]) == 0
+    assert bench.main(["--tiles"]) == 0
+    out = capsys.readouterr().out
+    kernel_lines = [line for line in out.splitlines() if line.startswith("| a (2, 6, 5, 7)")]
+    assert len(kernel_lines) == 2 * 2 * 3  # dtypes x layouts x kernels
+    assert "| a | fwd+bwd | 0.500 | 0.500 | 0.500 | 1.000 | 1.000 |" in out
+    assert "| 8 | 2 |" in out and "| 64 | 4 |" in out
+    assert (kernels.MAX_TILE, kernels.MAX_ROWS) == defaults
