@@ -135,3 +135,16 @@ def test_a_build_killed_midway_is_redone_by_the_next_process(tmp_path, monkeypat
     done = subprocess.run(build, cwd=repo, timeout=240, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (folder / "seg_ca_cpu.so").exists()
+
+
+def test_in_place_writes_move_the_version_counter_like_torch(ext):
+    x, a_h, a_w = torch.randn(1, 4, 5, 6), torch.rand(1, 4, 5), torch.rand(1, 4, 6)
+    before = x._version
+    ext.gate(x, a_h, a_w, x)
+    assert x._version > before
+    with torch.inference_mode():
+        frozen = torch.randn(1, 4, 5, 6)
+    kept = frozen.clone()
+    with pytest.raises(RuntimeError, match="Inplace update to inference tensor outside InferenceMode"):
+        ext.gate(frozen, a_h, a_w, frozen)
+    assert torch.equal(frozen, kept)  # refused before writing

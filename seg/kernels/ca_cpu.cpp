@@ -20,6 +20,11 @@ void check(const at::Tensor& x, const char* name, int64_t dim) {
               name, " must be a contiguous float32 CPU tensor with ", dim, " dims");
 }
 
+// Called before writing through a raw pointer, so that the write shows as PyTorch's own in-place
+// ops show it: the version counter moves (autograd and caches keyed on it see the change), and an
+// inference tensor outside inference mode is refused with PyTorch's error, before any write.
+void will_write(const at::Tensor& out) { out.unsafeGetTensorImpl()->bump_version(); }
+
 // Planes per parallel task: enough work per task that the thread hand-off stays negligible.
 int64_t grain(int64_t plane) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(plane, 1)); }
 
@@ -113,6 +118,7 @@ at::Tensor gate(const at::Tensor& x, const at::Tensor& a_h, const at::Tensor& a_
   TORCH_CHECK(a_h.size(0) == n && a_h.size(1) == c && a_h.size(2) == h, "a_h must be (N, C, H)");
   TORCH_CHECK(a_w.size(0) == n && a_w.size(1) == c && a_w.size(2) == w, "a_w must be (N, C, W)");
   TORCH_CHECK(out.sizes() == x.sizes(), "out must have x's shape");
+  will_write(out);
   apply_gate(x, a_h.data_ptr<float>(), h, a_w.data_ptr<float>(), w, out);
   return out;
 }
@@ -145,6 +151,7 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& 
   }
   a_h.sigmoid_();
   a_w.sigmoid_();
+  will_write(out);
   apply_gate(x, a_h.data_ptr<float>(), h, a_w.data_ptr<float>(), w, out);
   return out;
 }
