@@ -48,6 +48,15 @@ def _tile_offsets(pid_nc, pid_h, pid_w, C, H, W,
 
 
 @triton.jit
+def _load_strips(a_h_ptr, a_w_ptr, strip, c3, h3, w3, C, H, W, ACC: tl.constexpr):
+    """The tile's a_h (BLOCK_C, ROWS, 1) and a_w (BLOCK_C, 1, BLOCK_W) from contiguous strips;
+    ``strip`` (BLOCK_C, 1, 1) is each channel's row in the (N * C, L) strip tensors."""
+    a_h = tl.load(a_h_ptr + strip * H + h3, mask=(c3 < C) & (h3 < H), other=0.0).to(ACC)
+    a_w = tl.load(a_w_ptr + strip * W + w3, mask=(c3 < C) & (w3 < W), other=0.0).to(ACC)
+    return a_h, a_w
+
+
+@triton.jit
 def _strip_sums_kernel(
     x_ptr, go_ptr, gx_ptr, a_h_ptr, a_w_ptr, part_h_ptr, part_w_ptr,
     NC, C, H, W,
@@ -64,8 +73,7 @@ def _strip_sums_kernel(
     strip = n * C + c  # row of the (N * C, H) and (N * C, W) strip tensors
     v = tl.load(x_ptr + n * sxn + c3 * sxc + h3 * sxh + w3 * sxw, mask=m, other=0.0).to(ACC)
     if GATED:
-        a_h = tl.load(a_h_ptr + strip[:, None, None] * H + h3, mask=(c3 < C) & (h3 < H), other=0.0).to(ACC)
-        a_w = tl.load(a_w_ptr + strip[:, None, None] * W + w3, mask=(c3 < C) & (w3 < W), other=0.0).to(ACC)
+        a_h, a_w = _load_strips(a_h_ptr, a_w_ptr, strip[:, None, None], c3, h3, w3, C, H, W, ACC)
         g = tl.load(go_ptr + n * sgn + c3 * sgc + h3 * sgh + w3 * sgw, mask=m, other=0.0).to(ACC)
         tl.store(gx_ptr + n * sdn + c3 * sdc + h3 * sdh + w3 * sdw, (g * a_h * a_w).to(gx_ptr.dtype.element_ty),
                  mask=m)
@@ -93,9 +101,7 @@ def _strip_apply_kernel(
     n, c, h, w = _tile_offsets(pid_nc, pid_h, pid_w, C, H, W, BLOCK_C, ROWS, BLOCK_W)
     c3, h3, w3 = c[:, None, None], h[None, :, None], w[None, None, :]
     m = (c3 < C) & (h3 < H) & (w3 < W)
-    strip = (n * C + c)[:, None, None]
-    a_h = tl.load(a_h_ptr + strip * H + h3, mask=(c3 < C) & (h3 < H), other=0.0).to(ACC)
-    a_w = tl.load(a_w_ptr + strip * W + w3, mask=(c3 < C) & (w3 < W), other=0.0).to(ACC)
+    a_h, a_w = _load_strips(a_h_ptr, a_w_ptr, (n * C + c)[:, None, None], c3, h3, w3, C, H, W, ACC)
     if GATE:
         # Same product order as the reference ``x * a_h * a_w``: bit-identical in fp32.
         out = tl.load(x_ptr + n * sxn + c3 * sxc + h3 * sxh + w3 * sxw, mask=m, other=0.0).to(ACC) * a_h * a_w

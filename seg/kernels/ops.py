@@ -123,7 +123,7 @@ class _PoolFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
-        ctx.height, ctx.channels_last = x.shape[2], _is_channels_last(x)
+        _pool_setup(ctx, (x,), None)
         return _pool(x)
 
     @staticmethod
@@ -137,7 +137,7 @@ class _GateFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, a_h: Tensor, a_w: Tensor) -> Tensor:
-        ctx.save_for_backward(x, a_h, a_w)  # x, not the output: see _gate_setup
+        _gate_setup(ctx, (x, a_h, a_w), None)
         return kernels.gate(x, a_h, a_w)
 
     @staticmethod
