@@ -98,12 +98,12 @@ class CoordAttention(nn.Module):
         separately (it acts per position, and BN at eval per channel), so there is no cat or split;
         the 1x1 convs are matmuls on (N, C, L) strips with in-place bias adds and activations.
         """
-        w1, b1, wh, bh, ww, bw = self._folded_weights()
         kernels = cpu_kernels_for(x)
         if kernels is not None:
             # On CPU, one C++ call: it pools in one read of x and gates in one read and write,
             # where PyTorch takes two of each, and skips the small ops' Python dispatch.
-            return kernels.forward(x, w1, b1, wh, bh, ww, bw, x if self.inplace else torch.empty_like(x))
+            return kernels.forward(x, self._fold_sources(), self.bn1.eps, x if self.inplace else torch.empty_like(x))
+        w1, b1, wh, bh, ww, bw = self._folded_weights()
         x_h = x.mean(dim=3)  # (N, C, H)
         x_w = x.mean(dim=2)  # (N, C, W)
         # (K, C) @ (N, C, L) broadcasts over N, in eager and as one ONNX MatMul alike

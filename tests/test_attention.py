@@ -7,6 +7,7 @@ from torch import nn
 from conftest import shared_path
 from seg.attention import CBAM, CoordAttention, SqueezeExcite, make_attention
 from seg.complexity import count_params
+from seg.kernels import cpu
 
 FIXTURE = ("fixtures", "official_ca", "coordatt_block.pt")
 
@@ -128,6 +129,16 @@ def _reference(block: CoordAttention, x: torch.Tensor) -> torch.Tensor:
         return block._forward_reference(x.clone())
 
 
+@pytest.fixture(params=["cpu_kernels", "torch_ops"])
+def ca_path(request):
+    """Run the test through CA's C++ inference kernel and again through its PyTorch-ops fallback."""
+    if request.param == "torch_ops":
+        with cpu.disabled():
+            yield request.param
+    else:
+        yield request.param
+
+
 def _inference(block: CoordAttention, x: torch.Tensor, monkeypatch) -> torch.Tensor:
     """The block's output with the reference path disabled, so the lean path must be the one that ran."""
     def refuse(_x):
@@ -139,7 +150,7 @@ def _inference(block: CoordAttention, x: torch.Tensor, monkeypatch) -> torch.Ten
 
 
 @pytest.mark.parametrize("shape", [(2, 16, 7, 12), (1, 16, 1, 9), (2, 16, 9, 1), (1, 16, 1, 1), (3, 16, 5, 5)])
-def test_inference_path_matches_reference(monkeypatch, shape):
+def test_inference_path_matches_reference(monkeypatch, shape, ca_path):
     block, x = _ca_with_bn_stats(), torch.randn(shape)
     torch.testing.assert_close(_inference(block, x, monkeypatch), _reference(block, x), atol=1e-5, rtol=1e-5)
 
@@ -177,27 +188,28 @@ def test_hooks_on_sub_layers_still_fire_at_inference():
     assert seen == [torch.Size([1, 16, 5, 1])]
 
 
-def test_inference_adds_nothing_to_state_dict():
+def test_inference_adds_nothing_to_state_dict(ca_path):
     block = _ca_with_bn_stats()
     keys = list(block.state_dict())
     with torch.no_grad():
         block(torch.randn(1, 16, 4, 4))
     assert list(block.state_dict()) == keys
-    assert block._fold_cache is not None  # the fold was cached, just not as state
+    if ca_path == "torch_ops":
+        assert block._fold_cache is not None  # the fold was cached, just not as state
 
 
 def _assert_fresh(block, x, monkeypatch):
     torch.testing.assert_close(_inference(block, x, monkeypatch), _reference(block, x), atol=1e-5, rtol=1e-5)
 
 
-def test_fold_cache_follows_load_state_dict(monkeypatch):
+def test_fold_cache_follows_load_state_dict(monkeypatch, ca_path):
     block, x = _ca_with_bn_stats(), torch.randn(2, 16, 6, 5)
     _assert_fresh(block, x, monkeypatch)  # fills the cache
     block.load_state_dict(_ca_with_bn_stats().state_dict())
     _assert_fresh(block, x, monkeypatch)
 
 
-def test_fold_cache_follows_in_place_edits_of_each_source(monkeypatch):
+def test_fold_cache_follows_in_place_edits_of_each_source(monkeypatch, ca_path):
     block, x = _ca_with_bn_stats(), torch.randn(2, 16, 6, 5)
     for tensor in block._fold_sources():
         _assert_fresh(block, x, monkeypatch)
@@ -206,7 +218,7 @@ def test_fold_cache_follows_in_place_edits_of_each_source(monkeypatch):
     _assert_fresh(block, x, monkeypatch)
 
 
-def test_fold_cache_follows_dtype_change(monkeypatch):
+def test_fold_cache_follows_dtype_change(monkeypatch, ca_path):
     block, x = _ca_with_bn_stats(), torch.randn(2, 16, 6, 5)
     _assert_fresh(block, x, monkeypatch)
     block.double()
@@ -215,7 +227,7 @@ def test_fold_cache_follows_dtype_change(monkeypatch):
     torch.testing.assert_close(got, _reference(block, x.double()), atol=1e-10, rtol=1e-10)
 
 
-def test_fold_cache_follows_training_steps(monkeypatch):
+def test_fold_cache_follows_training_steps(monkeypatch, ca_path):
     block, x = _ca_with_bn_stats(), torch.randn(4, 16, 6, 5)
     _assert_fresh(block, x, monkeypatch)
     opt = torch.optim.SGD(block.parameters(), lr=0.5)
@@ -226,7 +238,7 @@ def test_fold_cache_follows_training_steps(monkeypatch):
     _assert_fresh(block, x, monkeypatch)
 
 
-def test_fold_cache_cleared_by_eval_after_data_writes(monkeypatch):
+def test_fold_cache_cleared_by_eval_after_data_writes(monkeypatch, ca_path):
     block, x = _ca_with_bn_stats(), torch.randn(2, 16, 6, 5)
     _assert_fresh(block, x, monkeypatch)
     block.conv1.weight.data.mul_(-1.0)  # .data bypasses the version counter...
@@ -250,7 +262,7 @@ def test_mobilenet_v2_ca_gates_in_place_with_unchanged_features():
         torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
 
 
-def test_block_built_under_inference_mode(monkeypatch):
+def test_block_built_under_inference_mode(monkeypatch, ca_path):
     x = torch.randn(2, 16, 6, 5)
     with torch.inference_mode():  # its weights are inference tensors, which have no version counter
         block = _ca_with_bn_stats()
@@ -263,7 +275,7 @@ def test_block_built_under_inference_mode(monkeypatch):
     torch.testing.assert_close(got_after, expected_after, atol=1e-5, rtol=1e-5)
 
 
-def test_fold_cached_under_inference_mode_serves_no_grad_calls():
+def test_fold_cached_under_inference_mode_serves_no_grad_calls(ca_path):
     block, x = _ca_with_bn_stats(inplace=True), torch.randn(2, 16, 6, 7)
     expected = _reference(block, x)
     with torch.inference_mode():

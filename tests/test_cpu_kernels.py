@@ -148,3 +148,83 @@ def test_in_place_writes_move_the_version_counter_like_torch(ext):
     with pytest.raises(RuntimeError, match="Inplace update to inference tensor outside InferenceMode"):
         ext.gate(frozen, a_h, a_w, frozen)
     assert torch.equal(frozen, kept)  # refused before writing
+
+
+def _projection(block: CoordAttention, out_channels: int = 24) -> torch.Tensor:
+    return torch.randn(out_channels, block.conv1.in_channels, 1, 1) * 0.2
+
+
+# (1, 16, 200, 300): rows of 16 x 300 floats make tiles of 27 rows, the last one partial
+@pytest.mark.parametrize("shape", [(2, 16, 11, 7), (1, 16, 200, 300), (3, 16, 1, 1), (1, 16, 1, 40)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_forward_project_equals_ca_then_conv(ext, shape, threads):
+    block, x = _block(), torch.randn(shape)
+    weight = _projection(block)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            expected = torch.nn.functional.conv2d(block._forward_reference(x), weight)
+            got = ext.forward_project(x, block._fold_sources(), block.bn1.eps, weight)
+    finally:
+        torch.set_num_threads(previous)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_forward_project_refuses_a_projection_that_does_not_fit(ext):
+    block, x = _block(), torch.randn(1, 16, 5, 6)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="1x1 conv from 16 channels"):
+        ext.forward_project(x, block._fold_sources(), block.bn1.eps, torch.randn(8, 16, 3, 3))
+
+
+def _encoder(attention: str = "ca"):
+    import segmentation_models_pytorch as smp
+
+    torch.manual_seed(0)
+    encoder = smp.encoders.get_encoder(f"mobilenet_v2_{attention}", weights=None)
+    with torch.no_grad():  # BN statistics away from (0, 1), so that a skipped or stale BN shows
+        for m in encoder.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    return encoder.eval()
+
+
+def _spy_projection(ext, monkeypatch) -> list:
+    calls = []
+    monkeypatch.setattr(ext, "forward_project", lambda *a, _fn=ext.forward_project: calls.append(a) or _fn(*a))
+    return calls
+
+
+def test_mobilenet_v2_ca_fuses_each_block_projection_at_inference(ext, monkeypatch):
+    encoder, x = _encoder(), torch.randn(2, 3, 96, 64)
+    calls = _spy_projection(ext, monkeypatch)
+    with torch.no_grad():
+        got = encoder(x)
+        assert len(calls) == 16
+        with cpu.disabled():
+            expected = encoder(x)
+    assert len(calls) == 16
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+
+
+def test_projection_is_not_fused_in_training_with_grad_or_for_se(ext, monkeypatch):
+    calls = _spy_projection(ext, monkeypatch)
+    encoder, x = _encoder(), torch.randn(2, 3, 64, 64)
+    encoder(x)  # eval, but grad enabled
+    with torch.no_grad():
+        encoder.train()(x)
+        _encoder("se")(x)
+    assert calls == []
+
+
+def test_hooks_keep_their_block_unfused(ext, monkeypatch):
+    encoder, x = _encoder(), torch.randn(1, 3, 64, 64)
+    blocks = [m for m in encoder.modules() if isinstance(m, CoordAttention)]
+    seen = []
+    blocks[3].conv_h.register_forward_hook(lambda _m, _i, out: seen.append(out.shape))
+    calls = _spy_projection(ext, monkeypatch)
+    with torch.no_grad():
+        encoder(x)
+    assert len(calls) == 15 and len(seen) == 1

@@ -7,12 +7,14 @@ becomes ``[0: pw ConvBNReLU6, 1: dw ConvBNReLU6, 2: attention, 3: pw-linear Conv
 ``seg/weights.py`` maps checkpoint keys onto exactly this layout, so keep it.
 """
 
+import torch
 from torch import nn
 from torchvision.models.mobilenetv2 import InvertedResidual
 from segmentation_models_pytorch.encoders.mobilenet import MobileNetV2Encoder
 
 from seg.attention import CoordAttention, make_attention
 from seg.encoders import load_backbone_state
+from seg.kernels.cpu import kernels_for as cpu_kernels_for
 
 MOBILENET_V2_OUT_CHANNELS = [3, 16, 24, 32, 96, 1280]
 ATTENTION_SLOT = 2  # index in block.conv, right after the depthwise ConvBNReLU6
@@ -64,4 +66,49 @@ def with_attention_slot(conv: nn.Sequential, attention: nn.Module) -> nn.Sequent
         # CA may gate it in place and skip allocating a full-size tensor per block.
         attention.inplace = True
     layers.insert(ATTENTION_SLOT, attention)
-    return nn.Sequential(*layers)
+    return ExpandedConv(*layers)
+
+
+class ExpandedConv(nn.Sequential):
+    """An expanded block's ``conv`` with its attention slot: pw, dw, attention, pw-linear, BN.
+
+    It runs as ``nn.Sequential`` does, except at CPU inference (eval, no grad) with CA in the slot:
+    CA and the pw-linear 1x1 conv then run as one C++ call of ``seg.kernels.cpu``, which gates the
+    map tile by tile inside the conv's matmul. Gating as a step of its own writes the whole gated
+    map and the conv reads it back, about as much memory traffic as the conv itself in the early,
+    large blocks. Same function, same state dict; equal to the layer-by-layer result within fp32
+    rounding (the matmul sums in another order than the conv).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():  # TorchScript skips this block: the kernels are not scriptable
+            if not (self.training or torch.is_grad_enabled()):
+                return self._forward_inference(x)
+        for layer in self:
+            x = layer(x)
+        return x
+
+    @torch.jit.unused
+    def _forward_inference(self, x: torch.Tensor) -> torch.Tensor:
+        layers = list(self)
+        x = layers[1](layers[0](x))
+        attention, project = layers[ATTENTION_SLOT], layers[ATTENTION_SLOT + 1]
+        kernels = cpu_kernels_for(x) if _fusable(attention, project) else None
+        if kernels is None:
+            for layer in layers[ATTENTION_SLOT:]:
+                x = layer(x)
+            return x
+        x = kernels.forward_project(x, attention._fold_sources(), attention.bn1.eps, project.weight)
+        return layers[ATTENTION_SLOT + 2](x)
+
+
+def _fusable(attention: nn.Module, project: nn.Module) -> bool:
+    """Whether CA + projection may run as one kernel call: a plain CA and a bias-free 1x1 conv
+    that acts per pixel, and no hooks on either that expect to see the layers run one by one."""
+    if not (isinstance(attention, CoordAttention) and not attention.fused and isinstance(project, nn.Conv2d)):
+        return False
+    if project.kernel_size != (1, 1) or project.stride != (1, 1) or project.padding != (0, 0) \
+            or project.groups != 1 or project.bias is not None:
+        return False
+    modules = [attention, project, *attention.children()]
+    return not any(m._forward_hooks or m._forward_pre_hooks for m in modules)

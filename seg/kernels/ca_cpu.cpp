@@ -9,9 +9,19 @@
 
 #include <torch/extension.h>
 
+#include <ATen/Config.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <cmath>
 #include <vector>
+
+#if AT_MKL_ENABLED()
+// The reference BLAS routine, exported by the MKL inside torch's own library.
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc);
+#endif
 
 namespace {
 
@@ -96,6 +106,30 @@ void apply_gate(const at::Tensor& x, const float* a_h, int64_t stride_h, const f
   });
 }
 
+
+// Bytes of gated map per tile in forward_project: small enough to stay in a core's L2 cache
+// (1-2 MiB on current x86 server cores) while the matmul reads it, large enough that the
+// matmul's columns (rows x W) keep it efficient.
+constexpr int64_t kTileBytes = 512 * 1024;
+
+// c (m x n, row stride ldc) = a (m x k) @ b (k x n), all row-major. The single-threaded BLAS
+// call is made from inside parallel_for, one tile per call.
+void matmul(int64_t m, int64_t n, int64_t k, const float* a, const float* b, float* c, int64_t ldc) {
+#if AT_MKL_ENABLED()
+  // Row-major C = A B is column-major C^T = B^T A^T; the Fortran BLAS interface is the one
+  // torch's bundled MKL exports. It skips a dispatcher round trip per tile.
+  const char no = 'N';
+  const int mi = static_cast<int>(n), ni = static_cast<int>(m), ki = static_cast<int>(k);
+  const int ldb = static_cast<int>(n), lda = static_cast<int>(k), ldci = static_cast<int>(ldc);
+  const float one = 1.0f, zero = 0.0f;
+  sgemm_(&no, &no, &mi, &ni, &ki, &one, b, &ldb, a, &lda, &zero, c, &ldci);
+#else
+  at::Tensor out = at::from_blob(c, {m, n}, {ldc, 1}, at::kFloat);
+  at::mm_out(out, at::from_blob(const_cast<float*>(a), {m, k}, at::kFloat),
+             at::from_blob(const_cast<float*>(b), {k, n}, at::kFloat));
+#endif
+}
+
 }  // namespace
 
 // Row means (N, C, H) and column means (N, C, W) of x (N, C, H, W), reading x once.
@@ -123,18 +157,27 @@ at::Tensor gate(const at::Tensor& x, const at::Tensor& a_h, const at::Tensor& a_
   return out;
 }
 
-// The whole CA block at inference, into out (which may be x): pool, then conv1 with BN folded
-// in (w1 (K, C), b1 (K, 1)) and hard-swish, then conv_h / conv_w (wh, ww (C, K); bh, bw (C, 1))
-// and sigmoid, then the gate. One call instead of a dozen small Python-dispatched ops; the
-// small matmuls go straight to addmm on 2-D slices, skipping matmul's batch broadcasting.
-at::Tensor forward(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& wh,
-                   const at::Tensor& bh, const at::Tensor& ww, const at::Tensor& bw, at::Tensor out) {
+// CA's gates at inference: a_h (N, C, H) and a_w (N, C, W) from the map x (N, C, H, W).
+// params are the block's tensors in CoordAttention._fold_sources() order: conv1 weight (K, C, 1, 1)
+// and bias, bn1 weight, bias, running mean and running variance, conv_h weight (C, K, 1, 1) and
+// bias, conv_w weight and bias. BN is applied from its running statistics to the (K, H + W) conv1
+// output, a few hundred values, instead of being folded into conv1's (K, C) weight: no folded
+// copy to cache, nothing to invalidate when the weights change.
+std::pair<at::Tensor, at::Tensor> gates(const at::Tensor& x, const std::vector<at::Tensor>& params, double eps) {
   check(x, "x", 4);
-  check(out, "out", 4);
-  TORCH_CHECK(out.sizes() == x.sizes(), "out must have x's shape");
+  TORCH_CHECK(params.size() == 10, "CA takes 10 parameter tensors, got ", params.size());
+  std::vector<at::Tensor> p;
+  for (const at::Tensor& t : params) {
+    p.push_back(t.contiguous());  // a no-op for parameters, which are contiguous
+    check(p.back(), "every CA parameter", t.dim());
+  }
   const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
-  TORCH_CHECK(w1.dim() == 2 && w1.size(1) == c && wh.sizes() == ww.sizes() && wh.size(0) == c &&
-                  wh.size(1) == w1.size(0), "CA weights do not fit ", c, " channels");
+  const at::Tensor w1 = p[0].flatten(1), wh = p[6].flatten(1), ww = p[8].flatten(1);
+  const int64_t k = w1.size(0);
+  TORCH_CHECK(w1.size(1) == c && wh.size(0) == c && wh.size(1) == k && wh.sizes() == ww.sizes(),
+              "CA weights do not fit ", c, " channels");
+  const float *gamma = p[2].data_ptr<float>(), *beta = p[3].data_ptr<float>(), *mean = p[4].data_ptr<float>(),
+              *var = p[5].data_ptr<float>();
   // Each plane's strips side by side, [H row means | W column means]: conv1 then acts on both
   // with one matmul, as the reference's conv1 on cat([x_h, x_w]) does.
   at::Tensor pooled = at::empty({n, c, h + w}, x.options());
@@ -142,22 +185,82 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& 
   pool(x, strips, h + w, strips + h, h + w);
   at::Tensor a_h = at::empty({n, c, h}, x.options());
   at::Tensor a_w = at::empty({n, c, w}, x.options());
+  const at::Tensor b1 = p[1].unsqueeze(1), bh = p[7].unsqueeze(1), bw = p[9].unsqueeze(1);
   for (int64_t i = 0; i < n; ++i) {
     at::Tensor y = at::addmm(b1, w1, pooled[i]);  // (K, H + W)
-    at::hardswish_(y);
+    float* row = y.data_ptr<float>();
+    for (int64_t r = 0; r < k; ++r, row += h + w) {
+      // BN at eval as PyTorch computes it, then hard-swish: v * relu6(v + 3) / 6.
+      const float scale = gamma[r] * (1.0f / std::sqrt(var[r] + static_cast<float>(eps)));
+      const float shift = beta[r] - mean[r] * scale;
+      for (int64_t j = 0; j < h + w; ++j) {
+        const float v = row[j] * scale + shift;
+        row[j] = v * std::min(std::max(v + 3.0f, 0.0f), 6.0f) / 6.0f;
+      }
+    }
     at::Tensor a_h_i = a_h[i], a_w_i = a_w[i];
     at::addmm_out(a_h_i, bh, wh, y.narrow(1, 0, h));
     at::addmm_out(a_w_i, bw, ww, y.narrow(1, h, w));
   }
   a_h.sigmoid_();
   a_w.sigmoid_();
+  return {a_h, a_w};
+}
+
+// The whole CA block at inference, into out (which may be x): one call instead of a dozen small
+// Python-dispatched ops, and the small matmuls go straight to addmm on 2-D slices.
+at::Tensor forward(const at::Tensor& x, const std::vector<at::Tensor>& params, double eps, at::Tensor out) {
+  check(out, "out", 4);
+  TORCH_CHECK(out.sizes() == x.sizes(), "out must have x's shape");
+  auto [a_h, a_w] = gates(x, params, eps);
   will_write(out);
-  apply_gate(x, a_h.data_ptr<float>(), h, a_w.data_ptr<float>(), w, out);
+  apply_gate(x, a_h.data_ptr<float>(), x.size(2), a_w.data_ptr<float>(), x.size(3), out);
+  return out;
+}
+
+// CA, then a 1x1 conv without bias (weight (O, C, 1, 1)), as in MobileNetV2's pw-linear layer after
+// CA. The gated map is never written out: each tile of rows is gated into a buffer that stays in
+// cache and multiplied by the weight from there. Gating as a pass of its own reads and writes
+// the whole map once more, and the conv reads it back from memory.
+at::Tensor forward_project(const at::Tensor& x, const std::vector<at::Tensor>& params, double eps,
+                           const at::Tensor& projection) {
+  auto [a_h, a_w] = gates(x, params, eps);
+  const at::Tensor weight = projection.contiguous();
+  check(weight, "weight", 4);
+  const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3), o = weight.size(0);
+  TORCH_CHECK(weight.size(1) == c && weight.size(2) == 1 && weight.size(3) == 1,
+              "the projection must be a 1x1 conv from ", c, " channels");
+  at::Tensor out = at::empty({n, o, h, w}, x.options());
+  const int64_t rows = std::clamp<int64_t>(kTileBytes / (c * w * sizeof(float)), 1, h);
+  const int64_t tiles = (h + rows - 1) / rows;
+  const float *src = x.data_ptr<float>(), *gh = a_h.data_ptr<float>(), *gw = a_w.data_ptr<float>();
+  const float* wt = weight.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  at::parallel_for(0, n * tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> buffer(c * rows * w);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / tiles, i0 = (t % tiles) * rows, r = std::min(rows, h - i0), cols = r * w;
+      for (int64_t ch = 0; ch < c; ++ch) {
+        const int64_t p = b * c + ch;
+        const float* g = gw + p * w;
+        for (int64_t i = 0; i < r; ++i) {
+          const float* row = src + (p * h + i0 + i) * w;
+          float* tile = buffer.data() + ch * cols + i * w;
+          const float s = gh[p * h + i0 + i];
+#pragma omp simd
+          for (int64_t j = 0; j < w; ++j) tile[j] = (row[j] * s) * g[j];
+        }
+      }
+      // out[b][:, tile] (O x cols, row stride h * w) = weight (O x C) @ buffer (C x cols)
+      matmul(o, cols, c, wt, buffer.data(), dst + b * o * h * w + i0 * w, h * w);
+    }
+  });
   return out;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("strip_means", &strip_means, "row and column means of an NCHW float32 map, in one read");
   m.def("gate", &gate, "x * a_h * a_w into out, one read and one write");
-  m.def("forward", &forward, "the CA block at inference (BN folded) into out");
+  m.def("forward", &forward, "the CA block at inference into out");
+  m.def("forward_project", &forward_project, "the CA block at inference, then a 1x1 conv without bias");
 }
