@@ -228,3 +228,12 @@ def test_hooks_keep_their_block_unfused(ext, monkeypatch):
     with torch.no_grad():
         encoder(x)
     assert len(calls) == 15 and len(seen) == 1
+
+
+def test_a_ca_left_in_training_mode_keeps_its_block_unfused(ext, monkeypatch):
+    encoder, x = _encoder(), torch.randn(1, 3, 64, 64)
+    [m for m in encoder.modules() if isinstance(m, CoordAttention)][0].train()  # BN on batch statistics
+    calls = _spy_projection(ext, monkeypatch)
+    with torch.no_grad():
+        encoder(x)
+    assert len(calls) == 15

@@ -103,9 +103,11 @@ class ExpandedConv(nn.Sequential):
 
 
 def _fusable(attention: nn.Module, project: nn.Module) -> bool:
-    """Whether CA + projection may run as one kernel call: a plain CA and a bias-free 1x1 conv
-    that acts per pixel, and no hooks on either that expect to see the layers run one by one."""
-    if not (isinstance(attention, CoordAttention) and not attention.fused and isinstance(project, nn.Conv2d)):
+    """Whether CA + projection may run as one kernel call: CA in eval mode (its BN uses running
+    statistics) without the Triton path, a bias-free 1x1 conv that acts per pixel, and no hooks
+    on either that expect to see the layers run one by one."""
+    if not (isinstance(attention, CoordAttention) and not attention.training and not attention.fused
+            and isinstance(project, nn.Conv2d)):
         return False
     if project.kernel_size != (1, 1) or project.stride != (1, 1) or project.padding != (0, 0) \
             or project.groups != 1 or project.bias is not None:

@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #if AT_MKL_ENABLED()
@@ -124,9 +125,9 @@ void matmul(int64_t m, int64_t n, int64_t k, const float* a, const float* b, flo
   const float one = 1.0f, zero = 0.0f;
   sgemm_(&no, &no, &mi, &ni, &ki, &one, b, &ldb, a, &lda, &zero, c, &ldci);
 #else
-  at::Tensor out = at::from_blob(c, {m, n}, {ldc, 1}, at::kFloat);
-  at::mm_out(out, at::from_blob(const_cast<float*>(a), {m, k}, at::kFloat),
-             at::from_blob(const_cast<float*>(b), {k, n}, at::kFloat));
+  at::from_blob(c, {m, n}, {ldc, 1}, at::kFloat)
+      .copy_(at::mm(at::from_blob(const_cast<float*>(a), {m, k}, at::kFloat),
+                    at::from_blob(const_cast<float*>(b), {k, n}, at::kFloat)));
 #endif
 }
 
@@ -230,6 +231,8 @@ at::Tensor forward_project(const at::Tensor& x, const std::vector<at::Tensor>& p
   const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3), o = weight.size(0);
   TORCH_CHECK(weight.size(1) == c && weight.size(2) == 1 && weight.size(3) == 1,
               "the projection must be a 1x1 conv from ", c, " channels");
+  TORCH_CHECK(h * w <= std::numeric_limits<int>::max() && c <= std::numeric_limits<int>::max() &&
+                  o <= std::numeric_limits<int>::max(), "map too large for 32-bit BLAS indices");
   at::Tensor out = at::empty({n, o, h, w}, x.options());
   const int64_t rows = std::clamp<int64_t>(kTileBytes / (c * w * sizeof(float)), 1, h);
   const int64_t tiles = (h + rows - 1) / rows;
