@@ -154,8 +154,9 @@ def _projection(block: CoordAttention, out_channels: int = 24) -> torch.Tensor:
     return torch.randn(out_channels, block.conv1.in_channels, 1, 1) * 0.2
 
 
-# (1, 16, 200, 300): rows of 16 x 300 floats make tiles of 27 rows, the last one partial
-@pytest.mark.parametrize("shape", [(2, 16, 11, 7), (1, 16, 200, 300), (3, 16, 1, 1), (1, 16, 1, 40)])
+# (1, 16, 200, 300): rows of 16 x 300 floats make tiles of 27 rows, the last one partial;
+# (3, 16, 5, 300) at 2 threads: each thread's share of the 15 rows crosses an image boundary
+@pytest.mark.parametrize("shape", [(2, 16, 11, 7), (1, 16, 200, 300), (3, 16, 5, 300), (3, 16, 1, 1), (1, 16, 1, 40)])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_forward_project_equals_ca_then_conv(ext, shape, threads):
     block, x = _block(), torch.randn(shape)

@@ -36,8 +36,9 @@ void check(const at::Tensor& x, const char* name, int64_t dim) {
 // inference tensor outside inference mode is refused with PyTorch's error, before any write.
 void will_write(const at::Tensor& out) { out.unsafeGetTensorImpl()->bump_version(); }
 
-// Planes per parallel task: enough work per task that the thread hand-off stays negligible.
-int64_t grain(int64_t plane) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(plane, 1)); }
+// Items (planes, or rows of a map) of `size` floats per parallel task: enough work per task that
+// the thread hand-off stays negligible.
+int64_t grain(int64_t size) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(size, 1)); }
 
 // Row means into mean_h[p * stride_h + i] and column means into mean_w[p * stride_w + j] for every
 // plane p of x, reading x once.
@@ -234,15 +235,17 @@ at::Tensor forward_project(const at::Tensor& x, const std::vector<at::Tensor>& p
   TORCH_CHECK(h * w <= std::numeric_limits<int>::max() && c <= std::numeric_limits<int>::max() &&
                   o <= std::numeric_limits<int>::max(), "map too large for 32-bit BLAS indices");
   at::Tensor out = at::empty({n, o, h, w}, x.options());
-  const int64_t rows = std::clamp<int64_t>(kTileBytes / (c * w * sizeof(float)), 1, h);
-  const int64_t tiles = (h + rows - 1) / rows;
+  const int64_t row_bytes = c * w * static_cast<int64_t>(sizeof(float));
+  const int64_t rows = std::clamp<int64_t>(kTileBytes / row_bytes, 1, h);
   const float *src = x.data_ptr<float>(), *gh = a_h.data_ptr<float>(), *gw = a_w.data_ptr<float>();
   const float* wt = weight.data_ptr<float>();
   float* dst = out.data_ptr<float>();
-  at::parallel_for(0, n * tiles, 1, [&](int64_t begin, int64_t end) {
+  // Threads split the N * H rows evenly (whole tiles per thread would leave one idle for part of
+  // the time: 32 rows in tiles of 7 make 5 tiles), then walk their share a tile at a time.
+  at::parallel_for(0, n * h, grain(row_bytes / sizeof(float)), [&](int64_t begin, int64_t end) {
     std::vector<float> buffer(c * rows * w);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t b = t / tiles, i0 = (t % tiles) * rows, r = std::min(rows, h - i0), cols = r * w;
+    for (int64_t start = begin; start < end;) {
+      const int64_t b = start / h, i0 = start % h, r = std::min({rows, end - start, h - i0}), cols = r * w;
       for (int64_t ch = 0; ch < c; ++ch) {
         const int64_t p = b * c + ch;
         const float* g = gw + p * w;
@@ -254,8 +257,9 @@ at::Tensor forward_project(const at::Tensor& x, const std::vector<at::Tensor>& p
           for (int64_t j = 0; j < w; ++j) tile[j] = (row[j] * s) * g[j];
         }
       }
-      // out[b][:, tile] (O x cols, row stride h * w) = weight (O x C) @ buffer (C x cols)
+      // out[b][:, rows i0 .. i0 + r] (O x cols, row stride h * w) = weight (O x C) @ buffer (C x cols)
       matmul(o, cols, c, wt, buffer.data(), dst + b * o * h * w + i0 * w, h * w);
+      start += r;
     }
   });
   return out;
