@@ -114,6 +114,14 @@ void apply_gate(const at::Tensor& x, const float* a_h, int64_t stride_h, const f
 // matmul's columns (rows x W) keep it efficient.
 constexpr int64_t kTileBytes = 512 * 1024;
 
+// This thread's scratch buffer of at least `size` floats. Kept between calls: a fresh 512 KiB
+// buffer per call would be mmap'ed, zero-filled and page-faulted in again every time.
+float* scratch(int64_t size) {
+  thread_local std::vector<float> buffer;
+  if (static_cast<int64_t>(buffer.size()) < size) buffer.resize(size);
+  return buffer.data();
+}
+
 // c (m x n, row stride ldc) = a (m x k) @ b (k x n), all row-major. The single-threaded BLAS
 // call is made from inside parallel_for, one tile per call.
 void matmul(int64_t m, int64_t n, int64_t k, const float* a, const float* b, float* c, int64_t ldc) {
@@ -243,7 +251,7 @@ at::Tensor forward_project(const at::Tensor& x, const std::vector<at::Tensor>& p
   // Threads split the N * H rows evenly (whole tiles per thread would leave one idle for part of
   // the time: 32 rows in tiles of 7 make 5 tiles), then walk their share a tile at a time.
   at::parallel_for(0, n * h, grain(row_bytes / sizeof(float)), [&](int64_t begin, int64_t end) {
-    std::vector<float> buffer(c * rows * w);
+    float* buffer = scratch(c * rows * w);
     for (int64_t start = begin; start < end;) {
       const int64_t b = start / h, i0 = start % h, r = std::min({rows, end - start, h - i0}), cols = r * w;
       for (int64_t ch = 0; ch < c; ++ch) {
@@ -251,14 +259,14 @@ at::Tensor forward_project(const at::Tensor& x, const std::vector<at::Tensor>& p
         const float* g = gw + p * w;
         for (int64_t i = 0; i < r; ++i) {
           const float* row = src + (p * h + i0 + i) * w;
-          float* tile = buffer.data() + ch * cols + i * w;
+          float* tile = buffer + ch * cols + i * w;
           const float s = gh[p * h + i0 + i];
 #pragma omp simd
           for (int64_t j = 0; j < w; ++j) tile[j] = (row[j] * s) * g[j];
         }
       }
       // out[b][:, rows i0 .. i0 + r] (O x cols, row stride h * w) = weight (O x C) @ buffer (C x cols)
-      matmul(o, cols, c, wt, buffer.data(), dst + b * o * h * w + i0 * w, h * w);
+      matmul(o, cols, c, wt, buffer, dst + b * o * h * w + i0 * w, h * w);
       start += r;
     }
   });
