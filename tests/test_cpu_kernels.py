@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from seg.attention import CoordAttention
+from seg.encoders.mobilenet_v2 import ExpandedConv
 from seg.kernels import cpu
 
 
@@ -75,6 +76,14 @@ def test_kernels_apply_only_to_contiguous_float32_cpu_maps(ext):
     assert cpu.kernels_for(x.double()) is None
     assert cpu.kernels_for(x.to(memory_format=torch.channels_last)) is None
     assert cpu.kernels_for(x.transpose(2, 3)) is None
+
+
+def test_strip_means_can_apply_relu6_in_place(ext):
+    x = torch.tensor([[-1.0, 2.0, 7.0], [4.0, 9.0, -6.0]]).view(1, 1, 2, 3)
+    mean_h, mean_w = ext.strip_means(x, relu6=True)
+    assert torch.equal(x, torch.tensor([[0.0, 2.0, 6.0], [4.0, 6.0, 0.0]]).view(1, 1, 2, 3))
+    torch.testing.assert_close(mean_h, torch.tensor([[[8 / 3, 10 / 3]]]))
+    torch.testing.assert_close(mean_w, torch.tensor([[[2.0, 4.0, 3.0]]]))
 
 
 def _block() -> CoordAttention:
@@ -158,15 +167,16 @@ def _projection(block: CoordAttention, out_channels: int = 24) -> torch.Tensor:
 # (3, 16, 5, 300) at 2 threads: each thread's share of the 15 rows crosses an image boundary
 @pytest.mark.parametrize("shape", [(2, 16, 11, 7), (1, 16, 200, 300), (3, 16, 5, 300), (3, 16, 1, 1), (1, 16, 1, 40)])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_forward_project_equals_ca_then_conv(ext, shape, threads):
-    block, x = _block(), torch.randn(shape)
+@pytest.mark.parametrize("relu6", [False, True])
+def test_forward_project_equals_ca_then_conv(ext, shape, threads, relu6):
+    block, x = _block(), torch.randn(shape) * 4
     weight = _projection(block)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         with torch.no_grad():
-            expected = torch.nn.functional.conv2d(block._forward_reference(x), weight)
-            got = ext.forward_project(x, block._fold_sources(), block.bn1.eps, weight)
+            expected = torch.nn.functional.conv2d(block._forward_reference(x.clamp(0, 6) if relu6 else x), weight)
+            got = ext.forward_project(x, block._fold_sources(), block.bn1.eps, weight, relu6)
     finally:
         torch.set_num_threads(previous)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
@@ -223,12 +233,14 @@ def test_projection_is_not_fused_in_training_with_grad_or_for_se(ext, monkeypatc
 def test_hooks_keep_their_block_unfused(ext, monkeypatch):
     encoder, x = _encoder(), torch.randn(1, 3, 64, 64)
     blocks = [m for m in encoder.modules() if isinstance(m, CoordAttention)]
+    convs = [m for m in encoder.modules() if isinstance(m, ExpandedConv)]
     seen = []
     blocks[3].conv_h.register_forward_hook(lambda _m, _i, out: seen.append(out.shape))
+    convs[5][1][2].register_forward_hook(lambda _m, _i, out: seen.append(out.shape))  # a depthwise ReLU6
     calls = _spy_projection(ext, monkeypatch)
     with torch.no_grad():
         encoder(x)
-    assert len(calls) == 15 and len(seen) == 1
+    assert len(calls) == 14 and len(seen) == 2
 
 
 def test_a_ca_left_in_training_mode_keeps_its_block_unfused(ext, monkeypatch):

@@ -72,45 +72,51 @@ def with_attention_slot(conv: nn.Sequential, attention: nn.Module) -> nn.Sequent
 class ExpandedConv(nn.Sequential):
     """An expanded block's ``conv`` with its attention slot: pw, dw, attention, pw-linear, BN.
 
-    It runs as ``nn.Sequential`` does, except at CPU inference (eval, no grad) with CA in the slot:
-    CA and the pw-linear 1x1 conv then run as one C++ call of ``seg.kernels.cpu``, which gates the
-    map tile by tile inside the conv's matmul. Gating as a step of its own writes the whole gated
-    map and the conv reads it back, about as much memory traffic as the conv itself in the early,
-    large blocks. Same function, same state dict; equal to the layer-by-layer result within fp32
-    rounding (the matmul sums in another order than the conv).
+    It runs as ``nn.Sequential`` does, except at CPU inference (eval, no grad) with CA in the slot.
+    The depthwise ReLU6, CA and the pw-linear 1x1 conv then run as one C++ call of
+    ``seg.kernels.cpu``: the ReLU6 is applied by CA's pooling pass, and the map is gated tile by
+    tile inside the conv's matmul. Run one by one, the ReLU6 and CA's pooling each make a pass over
+    the map, and the gate writes the whole gated map for the conv to read back. The ReLU6 still
+    reads and writes the map once, as in the plain model: only CA's own passes are saved. Same
+    function, same state dict; equal to the layer-by-layer result within fp32 rounding (the
+    matmul sums in another order than the conv).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():  # TorchScript skips this block: the kernels are not scriptable
-            if not (self.training or torch.is_grad_enabled()):
-                return self._forward_inference(x)
+            if not (self.training or torch.is_grad_enabled()) and _fusable(self):
+                return self._forward_fused(x)
         for layer in self:
             x = layer(x)
         return x
 
     @torch.jit.unused
-    def _forward_inference(self, x: torch.Tensor) -> torch.Tensor:
-        layers = list(self)
-        x = layers[1](layers[0](x))
-        attention, project = layers[ATTENTION_SLOT], layers[ATTENTION_SLOT + 1]
-        kernels = cpu_kernels_for(x) if _fusable(attention, project) else None
-        if kernels is None:
-            for layer in layers[ATTENTION_SLOT:]:
-                x = layer(x)
-            return x
-        x = kernels.forward_project(x, attention._fold_sources(), attention.bn1.eps, project.weight)
-        return layers[ATTENTION_SLOT + 2](x)
+    def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        expand, depthwise, attention, project, bn = self
+        *conv_bn, relu6 = depthwise
+        x = expand(x)
+        for layer in conv_bn:
+            x = layer(x)
+        kernels = cpu_kernels_for(x)
+        if kernels is None:  # not a contiguous fp32 CPU map, or no compiler: layer by layer
+            return bn(project(attention(relu6(x))))
+        return bn(kernels.forward_project(x, attention._fold_sources(), attention.bn1.eps, project.weight, True))
 
 
-def _fusable(attention: nn.Module, project: nn.Module) -> bool:
-    """Whether CA + projection may run as one kernel call: CA in eval mode (its BN uses running
-    statistics) without the Triton path, a bias-free 1x1 conv that acts per pixel, and no hooks
-    on either that expect to see the layers run one by one."""
-    if not (isinstance(attention, CoordAttention) and not attention.training and not attention.fused
-            and isinstance(project, nn.Conv2d)):
+def _fusable(conv: nn.Sequential) -> bool:
+    """Whether the depthwise ReLU6, CA and the projection of ``conv`` may run as one kernel call:
+    a depthwise block ending in ReLU6, CA in eval mode (its BN uses running statistics) without
+    the Triton path, a bias-free 1x1 conv that acts per pixel, and no hooks on any of them that
+    expect to see the layers run one by one."""
+    if len(conv) != 5:
         return False
-    if project.kernel_size != (1, 1) or project.stride != (1, 1) or project.padding != (0, 0) \
-            or project.groups != 1 or project.bias is not None:
+    depthwise, attention, project = conv[1], conv[ATTENTION_SLOT], conv[ATTENTION_SLOT + 1]
+    if not (isinstance(depthwise, nn.Sequential) and len(depthwise) > 0 and isinstance(depthwise[-1], nn.ReLU6)):
         return False
-    modules = [attention, project, *attention.children()]
+    if not (isinstance(attention, CoordAttention) and not attention.training and not attention.fused):
+        return False
+    if not (isinstance(project, nn.Conv2d) and project.kernel_size == (1, 1) and project.stride == (1, 1)
+            and project.padding == (0, 0) and project.groups == 1 and project.bias is None):
+        return False
+    modules = [depthwise, depthwise[-1], attention, *attention.children(), project]
     return not any(m._forward_hooks or m._forward_pre_hooks for m in modules)

@@ -40,32 +40,45 @@ void will_write(const at::Tensor& out) { out.unsafeGetTensorImpl()->bump_version
 // the thread hand-off stays negligible.
 int64_t grain(int64_t size) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(size, 1)); }
 
+// *v, or with kRelu6 min(max(*v, 0), 6) written back to *v: MobileNetV2's in-place ReLU6 done
+// by the pooling pass, which saves the ReLU6's own pass over the map.
+template <bool kRelu6>
+inline float take(float* v) {
+  if constexpr (kRelu6) {
+    *v = std::min(std::max(*v, 0.0f), 6.0f);
+  }
+  return *v;
+}
+
 // Row means into mean_h[p * stride_h + i] and column means into mean_w[p * stride_w + j] for every
-// plane p of x, reading x once.
+// plane p of x, reading x once (with kRelu6, clamping it in place first; see take).
+template <bool kRelu6>
 void pool(const at::Tensor& x, float* mean_h, int64_t stride_h, float* mean_w, int64_t stride_w) {
   const int64_t h = x.size(2), w = x.size(3);
-  const float* src = x.data_ptr<float>();
+  float* src = x.data_ptr<float>();
   const float inv_w = 1.0f / static_cast<float>(w), inv_h = 1.0f / static_cast<float>(h);
   at::parallel_for(0, x.size(0) * x.size(1), grain(h * w), [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
-      const float* plane = src + p * h * w;
+      float* plane = src + p * h * w;
       float* col = mean_w + p * stride_w;
       std::fill(col, col + w, 0.0f);
       int64_t i = 0;
       // Four rows per sweep: the column sums are loaded and stored once per four rows.
       for (; i + 4 <= h; i += 4) {
-        const float* r0 = plane + i * w;
-        const float* r1 = r0 + w;
-        const float* r2 = r1 + w;
-        const float* r3 = r2 + w;
+        float* r0 = plane + i * w;
+        float* r1 = r0 + w;
+        float* r2 = r1 + w;
+        float* r3 = r2 + w;
         float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
 #pragma omp simd reduction(+ : s0, s1, s2, s3)
         for (int64_t j = 0; j < w; ++j) {
-          s0 += r0[j];
-          s1 += r1[j];
-          s2 += r2[j];
-          s3 += r3[j];
-          col[j] += (r0[j] + r1[j]) + (r2[j] + r3[j]);
+          const float v0 = take<kRelu6>(r0 + j), v1 = take<kRelu6>(r1 + j), v2 = take<kRelu6>(r2 + j),
+                      v3 = take<kRelu6>(r3 + j);
+          s0 += v0;
+          s1 += v1;
+          s2 += v2;
+          s3 += v3;
+          col[j] += (v0 + v1) + (v2 + v3);
         }
         mean_h[p * stride_h + i] = s0 * inv_w;
         mean_h[p * stride_h + i + 1] = s1 * inv_w;
@@ -73,12 +86,13 @@ void pool(const at::Tensor& x, float* mean_h, int64_t stride_h, float* mean_w, i
         mean_h[p * stride_h + i + 3] = s3 * inv_w;
       }
       for (; i < h; ++i) {
-        const float* row = plane + i * w;
+        float* row = plane + i * w;
         float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
         for (int64_t j = 0; j < w; ++j) {
-          sum += row[j];
-          col[j] += row[j];
+          const float v = take<kRelu6>(row + j);
+          sum += v;
+          col[j] += v;
         }
         mean_h[p * stride_h + i] = sum * inv_w;
       }
@@ -142,12 +156,18 @@ void matmul(int64_t m, int64_t n, int64_t k, const float* a, const float* b, flo
 
 }  // namespace
 
-// Row means (N, C, H) and column means (N, C, W) of x (N, C, H, W), reading x once.
-std::vector<at::Tensor> strip_means(const at::Tensor& x) {
+// Row means (N, C, H) and column means (N, C, W) of x (N, C, H, W), reading x once; with relu6,
+// of min(max(x, 0), 6), which is also written back into x.
+std::vector<at::Tensor> strip_means(const at::Tensor& x, bool relu6) {
   check(x, "x", 4);
   at::Tensor mean_h = at::empty({x.size(0), x.size(1), x.size(2)}, x.options());
   at::Tensor mean_w = at::empty({x.size(0), x.size(1), x.size(3)}, x.options());
-  pool(x, mean_h.data_ptr<float>(), x.size(2), mean_w.data_ptr<float>(), x.size(3));
+  if (relu6) {
+    will_write(x);
+    pool<true>(x, mean_h.data_ptr<float>(), x.size(2), mean_w.data_ptr<float>(), x.size(3));
+  } else {
+    pool<false>(x, mean_h.data_ptr<float>(), x.size(2), mean_w.data_ptr<float>(), x.size(3));
+  }
   return {mean_h, mean_w};
 }
 
@@ -173,7 +193,8 @@ at::Tensor gate(const at::Tensor& x, const at::Tensor& a_h, const at::Tensor& a_
 // bias, conv_w weight and bias. BN is applied from its running statistics to the (K, H + W) conv1
 // output, a few hundred values, instead of being folded into conv1's (K, C) weight: no folded
 // copy to cache, nothing to invalidate when the weights change.
-std::pair<at::Tensor, at::Tensor> gates(const at::Tensor& x, const std::vector<at::Tensor>& params, double eps) {
+std::pair<at::Tensor, at::Tensor> gates(const at::Tensor& x, const std::vector<at::Tensor>& params, double eps,
+                                        bool relu6) {
   check(x, "x", 4);
   TORCH_CHECK(params.size() == 10, "CA takes 10 parameter tensors, got ", params.size());
   std::vector<at::Tensor> p;
@@ -192,7 +213,12 @@ std::pair<at::Tensor, at::Tensor> gates(const at::Tensor& x, const std::vector<a
   // with one matmul, as the reference's conv1 on cat([x_h, x_w]) does.
   at::Tensor pooled = at::empty({n, c, h + w}, x.options());
   float* strips = pooled.data_ptr<float>();
-  pool(x, strips, h + w, strips + h, h + w);
+  if (relu6) {
+    will_write(x);
+    pool<true>(x, strips, h + w, strips + h, h + w);
+  } else {
+    pool<false>(x, strips, h + w, strips + h, h + w);
+  }
   at::Tensor a_h = at::empty({n, c, h}, x.options());
   at::Tensor a_w = at::empty({n, c, w}, x.options());
   const at::Tensor b1 = p[1].unsqueeze(1), bh = p[7].unsqueeze(1), bw = p[9].unsqueeze(1);
@@ -222,7 +248,7 @@ std::pair<at::Tensor, at::Tensor> gates(const at::Tensor& x, const std::vector<a
 at::Tensor forward(const at::Tensor& x, const std::vector<at::Tensor>& params, double eps, at::Tensor out) {
   check(out, "out", 4);
   TORCH_CHECK(out.sizes() == x.sizes(), "out must have x's shape");
-  auto [a_h, a_w] = gates(x, params, eps);
+  auto [a_h, a_w] = gates(x, params, eps, false);
   will_write(out);
   apply_gate(x, a_h.data_ptr<float>(), x.size(2), a_w.data_ptr<float>(), x.size(3), out);
   return out;
@@ -231,10 +257,11 @@ at::Tensor forward(const at::Tensor& x, const std::vector<at::Tensor>& params, d
 // CA, then a 1x1 conv without bias (weight (O, C, 1, 1)), as in MobileNetV2's pw-linear layer after
 // CA. The gated map is never written out: each tile of rows is gated into a buffer that stays in
 // cache and multiplied by the weight from there. Gating as a pass of its own reads and writes
-// the whole map once more, and the conv reads it back from memory.
+// the whole map once more, and the conv reads it back from memory. With relu6, x is first clamped
+// in place by the pooling pass (the depthwise conv's ReLU6, which then needs no pass of its own).
 at::Tensor forward_project(const at::Tensor& x, const std::vector<at::Tensor>& params, double eps,
-                           const at::Tensor& projection) {
-  auto [a_h, a_w] = gates(x, params, eps);
+                           const at::Tensor& projection, bool relu6) {
+  auto [a_h, a_w] = gates(x, params, eps, relu6);
   const at::Tensor weight = projection.contiguous();
   check(weight, "weight", 4);
   const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3), o = weight.size(0);
@@ -274,8 +301,10 @@ at::Tensor forward_project(const at::Tensor& x, const std::vector<at::Tensor>& p
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("strip_means", &strip_means, "row and column means of an NCHW float32 map, in one read");
+  m.def("strip_means", &strip_means, "row and column means of an NCHW float32 map, in one read", py::arg("x"),
+        py::arg("relu6") = false);
   m.def("gate", &gate, "x * a_h * a_w into out, one read and one write");
   m.def("forward", &forward, "the CA block at inference into out");
-  m.def("forward_project", &forward_project, "the CA block at inference, then a 1x1 conv without bias");
+  m.def("forward_project", &forward_project, "[ReLU6 in place,] the CA block at inference, then a 1x1 conv without bias",
+        py::arg("x"), py::arg("params"), py::arg("eps"), py::arg("projection"), py::arg("relu6") = false);
 }
