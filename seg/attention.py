@@ -94,9 +94,12 @@ class CoordAttention(nn.Module):
 
         Every op on the tiny strips is a dispatch, often an OpenMP parallel region, so the reference's
         dozen small ops (cat, two 1x1 convs through mkldnn/slow_conv2d, BN, split, transposes) cost
-        more than their arithmetic. Here BN is folded into conv1, and conv1 runs on each strip
-        separately (it acts per position, and BN at eval per channel), so there is no cat or split;
-        the 1x1 convs are matmuls on (N, C, L) strips with in-place bias adds and activations.
+        more than their arithmetic. On CPU (contiguous fp32) all of it is one C++ call of
+        ``seg.kernels.cpu``, which applies BN from its running statistics to conv1's small output.
+        Elsewhere, BN is folded into conv1, and conv1 runs on each strip separately (it acts per
+        position, and BN at eval per channel), so there is no cat or split; the 1x1 convs are
+        matmuls on (N, C, L) strips with in-place bias adds and activations. Inside MobileNetV2,
+        ``seg.encoders.mobilenet_v2.ExpandedConv`` goes further and fuses CA into its neighbours.
         """
         kernels = cpu_kernels_for(x)
         if kernels is not None:
@@ -123,7 +126,8 @@ class CoordAttention(nn.Module):
 
     @torch.jit.unused
     def _folded_weights(self) -> tuple[torch.Tensor, ...]:
-        """``(w1, b1, wh, bh, ww, bw)`` as matmul operands, BN folded into conv1; cached between calls.
+        """``(w1, b1, wh, bh, ww, bw)`` as matmul operands, BN folded into conv1; cached between calls
+        (the PyTorch-ops path only: the C++ kernels read the weights themselves on every call).
 
         The cache is a plain attribute, not a buffer, so the state dict keeps the official layout.
         It is keyed on each source tensor's storage address and version counter: in-place writes

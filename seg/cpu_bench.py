@@ -17,7 +17,10 @@ converts each expanded tensor back to NCHW before every CA block and again after
 in-place gate (profiled at 1 thread: the two gate Muls are ~14 ms of a ~35 ms gap, the reorders
 ~10 ms, the ReduceMeans ~5 ms). ORT already folds BN into the strip convs, so CA's lean inference
 graph changes little there. Keeping the gate in NCHWc (AveragePool strips, Upsample'd gates) or
-gating with one full-size MatMul outer product measured no better; see README "CPU cost of CA".
+gating with one full-size MatMul outer product measured no better, and switching the NCHWc layout
+off costs far more than it saves (CA 1.96x plain-with-NCHWc, plain without it 1.78x); see README
+"CPU cost of CA". Eager PyTorch avoids all of this with the C++ kernels of ``seg.kernels.cpu``,
+which an ONNX graph cannot call.
 """
 
 from __future__ import annotations

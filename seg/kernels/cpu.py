@@ -65,7 +65,8 @@ def _build() -> ModuleType:
 
 
 def kernels() -> ModuleType | None:
-    """The compiled module (``forward``, ``strip_means``, ``gate``), built if needed; None if it cannot be."""
+    """The compiled module (``forward``, ``forward_project``, ``strip_means``, ``gate``), built if needed;
+    None if it cannot be."""
     global _module, _failed
     if _module is None and not _failed and ENABLED:
         try:
