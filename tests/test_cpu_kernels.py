@@ -5,6 +5,7 @@ first build). A machine without a compiler must still run CA: that fallback is t
 the build fail.
 """
 
+import contextlib
 import logging
 import subprocess
 import sys
@@ -250,3 +251,16 @@ def test_a_ca_left_in_training_mode_keeps_its_block_unfused(ext, monkeypatch):
     with torch.no_grad():
         encoder(x)
     assert len(calls) == 15
+
+
+def test_flop_counts_see_every_op_of_the_fused_blocks(ext):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    encoder, x = _encoder(), torch.randn(1, 3, 64, 64)
+    counts = []
+    for switch in (cpu.disabled, contextlib.nullcontext):
+        counter = FlopCounterMode(display=False)
+        with switch(), torch.no_grad(), counter:
+            encoder(x)
+        counts.append(counter.get_total_flops())
+    assert counts[0] == counts[1] > 0

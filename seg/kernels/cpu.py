@@ -80,11 +80,14 @@ def kernels() -> ModuleType | None:
 
 
 def kernels_for(x: torch.Tensor) -> ModuleType | None:
-    """The kernels if they apply to x: a contiguous float32 CPU map outside tracing and compiling."""
-    if not (x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous()):
+    """The kernels if they apply to x: a contiguous float32 CPU map (a plain tensor, not a subclass)
+    outside tracing, compiling and dispatch modes."""
+    if not (type(x) is torch.Tensor and x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous()):
         return None
     if not ENABLED or torch.jit.is_tracing() or torch.compiler.is_compiling():
         return None  # graphs (ONNX export, torch.compile) must record the PyTorch ops
+    if torch._C._len_torch_dispatch_stack():
+        return None  # a dispatch mode (FlopCounterMode, FakeTensorMode) must see every op; BLAS calls skip it
     return kernels()
 
 
