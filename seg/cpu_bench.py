@@ -26,6 +26,7 @@ which an ONNX graph cannot call.
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import tempfile
@@ -36,8 +37,10 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from seg.config import ModelConfig
+from seg.encoders.mobilenet_v2 import ATTENTION_SLOT, ExpandedConv
 from seg.export import export_onnx
 from seg.kernels import cpu
 from seg.models import model_from_config
@@ -159,13 +162,78 @@ def format_table(results: dict[str, dict[str, list[float]]]) -> str:
     return "\n".join(lines)
 
 
+def _unit_gate_blocks(size: int) -> list[tuple[torch.Tensor, list[torch.Tensor], float, torch.Tensor]]:
+    """``(CA input, CA parameters, BN eps, projection weight)`` of each fused block of the CA model at
+    ``size``, with CA's gates forced to exactly 1 (zero conv_h/conv_w weights, bias 100: sigmoid(100)
+    is 1.0 in fp32), so that the fused call computes the plain model's projection plus CA's pooling."""
+    model, inputs = _build(CA), []
+    blocks = [m for m in model.modules() if isinstance(m, ExpandedConv)]
+    hooks = [b[ATTENTION_SLOT].register_forward_pre_hook(lambda _m, args: inputs.append(args[0].clone()))
+             for b in blocks]
+    with torch.no_grad():
+        model(torch.randn(1, 3, size, size))
+    for hook in hooks:
+        hook.remove()
+    cases = []
+    for block, x in zip(blocks, inputs):
+        attention = copy.deepcopy(block[ATTENTION_SLOT])
+        with torch.no_grad():
+            for conv in (attention.conv_h, attention.conv_w):
+                conv.weight.zero_()
+                conv.bias.fill_(100.0)
+        cases.append((x, attention._fold_sources(), attention.bn1.eps, block[ATTENTION_SLOT + 1].weight))
+    return cases
+
+
+def projection_times(size: int = 512, threads: int = 2, repeats: int = 15) -> dict[str, list[float]]:
+    """Seconds per image for the CA model's 16 pw-linear projections, interleaved: PyTorch's 1x1 conv
+    ("conv"), the same again (the A/A control, AA), and the fused block's C++ call with CA's gates
+    forced to 1 ("fused"). Whether the fused call's tiled matmul is any faster than PyTorch's conv:
+    if it were, part of the CA/plain ratio would come from a faster projection rather than cheap CA.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ext, cases = cpu.kernels(), _unit_gate_blocks(size)
+        if ext is None:
+            raise RuntimeError("the CPU kernels could not be built; see the warning above")
+        with torch.no_grad():
+            for x, params, eps, weight in cases:  # time only what computes the plain projection
+                torch.testing.assert_close(ext.forward_project(x, params, eps, weight), F.conv2d(x, weight),
+                                           atol=1e-4, rtol=1e-4)
+
+        def convs():
+            with torch.no_grad():
+                for x, _, _, weight in cases:
+                    F.conv2d(x, weight)
+
+        def fused():
+            with torch.no_grad():
+                for x, params, eps, weight in cases:
+                    ext.forward_project(x, params, eps, weight)
+
+        return _interleaved_times({"conv": convs, AA: convs, "fused": fused}, repeats)
+    finally:
+        torch.set_num_threads(previous)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m seg.cpu_bench", description=__doc__.split("\n")[0])
     p.add_argument("--size", type=int, default=512, help="square input side (multiple of 16)")
     p.add_argument("--threads", type=int, default=2, help="intra-op threads for both backends")
     p.add_argument("--repeats", type=int, default=15, help="timed runs per model and backend")
     p.add_argument("--backend", choices=[*BACKENDS, "both"], default="both", help="which runtime(s) to time")
+    p.add_argument("--projections", action="store_true",
+                   help="instead: time the 16 projections, PyTorch's conv against the fused call with unit gates")
     args = p.parse_args(argv)
+    if args.projections:
+        t = projection_times(args.size, args.threads, args.repeats)
+        conv = statistics.median(t["conv"])
+        print(f"16 pw-linear projections at {args.size}x{args.size}, {args.threads} threads, {args.repeats} "
+              f"interleaved runs: conv {_spread(t['conv'])} ms, conv again {_spread(t[AA])} ms "
+              f"(A/A {statistics.median(t[AA]) / conv:.3f}x), fused with unit gates {_spread(t['fused'])} ms "
+              f"({statistics.median(t['fused']) / conv:.3f}x conv)")
+        return
     backends = BACKENDS if args.backend == "both" else (args.backend,)
     results = benchmark(args.size, args.threads, args.repeats, backends)
     print(f"DeepLabV3-MobileNetV2 OS16, fp32, batch 1, {args.size}x{args.size}, {args.threads} threads, "

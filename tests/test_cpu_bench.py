@@ -77,3 +77,10 @@ def test_eager_run_times_ca_with_and_without_its_cpu_kernels(monkeypatch):
     # 16 CA blocks per call, (3 warm-up + 1 timed) calls each of "ca" and CA_TORCH: "ca" gets the kernels
     # once per block (the fused block); CA_TORCH is refused twice (the fused block, then CA itself)
     assert sorted(used) == [False] * 128 + [True] * 64
+
+
+def test_projection_check_times_what_computes_the_plain_projection():
+    cases = cpu_bench._unit_gate_blocks(32)
+    assert len(cases) == 16
+    times = cpu_bench.projection_times(size=32, threads=1, repeats=2)  # checks fused == conv before timing
+    assert set(times) == {"conv", cpu_bench.AA, "fused"} and all(len(v) == 2 and min(v) > 0 for v in times.values())

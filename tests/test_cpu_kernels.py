@@ -175,7 +175,9 @@ def test_forward_project_equals_ca_then_conv(ext, shape, threads, relu6):
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        with torch.no_grad():
+        # inference mode, as in seg.cpu_bench: its worker threads are not, and must still write the output
+        with torch.inference_mode():
+            x = x.clone()
             expected = torch.nn.functional.conv2d(block._forward_reference(x.clamp(0, 6) if relu6 else x), weight)
             got = ext.forward_project(x, block._fold_sources(), block.bn1.eps, weight, relu6)
     finally:

@@ -4,25 +4,18 @@
 // and each pass over an early MobileNetV2 map (96 x 256 x 256 floats, 25 MB) runs from memory,
 // not cache. Here one (n, c) plane is pooled, or gated, while it is in cache: one read to pool,
 // one read and one write to gate. Planes are independent, so they are split across threads.
+// forward_project goes further for MobileNetV2's blocks: the gate is applied inside the next 1x1
+// conv, tile by tile, so the gated map is never written out.
 //
 // Built on first use by seg/kernels/cpu.py. Float32, NCHW-contiguous only; the caller checks.
 
 #include <torch/extension.h>
 
-#include <ATen/Config.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
-#include <limits>
 #include <vector>
-
-#if AT_MKL_ENABLED()
-// The reference BLAS routine, exported by the MKL inside torch's own library.
-extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
-                       const float* beta, float* c, const int* ldc);
-#endif
 
 namespace {
 
@@ -136,22 +129,14 @@ float* scratch(int64_t size) {
   return buffer.data();
 }
 
-// c (m x n, row stride ldc) = a (m x k) @ b (k x n), all row-major. The single-threaded BLAS
-// call is made from inside parallel_for, one tile per call.
+// c (m x n, row stride ldc) = a (m x k) @ b (k x n), all row-major, through torch's own matmul
+// (MKL or its other BLAS). Called from inside parallel_for, where it runs on one thread. The
+// views are built from raw pointers, as plain tensors: the caller's may be inference tensors,
+// and the worker threads are not in inference mode.
 void matmul(int64_t m, int64_t n, int64_t k, const float* a, const float* b, float* c, int64_t ldc) {
-#if AT_MKL_ENABLED()
-  // Row-major C = A B is column-major C^T = B^T A^T; the Fortran BLAS interface is the one
-  // torch's bundled MKL exports. It skips a dispatcher round trip per tile.
-  const char no = 'N';
-  const int mi = static_cast<int>(n), ni = static_cast<int>(m), ki = static_cast<int>(k);
-  const int ldb = static_cast<int>(n), lda = static_cast<int>(k), ldci = static_cast<int>(ldc);
-  const float one = 1.0f, zero = 0.0f;
-  sgemm_(&no, &no, &mi, &ni, &ki, &one, b, &ldb, a, &lda, &zero, c, &ldci);
-#else
-  at::from_blob(c, {m, n}, {ldc, 1}, at::kFloat)
-      .copy_(at::mm(at::from_blob(const_cast<float*>(a), {m, k}, at::kFloat),
-                    at::from_blob(const_cast<float*>(b), {k, n}, at::kFloat)));
-#endif
+  at::Tensor out = at::from_blob(c, {m, n}, {ldc, 1}, at::kFloat);
+  at::mm_out(out, at::from_blob(const_cast<float*>(a), {m, k}, at::kFloat),
+             at::from_blob(const_cast<float*>(b), {k, n}, at::kFloat));
 }
 
 }  // namespace
@@ -267,8 +252,6 @@ at::Tensor forward_project(const at::Tensor& x, const std::vector<at::Tensor>& p
   const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3), o = weight.size(0);
   TORCH_CHECK(weight.size(1) == c && weight.size(2) == 1 && weight.size(3) == 1,
               "the projection must be a 1x1 conv from ", c, " channels");
-  TORCH_CHECK(h * w <= std::numeric_limits<int>::max() && c <= std::numeric_limits<int>::max() &&
-                  o <= std::numeric_limits<int>::max(), "map too large for 32-bit BLAS indices");
   at::Tensor out = at::empty({n, o, h, w}, x.options());
   const int64_t row_bytes = c * w * static_cast<int64_t>(sizeof(float));
   const int64_t rows = std::clamp<int64_t>(kTileBytes / row_bytes, 1, h);
