@@ -49,6 +49,8 @@ PLAIN, CA = "mobilenet_v2", "mobilenet_v2_ca"
 AA = "plain_copy"  # the A/A control: timing differences between two identical models are pure noise
 CA_TORCH = "ca_torch_ops"  # eager only: the same CA model without seg.kernels.cpu (what CA costs without them)
 BACKENDS = ("pytorch", "onnxruntime")
+NCHWC_TRANSFORMER = "NchwcTransformer"
+NO_NCHWC = "_without_nchwc"  # suffix of the onnxruntime runs with the NCHWc layout off (--ort-without-nchwc)
 NUM_CLASSES = 21
 WARMUP = 3
 AA_TOLERANCE = 0.02  # an A/A ratio further from 1.00 than this means the run is too noisy to quote
@@ -59,14 +61,25 @@ def _build(encoder: str) -> torch.nn.Module:
     return model_from_config(ModelConfig(encoder=encoder, output_stride=16), NUM_CLASSES).eval()
 
 
-def _ort_runner(model: torch.nn.Module, size: int, threads: int, folder: Path, name: str) -> Callable:
+def ort_session(path: Path, threads: int, without_nchwc: bool = False, optimized_path: Path | None = None):
+    """An onnxruntime CPU session for ``path``; ``without_nchwc`` switches ORT's NCHWc layout transformer
+    off (ORT ignores unknown optimizer names silently, so tests check the optimized graph it saves
+    to ``optimized_path``)."""
     import onnxruntime as ort
 
-    path = folder / f"{name}.onnx"
-    export_onnx(model, path, size, size)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    if optimized_path is not None:
+        opts.optimized_model_filepath = str(optimized_path)
+    disabled = {"disabled_optimizers": [NCHWC_TRANSFORMER]} if without_nchwc else {}
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"], **disabled)
+
+
+def _ort_runner(model: torch.nn.Module, size: int, threads: int, folder: Path, name: str,
+                without_nchwc: bool = False) -> Callable:
+    path = folder / f"{name}.onnx"
+    export_onnx(model, path, size, size)
+    session = ort_session(path, threads, without_nchwc)
     image = np.random.default_rng(0).standard_normal((1, 3, size, size), dtype=np.float32)
     return lambda: session.run(None, {"image": image})
 
@@ -103,11 +116,12 @@ def _models() -> dict[str, torch.nn.Module]:
     return {"plain": plain, AA: copy, "ca": _build(CA)}
 
 
-def benchmark(size: int = 512, threads: int = 2, repeats: int = 15,
-              backends: tuple[str, ...] = BACKENDS) -> dict[str, dict[str, list[float]]]:
+def benchmark(size: int = 512, threads: int = 2, repeats: int = 15, backends: tuple[str, ...] = BACKENDS,
+              ort_without_nchwc: bool = False) -> dict[str, dict[str, list[float]]]:
     """``{backend: {"plain": [s, ...], AA: [...], "ca": [...]}}``: seconds per image, one per repeat.
 
-    The eager backend also times CA_TORCH: the CA model with its CPU kernels switched off.
+    The eager backend also times CA_TORCH: the CA model with its CPU kernels switched off. With
+    ``ort_without_nchwc``, onnxruntime also times plain and CA with its NCHWc layout off (NO_NCHWC).
     """
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -121,6 +135,10 @@ def benchmark(size: int = 512, threads: int = 2, repeats: int = 15,
         if "onnxruntime" in backends:
             with tempfile.TemporaryDirectory() as tmp:
                 ort_runners = {k: _ort_runner(m, size, threads, Path(tmp), k) for k, m in models.items()}
+                if ort_without_nchwc:
+                    for k in ("plain", "ca"):
+                        ort_runners[k + NO_NCHWC] = _ort_runner(models[k], size, threads, Path(tmp), k + NO_NCHWC,
+                                                                without_nchwc=True)
                 results["onnxruntime"] = _interleaved_times(ort_runners, repeats)
     finally:
         torch.set_num_threads(previous)
@@ -223,6 +241,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2, help="intra-op threads for both backends")
     p.add_argument("--repeats", type=int, default=15, help="timed runs per model and backend")
     p.add_argument("--backend", choices=[*BACKENDS, "both"], default="both", help="which runtime(s) to time")
+    p.add_argument("--ort-without-nchwc", action="store_true",
+                   help="also time onnxruntime with its NCHWc layout off (plain and CA)")
     p.add_argument("--projections", action="store_true",
                    help="instead: time the 16 projections, PyTorch's conv against the fused call with unit gates")
     args = p.parse_args(argv)
@@ -235,10 +255,15 @@ def main(argv: list[str] | None = None) -> None:
               f"({statistics.median(t['fused']) / conv:.3f}x conv)")
         return
     backends = BACKENDS if args.backend == "both" else (args.backend,)
-    results = benchmark(args.size, args.threads, args.repeats, backends)
+    results = benchmark(args.size, args.threads, args.repeats, backends, args.ort_without_nchwc)
     print(f"DeepLabV3-MobileNetV2 OS16, fp32, batch 1, {args.size}x{args.size}, {args.threads} threads, "
           f"{args.repeats} interleaved runs per model; ratios are of medians")
     print(format_table(results))
+    ort = results.get("onnxruntime", {})
+    if "ca" + NO_NCHWC in ort:
+        plain = statistics.median(ort["plain"])
+        print("onnxruntime with its NCHWc layout off, over plain with it: " + ", ".join(
+            f"{k} {statistics.median(ort[k + NO_NCHWC]) / plain:.3f}x" for k in ("plain", "ca")))
     for line in aa_warnings(results):
         print(line, file=sys.stderr)
 

@@ -5,6 +5,7 @@ Timings themselves are not tested; fake timings with hand-computed ratios are.""
 import pytest
 
 from seg import cpu_bench
+from seg.export import export_onnx
 
 
 def _times(plain, copy, ca):
@@ -84,3 +85,19 @@ def test_projection_check_times_what_computes_the_plain_projection():
     assert len(cases) == 16
     times = cpu_bench.projection_times(size=32, threads=1, repeats=2)  # checks fused == conv before timing
     assert set(times) == {"conv", cpu_bench.AA, "fused"} and all(len(v) == 2 and min(v) > 0 for v in times.values())
+
+
+@pytest.mark.parametrize("without_nchwc", [False, True])
+def test_ort_session_can_switch_the_nchwc_layout_off(tmp_path, without_nchwc):
+    import onnx
+
+    export_onnx(cpu_bench._build(cpu_bench.CA), tmp_path / "ca.onnx", 32, 32)
+    cpu_bench.ort_session(tmp_path / "ca.onnx", 1, without_nchwc, optimized_path=tmp_path / "optimized.onnx")
+    ops = {node.op_type for node in onnx.load(tmp_path / "optimized.onnx").graph.node}
+    assert ("ReorderInput" in ops) != without_nchwc
+
+
+def test_ort_runs_without_nchwc_are_timed_on_request():
+    times = cpu_bench.benchmark(size=32, threads=1, repeats=1, backends=("onnxruntime",), ort_without_nchwc=True)
+    assert set(times["onnxruntime"]) == {"plain", cpu_bench.AA, "ca", "plain" + cpu_bench.NO_NCHWC,
+                                         "ca" + cpu_bench.NO_NCHWC}
