@@ -1,6 +1,7 @@
 """CPU cost of coordinate attention: DeepLabV3-MobileNetV2 (OS 16) with CA vs without, eager and ONNX.
 
-Usage: ``python -m seg.cpu_bench [--size 512] [--threads 2] [--repeats 15] [--backend pytorch|onnxruntime|both]``
+Usage: ``python -m seg.cpu_bench [--size 512] [--threads 2] [--repeats 15] [--backend pytorch|onnxruntime|both]
+[--ort-without-nchwc]``, or ``python -m seg.cpu_bench --projections [--threads 2] [--repeats 15]``
 
 Prints a markdown table of latencies (min / median / max, fp32, batch 1) and the CA/plain ratio of
 medians for eager PyTorch and for onnxruntime (CPU). Runs are interleaved (plain, copy, CA, ...)
@@ -18,8 +19,8 @@ in-place gate (profiled at 1 thread: the two gate Muls are ~14 ms of a ~35 ms ga
 ~10 ms, the ReduceMeans ~5 ms). ORT already folds BN into the strip convs, so CA's lean inference
 graph changes little there. Keeping the gate in NCHWc (AveragePool strips, Upsample'd gates) or
 gating with one full-size MatMul outer product measured no better, and switching the NCHWc layout
-off costs far more than it saves (CA 1.96x plain-with-NCHWc, plain without it 1.78x); see README
-"CPU cost of CA". Eager PyTorch avoids all of this with the C++ kernels of ``seg.kernels.cpu``,
+off costs far more than it saves (``--ort-without-nchwc``: CA 1.97x plain-with-NCHWc at 1 thread,
+plain without it 1.78x); see README "CPU cost of CA". Eager PyTorch avoids all of this with the C++ kernels of ``seg.kernels.cpu``,
 which an ONNX graph cannot call.
 """
 
