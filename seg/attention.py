@@ -10,6 +10,8 @@ about as many parameters as CA does (445,776): SE with reduction 20 adds 455,587
 CBAM with reduction 20 adds 457,171 (reduction 21 would undershoot by ~3%, 20 overshoots by ~2%).
 """
 
+from typing import Iterable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,6 +24,11 @@ CA_MIN_MIP = 8
 SE_REDUCTION = 20
 CBAM_REDUCTION = 20
 MIN_HIDDEN = 8
+
+
+def has_forward_hooks(modules: Iterable[nn.Module]) -> bool:
+    """Whether any of ``modules`` has forward (pre-)hooks, which a fused path would skip."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
 class CoordAttention(nn.Module):
@@ -122,7 +129,7 @@ class CoordAttention(nn.Module):
     @torch.jit.unused
     def _has_hooks(self) -> bool:
         # Hooks on the sub-layers (e.g. seg.visualize's gate maps on conv_h/conv_w) must see them run.
-        return any(m._forward_hooks or m._forward_pre_hooks for m in self.children())
+        return has_forward_hooks(self.children())
 
     @torch.jit.unused
     def _folded_weights(self) -> tuple[torch.Tensor, ...]:

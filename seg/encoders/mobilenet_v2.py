@@ -12,7 +12,7 @@ from torch import nn
 from torchvision.models.mobilenetv2 import InvertedResidual
 from segmentation_models_pytorch.encoders.mobilenet import MobileNetV2Encoder
 
-from seg.attention import CoordAttention, make_attention
+from seg.attention import CoordAttention, has_forward_hooks, make_attention
 from seg.encoders import load_backbone_state
 from seg.kernels.cpu import kernels_for as cpu_kernels_for
 
@@ -118,5 +118,4 @@ def _fusable(conv: nn.Sequential) -> bool:
     if not (isinstance(project, nn.Conv2d) and project.kernel_size == (1, 1) and project.stride == (1, 1)
             and project.padding == (0, 0) and project.groups == 1 and project.bias is None):
         return False
-    modules = [depthwise, depthwise[-1], attention, *attention.children(), project]
-    return not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+    return not has_forward_hooks([depthwise, depthwise[-1], attention, *attention.children(), project])

@@ -94,6 +94,16 @@ void pool(const at::Tensor& x, float* mean_h, int64_t stride_h, float* mean_w, i
   });
 }
 
+// pool<relu6>, with the in-place clamp announced to PyTorch first (see will_write).
+void pool(const at::Tensor& x, float* mean_h, int64_t stride_h, float* mean_w, int64_t stride_w, bool relu6) {
+  if (relu6) {
+    will_write(x);
+    pool<true>(x, mean_h, stride_h, mean_w, stride_w);
+  } else {
+    pool<false>(x, mean_h, stride_h, mean_w, stride_w);
+  }
+}
+
 // out = x * a_h[..., None] * a_w[..., None, :] (out may be x), with strips read at a stride.
 // Same op order as PyTorch's ``x * a_h * a_w``, so the results are bit-identical.
 void apply_gate(const at::Tensor& x, const float* a_h, int64_t stride_h, const float* a_w, int64_t stride_w,
@@ -114,7 +124,6 @@ void apply_gate(const at::Tensor& x, const float* a_h, int64_t stride_h, const f
     }
   });
 }
-
 
 // Bytes of gated map per tile in forward_project: small enough to stay in a core's L2 cache
 // (1-2 MiB on current x86 server cores) while the matmul reads it, large enough that the
@@ -147,12 +156,7 @@ std::vector<at::Tensor> strip_means(const at::Tensor& x, bool relu6) {
   check(x, "x", 4);
   at::Tensor mean_h = at::empty({x.size(0), x.size(1), x.size(2)}, x.options());
   at::Tensor mean_w = at::empty({x.size(0), x.size(1), x.size(3)}, x.options());
-  if (relu6) {
-    will_write(x);
-    pool<true>(x, mean_h.data_ptr<float>(), x.size(2), mean_w.data_ptr<float>(), x.size(3));
-  } else {
-    pool<false>(x, mean_h.data_ptr<float>(), x.size(2), mean_w.data_ptr<float>(), x.size(3));
-  }
+  pool(x, mean_h.data_ptr<float>(), x.size(2), mean_w.data_ptr<float>(), x.size(3), relu6);
   return {mean_h, mean_w};
 }
 
@@ -198,12 +202,7 @@ std::pair<at::Tensor, at::Tensor> gates(const at::Tensor& x, const std::vector<a
   // with one matmul, as the reference's conv1 on cat([x_h, x_w]) does.
   at::Tensor pooled = at::empty({n, c, h + w}, x.options());
   float* strips = pooled.data_ptr<float>();
-  if (relu6) {
-    will_write(x);
-    pool<true>(x, strips, h + w, strips + h, h + w);
-  } else {
-    pool<false>(x, strips, h + w, strips + h, h + w);
-  }
+  pool(x, strips, h + w, strips + h, h + w, relu6);
   at::Tensor a_h = at::empty({n, c, h}, x.options());
   at::Tensor a_w = at::empty({n, c, w}, x.options());
   const at::Tensor b1 = p[1].unsqueeze(1), bh = p[7].unsqueeze(1), bw = p[9].unsqueeze(1);
@@ -231,12 +230,8 @@ std::pair<at::Tensor, at::Tensor> gates(const at::Tensor& x, const std::vector<a
 // The whole CA block at inference, into out (which may be x): one call instead of a dozen small
 // Python-dispatched ops, and the small matmuls go straight to addmm on 2-D slices.
 at::Tensor forward(const at::Tensor& x, const std::vector<at::Tensor>& params, double eps, at::Tensor out) {
-  check(out, "out", 4);
-  TORCH_CHECK(out.sizes() == x.sizes(), "out must have x's shape");
   auto [a_h, a_w] = gates(x, params, eps, false);
-  will_write(out);
-  apply_gate(x, a_h.data_ptr<float>(), x.size(2), a_w.data_ptr<float>(), x.size(3), out);
-  return out;
+  return gate(x, a_h, a_w, out);  // checks out; gates() writes nothing
 }
 
 // CA, then a 1x1 conv without bias (weight (O, C, 1, 1)), as in MobileNetV2's pw-linear layer after
