@@ -1,4 +1,4 @@
-"""Shared fixtures: paths to the optional real data beside the repo."""
+"""Shared fixtures: paths to the optional real data beside the repo, and a CA block with BN statistics."""
 
 from pathlib import Path
 
@@ -24,6 +24,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("cuda"):
             item.add_marker(skip)
+
+
+def ca_with_bn_stats(channels: int = 16, **kwargs):
+    """A CA block in eval mode whose BN is far from identity, so a wrong or stale BN fold shows."""
+    from seg.attention import CoordAttention
+
+    block = CoordAttention(channels, **kwargs)
+    with torch.no_grad():
+        block.bn1.running_mean.uniform_(-0.5, 0.5)
+        block.bn1.running_var.uniform_(0.3, 2.0)
+        block.bn1.weight.uniform_(0.5, 1.5)
+        block.bn1.bias.uniform_(-0.5, 0.5)
+    return block.eval()
 
 
 @pytest.fixture(scope="session")

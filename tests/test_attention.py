@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import shared_path
+from conftest import ca_with_bn_stats, shared_path
 from seg.attention import CBAM, CoordAttention, SqueezeExcite, make_attention
 from seg.complexity import count_params
 from seg.kernels import cpu
@@ -113,17 +113,6 @@ def test_gates_keep_values_bounded_by_input():
 
 # --- the inference path (eval, no grad) against the reference path -----------------------------
 
-def _ca_with_bn_stats(channels: int = 16, **kwargs) -> CoordAttention:
-    """A CA block whose eval BN is far from identity, so a wrong or stale BN fold shows."""
-    block = CoordAttention(channels, **kwargs)
-    with torch.no_grad():
-        block.bn1.running_mean.uniform_(-0.5, 0.5)
-        block.bn1.running_var.uniform_(0.3, 2.0)
-        block.bn1.weight.uniform_(0.5, 1.5)
-        block.bn1.bias.uniform_(-0.5, 0.5)
-    return block.eval()
-
-
 def _reference(block: CoordAttention, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return block._forward_reference(x.clone())
@@ -151,12 +140,12 @@ def _inference(block: CoordAttention, x: torch.Tensor, monkeypatch) -> torch.Ten
 
 @pytest.mark.parametrize("shape", [(2, 16, 7, 12), (1, 16, 1, 9), (2, 16, 9, 1), (1, 16, 1, 1), (3, 16, 5, 5)])
 def test_inference_path_matches_reference(monkeypatch, shape, ca_path):
-    block, x = _ca_with_bn_stats(), torch.randn(shape)
+    block, x = ca_with_bn_stats(), torch.randn(shape)
     torch.testing.assert_close(_inference(block, x, monkeypatch), _reference(block, x), atol=1e-5, rtol=1e-5)
 
 
 def test_inference_path_under_inference_mode_and_channels_last(monkeypatch):
-    block = _ca_with_bn_stats(32)
+    block = ca_with_bn_stats(32)
     x = torch.randn(2, 32, 9, 14).to(memory_format=torch.channels_last)
     with torch.inference_mode():
         got = block(x)
@@ -164,7 +153,7 @@ def test_inference_path_under_inference_mode_and_channels_last(monkeypatch):
 
 
 def test_inplace_gates_the_input_itself(monkeypatch):
-    block, x = _ca_with_bn_stats(inplace=True), torch.randn(2, 16, 6, 7)
+    block, x = ca_with_bn_stats(inplace=True), torch.randn(2, 16, 6, 7)
     expected = _reference(block, x)
     with torch.no_grad():
         y = block(x)
@@ -173,14 +162,14 @@ def test_inplace_gates_the_input_itself(monkeypatch):
 
 
 def test_inplace_leaves_input_alone_when_grad_is_needed():
-    block, x = _ca_with_bn_stats(inplace=True), torch.randn(2, 16, 6, 7, requires_grad=True)
+    block, x = ca_with_bn_stats(inplace=True), torch.randn(2, 16, 6, 7, requires_grad=True)
     before = x.detach().clone()
     block(x).sum().backward()
     assert torch.equal(x.detach(), before) and x.grad is not None
 
 
 def test_hooks_on_sub_layers_still_fire_at_inference():
-    block, x = _ca_with_bn_stats(), torch.randn(1, 16, 5, 6)
+    block, x = ca_with_bn_stats(), torch.randn(1, 16, 5, 6)
     seen = []
     block.conv_h.register_forward_hook(lambda _m, _i, out: seen.append(out.shape))
     with torch.no_grad():
@@ -189,7 +178,7 @@ def test_hooks_on_sub_layers_still_fire_at_inference():
 
 
 def test_inference_adds_nothing_to_state_dict(ca_path):
-    block = _ca_with_bn_stats()
+    block = ca_with_bn_stats()
     keys = list(block.state_dict())
     with torch.no_grad():
         block(torch.randn(1, 16, 4, 4))
@@ -203,14 +192,14 @@ def _assert_fresh(block, x, monkeypatch):
 
 
 def test_fold_cache_follows_load_state_dict(monkeypatch, ca_path):
-    block, x = _ca_with_bn_stats(), torch.randn(2, 16, 6, 5)
+    block, x = ca_with_bn_stats(), torch.randn(2, 16, 6, 5)
     _assert_fresh(block, x, monkeypatch)  # fills the cache
-    block.load_state_dict(_ca_with_bn_stats().state_dict())
+    block.load_state_dict(ca_with_bn_stats().state_dict())
     _assert_fresh(block, x, monkeypatch)
 
 
 def test_fold_cache_follows_in_place_edits_of_each_source(monkeypatch, ca_path):
-    block, x = _ca_with_bn_stats(), torch.randn(2, 16, 6, 5)
+    block, x = ca_with_bn_stats(), torch.randn(2, 16, 6, 5)
     for tensor in block._fold_sources():
         _assert_fresh(block, x, monkeypatch)
         with torch.no_grad():
@@ -219,7 +208,7 @@ def test_fold_cache_follows_in_place_edits_of_each_source(monkeypatch, ca_path):
 
 
 def test_fold_cache_follows_dtype_change(monkeypatch, ca_path):
-    block, x = _ca_with_bn_stats(), torch.randn(2, 16, 6, 5)
+    block, x = ca_with_bn_stats(), torch.randn(2, 16, 6, 5)
     _assert_fresh(block, x, monkeypatch)
     block.double()
     got = _inference(block, x.double(), monkeypatch)
@@ -228,7 +217,7 @@ def test_fold_cache_follows_dtype_change(monkeypatch, ca_path):
 
 
 def test_fold_cache_follows_training_steps(monkeypatch, ca_path):
-    block, x = _ca_with_bn_stats(), torch.randn(4, 16, 6, 5)
+    block, x = ca_with_bn_stats(), torch.randn(4, 16, 6, 5)
     _assert_fresh(block, x, monkeypatch)
     opt = torch.optim.SGD(block.parameters(), lr=0.5)
     block.train()
@@ -239,7 +228,7 @@ def test_fold_cache_follows_training_steps(monkeypatch, ca_path):
 
 
 def test_fold_cache_cleared_by_eval_after_data_writes(monkeypatch, ca_path):
-    block, x = _ca_with_bn_stats(), torch.randn(2, 16, 6, 5)
+    block, x = ca_with_bn_stats(), torch.randn(2, 16, 6, 5)
     _assert_fresh(block, x, monkeypatch)
     block.conv1.weight.data.mul_(-1.0)  # .data bypasses the version counter...
     block.eval()  # ...which is why (re-)entering eval mode drops the cache
@@ -265,7 +254,7 @@ def test_mobilenet_v2_ca_gates_in_place_with_unchanged_features():
 def test_block_built_under_inference_mode(monkeypatch, ca_path):
     x = torch.randn(2, 16, 6, 5)
     with torch.inference_mode():  # its weights are inference tensors, which have no version counter
-        block = _ca_with_bn_stats()
+        block = ca_with_bn_stats()
         got = block(x)
         with torch.no_grad():
             block.conv_h.bias.add_(1.0)
@@ -276,7 +265,7 @@ def test_block_built_under_inference_mode(monkeypatch, ca_path):
 
 
 def test_fold_cached_under_inference_mode_serves_no_grad_calls(ca_path):
-    block, x = _ca_with_bn_stats(inplace=True), torch.randn(2, 16, 6, 7)
+    block, x = ca_with_bn_stats(inplace=True), torch.randn(2, 16, 6, 7)
     expected = _reference(block, x)
     with torch.inference_mode():
         block(x.clone())  # the cached fold is now made of inference tensors

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import ca_with_bn_stats
 from seg.attention import CoordAttention
 from seg.encoders.mobilenet_v2 import ExpandedConv
 from seg.kernels import cpu
@@ -87,17 +88,10 @@ def test_strip_means_can_apply_relu6_in_place(ext):
     torch.testing.assert_close(mean_w, torch.tensor([[[2.0, 4.0, 3.0]]]))
 
 
-def _block() -> CoordAttention:
-    block = CoordAttention(16)
-    with torch.no_grad():
-        block.bn1.running_var.uniform_(0.3, 2.0)
-    return block.eval()
-
-
 def test_ca_inference_runs_the_kernels_and_matches_reference(ext, monkeypatch):
     calls = []
     monkeypatch.setattr(ext, "forward", lambda *a, _fn=ext.forward: calls.append(a[-1]) or _fn(*a))
-    block, x = _block(), torch.randn(2, 16, 11, 7)
+    block, x = ca_with_bn_stats(), torch.randn(2, 16, 11, 7)
     with torch.no_grad():
         expected = block._forward_reference(x)
         got = block(x)
@@ -112,7 +106,7 @@ def test_a_failed_build_warns_once_and_ca_still_runs(monkeypatch, caplog):
     monkeypatch.setattr(cpu, "_module", None)
     monkeypatch.setattr(cpu, "_failed", False)
     monkeypatch.setattr(cpu, "_build", no_compiler)
-    block, x = _block(), torch.randn(2, 16, 5, 6)
+    block, x = ca_with_bn_stats(), torch.randn(2, 16, 5, 6)
     with caplog.at_level(logging.WARNING, logger=cpu.__name__), torch.no_grad():
         got = [block(x), block(x)]
         expected = block._forward_reference(x)
@@ -170,7 +164,7 @@ def _projection(block: CoordAttention, out_channels: int = 24) -> torch.Tensor:
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("relu6", [False, True])
 def test_forward_project_equals_ca_then_conv(ext, shape, threads, relu6):
-    block, x = _block(), torch.randn(shape) * 4
+    block, x = ca_with_bn_stats(), torch.randn(shape) * 4
     weight = _projection(block)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -186,7 +180,7 @@ def test_forward_project_equals_ca_then_conv(ext, shape, threads, relu6):
 
 
 def test_forward_project_refuses_a_projection_that_does_not_fit(ext):
-    block, x = _block(), torch.randn(1, 16, 5, 6)
+    block, x = ca_with_bn_stats(), torch.randn(1, 16, 5, 6)
     with torch.no_grad(), pytest.raises(RuntimeError, match="1x1 conv from 16 channels"):
         ext.forward_project(x, block._fold_sources(), block.bn1.eps, torch.randn(8, 16, 3, 3))
 
