@@ -17,15 +17,13 @@ import cv2
 import numpy as np
 import torch
 
-from seg.checkpoint import load_checkpoint, load_model_weights
-from seg.config import ConfigError, apply_overrides, config_from_dict, eval_window, load_config
-from seg.data import build_dataset, build_eval_transform
+from seg.checkpoint import checkpoint_config, load_checkpoint
+from seg.config import ConfigError, apply_overrides, inference_settings, load_config
 from seg.data.loaders import ContiguousSampler
 from seg.data.palette import colorize
 from seg.distributed import cleanup, init_distributed, setup_logging
-from seg.engine import evaluate
-from seg.models import model_from_config
-from seg.training import OUTPUT_STRIDE_PAD, USER_ERRORS
+from seg.evaluation import model_from_checkpoint, score, val_dataset
+from seg.training import USER_ERRORS
 from seg.visualize import denormalize
 
 log = logging.getLogger("eval_seg")
@@ -41,6 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mode", choices=["whole", "slide"], help="default: the config's eval.mode")
     p.add_argument("--scales", type=float, nargs="+", help="multi-scale inference, e.g. 0.5 0.75 1.0 1.25 1.5 1.75")
     p.add_argument("--flip", action="store_true", help="average with the horizontally flipped image")
+    p.add_argument("--amp", choices=["none", "bf16", "fp16"], help="inference precision (default: the config's "
+                   "eval.amp)")
     p.add_argument("--save-dir", type=Path, help="write class-index PNGs (what scorers read), colour PNGs "
                    "and overlays here")
     p.add_argument("--json", type=Path, help="write the metrics, and what was measured, as JSON here")
@@ -49,9 +49,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def resolve_config(args: argparse.Namespace, ckpt: dict):
-    cfg = load_config(args.config) if args.config else config_from_dict(ckpt["config"])
+    cfg = load_config(args.config) if args.config else checkpoint_config(ckpt, args.checkpoint)
     overrides = list(args.overrides)
-    for key, value in (("data.root", args.data_root), ("data.val_split", args.split), ("eval.mode", args.mode)):
+    for key, value in (("data.root", args.data_root), ("data.val_split", args.split), ("eval.mode", args.mode),
+                       ("eval.amp", args.amp)):
         if value is not None:
             overrides.append(f"{key}={value}")
     if args.scales is not None:
@@ -97,11 +98,12 @@ def json_report(args: argparse.Namespace, cfg, dataset, metrics: dict, seconds: 
     """The metrics, and enough about what was measured (checkpoint, data, inference) to tell two runs apart."""
     report = {k: metrics[k] for k in ("miou", "iou", "pixel_acc", "mean_acc", "fwiou")}
     report["iou"] = [None if v != v else v for v in report["iou"]]  # NaN is not JSON
+    settings = inference_settings(cfg)
     report.update(
         classes=list(dataset.classes), checkpoint=str(args.checkpoint.resolve()), dataset=cfg.data.name,
         data_root=str(Path(cfg.data.root).resolve()), split=cfg.data.val_split, images=len(dataset),
-        mode=cfg.eval.mode, **eval_window(cfg), scales=list(cfg.eval.scales), flip=cfg.eval.flip,
-        device=str(device), threads=torch.get_num_threads(), seconds=seconds, images_per_s=len(dataset) / seconds)
+        **{**settings, "scales": list(settings["scales"])}, device=str(device), threads=torch.get_num_threads(),
+        seconds=seconds, images_per_s=len(dataset) / seconds)
     return report
 
 
@@ -115,21 +117,12 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         dist = init_distributed()
-        model = model_from_config(cfg.model, cfg.data.num_classes)
-        load_model_weights(model, ckpt["model"])
-        model.to(dist.device).eval()
-        dataset = build_dataset(cfg.data.name, cfg.data.root, cfg.data.val_split, build_eval_transform())
-        if dataset.num_classes != cfg.data.num_classes:
-            raise ConfigError(f"the checkpoint predicts {cfg.data.num_classes} classes but {cfg.data.root} "
-                              f"holds {dataset.num_classes}")
-        sampler = ContiguousSampler(dataset, dist.rank, dist.world_size)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.data.val_batch_size, sampler=sampler,
-                                             num_workers=cfg.data.num_workers)
-        on_batch = saver(args.save_dir, dataset, list(sampler), cfg.data.val_batch_size) if args.save_dir else None
+        model = model_from_checkpoint(ckpt, cfg, dist.device)
+        dataset = val_dataset(cfg)
+        indices = list(ContiguousSampler(dataset, dist.rank, dist.world_size))  # this rank's shard, as scored
+        on_batch = saver(args.save_dir, dataset, indices, cfg.data.val_batch_size) if args.save_dir else None
         start = time.perf_counter()
-        metrics = evaluate(model, loader, dataset.num_classes, device=dist.device, on_batch=on_batch,
-                           mode=cfg.eval.mode, output_stride=OUTPUT_STRIDE_PAD, **eval_window(cfg),
-                           scales=tuple(cfg.eval.scales), flip=cfg.eval.flip)
+        metrics = score(model, dataset, cfg, dist.device, distributed=dist.distributed, on_batch=on_batch)
         seconds = time.perf_counter() - start
         if dist.is_main:
             print_table(dataset.classes, metrics, seconds, len(dataset))

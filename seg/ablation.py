@@ -18,21 +18,20 @@ import json
 import logging
 import statistics
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 import yaml
 
 from seg import bench
-from seg.checkpoint import load_checkpoint, load_model_weights
+from seg.checkpoint import checkpoint_config, load_checkpoint
 from seg.complexity import count_params
-from seg.config import (Config, ConfigError, config_from_dict, config_to_dict, eval_window, load_config,
-                        save_config)
-from seg.data import build_dataset, build_eval_transform
+from seg.config import Config, ConfigError, config_to_dict, load_config, save_config
 from seg.distributed import DistInfo, setup_logging
-from seg.engine import evaluate
-from seg.models import build_model, model_from_config
-from seg.training import OUTPUT_STRIDE_PAD, USER_ERRORS, resolve_device, run_training
+from seg.evaluation import model_from_checkpoint, score, val_dataset
+from seg.models import model_from_config
+from seg.training import USER_ERRORS, resolve_device, run_training
 
 log = logging.getLogger(__name__)
 FINAL = "final.json"
@@ -59,15 +58,9 @@ def run_config(path: Path, seed: int, overrides: list[str]) -> Config:
 
 def evaluate_checkpoint(path: Path, device: torch.device) -> dict:
     """Score a checkpoint with its stored config, as ``eval_seg.py`` does without options."""
-    cfg = config_from_dict(load_checkpoint(path)["config"])
-    dataset = build_dataset(cfg.data.name, cfg.data.root, cfg.data.val_split, build_eval_transform())
-    model = model_from_config(cfg.model, dataset.num_classes)
-    load_model_weights(model, load_checkpoint(path)["model"])
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.data.val_batch_size,
-                                         num_workers=cfg.data.num_workers)
-    metrics = evaluate(model.to(device).eval(), loader, dataset.num_classes, device=device, mode=cfg.eval.mode,
-                       output_stride=OUTPUT_STRIDE_PAD, **eval_window(cfg),
-                       scales=tuple(cfg.eval.scales), flip=cfg.eval.flip)
+    ckpt = load_checkpoint(path)
+    cfg = checkpoint_config(ckpt, path)
+    metrics = score(model_from_checkpoint(ckpt, cfg, device), val_dataset(cfg), cfg, device)
     result = {k: metrics[k] for k in METRIC_KEYS}
     result["iou"] = [None if v != v else v for v in metrics["iou"]]  # NaN is not JSON
     return result
@@ -103,10 +96,8 @@ def cost_of(cfgs: dict[str, Config], setup: bench.BenchSetup | None) -> dict[str
     models, cost = {}, {}
     for name, cfg in cfgs.items():
         torch.manual_seed(0)
-        m = cfg.model
-        models[name] = build_model(m.arch, m.encoder, cfg.data.num_classes, output_stride=m.output_stride,
-                                   decoder_atrous_rates=tuple(m.atrous_rates), aspp_separable=m.aspp_separable,
-                                   decoder_channels=m.decoder_channels)
+        # the model the run trains (attention, aux head and all), without reading its init weights
+        models[name] = model_from_config(replace(cfg.model, encoder_weights=None), cfg.data.num_classes)
         cost[name] = {"params": count_params(models[name]), "gflops": bench.gflops(models[name], bench.FLOPS_SIZE)}
     if setup is not None:
         for name, times in bench.time_models(models, setup).items():

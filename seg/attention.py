@@ -63,7 +63,8 @@ class CoordAttention(nn.Module):
                 return self._forward_fused(x)
         if torch.jit.is_scripting() or self.training or torch.is_grad_enabled() or self._has_hooks():
             return self._forward_reference(x)
-        return self._forward_inference(x)
+        # A hook on this block is handed x: gating x in place would show it the gated map.
+        return self._forward_inference(x, self.inplace and not has_forward_hooks([self]))
 
     def _forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """The paper's op order; training needs it (BN's batch statistics pool both strips)."""
@@ -96,7 +97,7 @@ class CoordAttention(nn.Module):
         return gate(x, a_h.flatten(2), a_w.flatten(2))
 
     @torch.jit.unused
-    def _forward_inference(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_inference(self, x: torch.Tensor, inplace: bool) -> torch.Tensor:
         """Eval, no grad: the same function in fewer, cheaper ops (equal to the reference within 1e-5).
 
         Every op on the tiny strips is a dispatch, often an OpenMP parallel region, so the reference's
@@ -112,7 +113,7 @@ class CoordAttention(nn.Module):
         if kernels is not None:
             # On CPU, one C++ call: it pools in one read of x and gates in one read and write,
             # where PyTorch takes two of each, and skips the small ops' Python dispatch.
-            return kernels.forward(x, self._fold_sources(), self.bn1.eps, x if self.inplace else torch.empty_like(x))
+            return kernels.forward(x, self._fold_sources(), self.bn1.eps, x if inplace else torch.empty_like(x))
         w1, b1, wh, bh, ww, bw = self._folded_weights()
         x_h = x.mean(dim=3)  # (N, C, H)
         x_w = x.mean(dim=2)  # (N, C, W)
@@ -123,7 +124,7 @@ class CoordAttention(nn.Module):
         a_w = torch.matmul(ww, y_w).add_(bw).sigmoid_().unsqueeze(2)  # (N, C, 1, W)
         # Gating the input itself skips allocating (and page-faulting) a full-size output; only
         # allowed when the owner said the input is a private intermediate (``inplace=True``).
-        out = x.mul_(a_h) if self.inplace else x * a_h
+        out = x.mul_(a_h) if inplace else x * a_h
         return out.mul_(a_w)
 
     @torch.jit.unused

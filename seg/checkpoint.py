@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from seg.config import CONFIG_VERSION, Config, config_from_dict
+
 REQUIRED_KEYS = ("model", "optimizer", "scheduler", "scaler", "iteration", "best_miou", "config", "rng", "extra")
 MAX_LISTED = 10  # mismatched keys shown in an error; the count says how many more there are
 _PLAIN = (str, int, float, bool, type(None), torch.Tensor)
@@ -120,6 +122,7 @@ def save_checkpoint(
         "iteration": int(iteration),
         "best_miou": float(best_miou),
         "config": config,
+        "config_version": CONFIG_VERSION,
         "rng": capture_rng(),
         "extra": extra,
     }
@@ -190,6 +193,12 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
         raise CheckpointError(f"{path} lacks {missing} (has {sorted(ckpt)}); a bare weights file belongs to "
                               "seg.weights, a resumable checkpoint comes from seg.checkpoint.save_checkpoint")
     return ckpt
+
+
+def checkpoint_config(ckpt: dict, path: str | Path = "checkpoint") -> Config:
+    """The config a checkpoint was trained with, read by the rules of its ``config_version``
+    (checkpoints from before versioning are version 1): see :func:`seg.config.config_from_dict`."""
+    return config_from_dict(ckpt["config"], ckpt.get("config_version", 1), f"config stored in {path}")
 
 
 def _listed(items: list[str]) -> str:

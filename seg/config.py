@@ -21,6 +21,14 @@ from seg.coerce import Mismatch, coerce, type_name
 
 log = logging.getLogger(__name__)
 MAX_DEFAULT_WORKERS = 4
+# Bumped when a key is renamed or removed; stored in every checkpoint beside its config.
+CONFIG_VERSION = 2
+# Keys whose stored value decides the model's architecture: a stored config without one cannot
+# rebuild its weights' model. Keys added later (model.attention, ...) default to the old behaviour.
+MODEL_KEYS = ("data.num_classes", "model.arch", "model.encoder", "model.output_stride", "model.atrous_rates",
+              "model.aspp_separable", "model.decoder_channels", "model.aux_loss")
+_WARNED: set[tuple[str, ...]] = set()  # unknown stored keys already warned about
+OUTPUT_STRIDE_PAD = 32  # eval images are padded to a multiple of the deepest stride, valid for every arch
 FROM_SCRATCH = ("", "none", "null")  # encoder_weights spellings that mean "random init"
 
 
@@ -45,7 +53,9 @@ class DataConfig:
     train_split: str = "train"
     val_split: str = "val"
     num_classes: int = 21
-    crop_size: int = 513
+    # DeepLab's 513 = 16 * 32 + 1 suits its align_corners resizing; smp's models need crops that
+    # divide by the output stride, and 512 is the nearest (0.4% fewer pixels, same recipe otherwise).
+    crop_size: int = 512
     scale_range: tuple[float, float] = (0.5, 2.0)
     hflip: bool = True
     jitter: bool = False
@@ -109,6 +119,7 @@ class EvalConfig:
     stride: Optional[int] = None  # None = 2/3 of the window
     scales: tuple[float, ...] = (1.0,)
     flip: bool = False
+    amp: Literal["none", "bf16", "fp16"] = "none"  # inference precision; independent of train.amp
 
 
 @dataclass
@@ -228,6 +239,18 @@ def validate(cfg: Config) -> None:
         log.warning("optim.momentum=%g is ignored by adamw, which uses its betas (0.9, 0.999)", cfg.optim.momentum)
 
 
+def inference_settings(cfg: Config) -> dict:
+    """The keyword arguments of :func:`seg.inference.predict_labels` that ``cfg`` asks for.
+
+    The one place a config becomes inference settings: training's validation, ``eval_seg.py``,
+    ``seg.ablation`` and TensorBoard's predictions all call it, so ``best.pt`` is chosen under
+    exactly the settings (TTA and precision included) that ``eval_seg.py`` reports by default.
+    """
+    e = cfg.eval
+    return dict(mode=e.mode, output_stride=OUTPUT_STRIDE_PAD, **eval_window(cfg), scales=tuple(e.scales),
+                flip=e.flip, amp=e.amp)
+
+
 def eval_window(cfg: Config) -> dict:
     """``crop_size``/``stride`` for :func:`seg.inference.predict_labels`: in slide mode the window is
     eval.crop_size, else the training crop, and a stride of None means 2/3 of the window."""
@@ -266,10 +289,32 @@ def config_to_dict(cfg: Config) -> dict:
     return {s: {k: plain(v) for k, v in values.items()} for s, values in asdict(cfg).items()}
 
 
-def config_from_dict(d: dict) -> Config:
-    """Inverse of :func:`config_to_dict`, e.g. for the config stored in a checkpoint; keys it lacks keep defaults."""
+def config_from_dict(d: dict, version: int = CONFIG_VERSION, source: str = "stored config") -> Config:
+    """Inverse of :func:`config_to_dict`, for a config stored by this or another version of the code.
+
+    Keys it lacks keep today's defaults; keys this code does not know (renamed or added since)
+    are dropped with one warning. Only a missing key of :data:`MODEL_KEYS` is refused, because
+    the stored weights could then be given the wrong model.
+    """
+    if not isinstance(d, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections {list(SECTIONS)}, got {d!r}")
+    known, unknown = {}, []
+    for section, values in d.items():
+        if section not in SECTIONS or not isinstance(values, (dict, type(None))):
+            unknown.append(str(section))
+            continue
+        known[section] = {k: v for k, v in (values or {}).items() if f"{section}.{k}" in FIELD_TYPES}
+        unknown += [f"{section}.{k}" for k in (values or {}) if f"{section}.{k}" not in FIELD_TYPES]
+    missing = [key for key in MODEL_KEYS if key.split(".")[1] not in known.get(key.split(".")[0], {})]
+    if missing:
+        raise ConfigError(f"{source} (config version {version}) lacks {', '.join(missing)}, which decide the "
+                          f"model; pass the run's config file with --config")
+    if unknown and tuple(unknown) not in _WARNED:
+        _WARNED.add(tuple(unknown))  # resume and evaluation may read one checkpoint's config twice
+        log.warning("%s (config version %s; this code reads version %d): ignoring keys it does not know: %s",
+                    source, version, CONFIG_VERSION, ", ".join(unknown))
     cfg = Config()
-    _apply(cfg, d, "stored config")
+    _apply(cfg, known, source)
     validate(cfg)
     return cfg
 

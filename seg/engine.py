@@ -23,11 +23,10 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from seg.distributed import get_world_size, is_main
-from seg.inference import predict_labels
+from seg.inference import AMP_DTYPES, predict_labels
 from seg.metrics import IGNORE_INDEX, ConfusionMatrix
 
 log = logging.getLogger(__name__)
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def show_progress_bar() -> bool:
@@ -36,7 +35,7 @@ def show_progress_bar() -> bool:
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the weights were not updated with it."""
+    """The loss became NaN or infinite; training stopped before any checkpoint could store its effect."""
 
 
 @dataclass
@@ -49,6 +48,7 @@ class TrainState:
     scaler: torch.amp.GradScaler
     iteration: int = 0
     best_miou: float = -1.0
+    world_size: int = 1  # processes sharing the global batch: resume needs the same sample order
 
 
 def autocast(device: torch.device, amp: str) -> ContextManager:
@@ -69,13 +69,14 @@ def segmentation_loss(output: torch.Tensor | tuple[torch.Tensor, torch.Tensor], 
 
 
 def train_step(state: TrainState, images: torch.Tensor, targets: torch.Tensor, *, amp: str,
-               aux_weight: float, grad_clip: float | None) -> float:
-    """One optimisation step; raises before touching the weights if the loss is not finite."""
+               aux_weight: float, grad_clip: float | None) -> torch.Tensor:
+    """One optimisation step; returns the loss, detached and still on the device.
+
+    Reading the loss on the host would wait for the GPU every step, so :func:`train` reads a
+    whole logging window at once and checks it there (:func:`host_losses`).
+    """
     with autocast(images.device, amp):
         loss = segmentation_loss(state.model(images), targets, aux_weight)
-    value = loss.item()
-    if not math.isfinite(value):
-        raise NonFiniteLossError(f"loss is {value} at iteration {state.iteration + 1}")
     state.optimizer.zero_grad(set_to_none=True)
     state.scaler.scale(loss).backward()
     if grad_clip is not None:
@@ -84,7 +85,19 @@ def train_step(state: TrainState, images: torch.Tensor, targets: torch.Tensor, *
     state.scaler.step(state.optimizer)
     state.scaler.update()
     state.scheduler.step()
-    return value
+    return loss.detach()
+
+
+def host_losses(losses: list[torch.Tensor], last_iteration: int) -> list[float]:
+    """The window's losses (ending at ``last_iteration``) read in one transfer; raises at the first
+    non-finite one, naming its iteration."""
+    values = torch.stack(losses).float().cpu().tolist() if losses else []
+    for offset, value in enumerate(values):
+        if not math.isfinite(value):
+            raise NonFiniteLossError(
+                f"loss is {value} at iteration {last_iteration - len(values) + 1 + offset} (found at iteration "
+                f"{last_iteration}); nothing after the last validation was saved, and its last.pt is intact")
+    return values
 
 
 def train(state: TrainState, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], *, total_iters: int,
@@ -99,7 +112,7 @@ def train(state: TrainState, batches: Iterator[tuple[torch.Tensor, torch.Tensor]
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     state.model.train()
     show_bar = show_progress_bar()
-    window_loss, window_images, window_start = 0.0, 0, time.perf_counter()
+    window_losses, window_images, window_start = [], 0, time.perf_counter()
     # The bar closes even when a step raises, so an error line is not printed into a live bar; log
     # lines (train.log, console) go through tqdm.write while it is up, so they don't tear it.
     with (tqdm(total=total_iters, initial=state.iteration, desc="train", disable=not show_bar,
@@ -112,18 +125,19 @@ def train(state: TrainState, batches: Iterator[tuple[torch.Tensor, torch.Tensor]
             loss = train_step(state, images, targets, amp=amp, aux_weight=aux_weight, grad_clip=grad_clip)
             state.iteration += 1
             bar.update(1)
-            window_loss += loss
+            window_losses.append(loss)
             window_images += images.shape[0] * get_world_size()
             if state.iteration % log_interval == 0 or state.iteration == total_iters:
-                steps = log_interval if state.iteration % log_interval == 0 else state.iteration % log_interval
-                scalars = _window_scalars(state, device, window_loss / steps, window_images, window_start)
+                losses = host_losses(window_losses, state.iteration)
+                scalars = _window_scalars(state, device, sum(losses) / len(losses), window_images, window_start)
                 bar.set_postfix(loss=f"{scalars['train/loss']:.3f}", lr=f"{scalars['train/lr']:.2e}",
                                 img_s=f"{scalars['train/images_per_s']:.1f}")
                 log.info("iter %d/%d: loss %.4f, lr %.3e, %.1f img/s", state.iteration, total_iters,
                          scalars["train/loss"], scalars["train/lr"], scalars["train/images_per_s"])
                 on_log(state.iteration, scalars)
-                window_loss, window_images, window_start = 0.0, 0, time.perf_counter()
+                window_losses, window_images, window_start = [], 0, time.perf_counter()
             if state.iteration % eval_interval == 0 or state.iteration == total_iters:
+                host_losses(window_losses, state.iteration)  # a diverged model must not be checkpointed
                 eval_start = time.perf_counter()
                 on_eval(state)
                 state.model.train()
@@ -134,8 +148,12 @@ def train(state: TrainState, batches: Iterator[tuple[torch.Tensor, torch.Tensor]
 
 
 def _window_scalars(state: TrainState, device: torch.device, loss: float, images: int, start: float) -> dict:
-    scalars = {"train/loss": loss, "train/lr": state.optimizer.param_groups[-1]["lr"],
+    # build_optimizer puts the decoder's groups first: param_groups[0] has the base lr, [-1] the encoder's
+    groups = state.optimizer.param_groups
+    scalars = {"train/loss": loss, "train/lr": groups[0]["lr"],
                "train/images_per_s": images / (time.perf_counter() - start)}
+    if groups[-1]["lr"] != groups[0]["lr"]:
+        scalars["train/lr_encoder"] = groups[-1]["lr"]
     if device.type == "cuda":
         scalars["train/peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     return scalars

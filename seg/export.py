@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from seg.checkpoint import CheckpointError, load_checkpoint, load_model_weights
-from seg.config import Config, ConfigError, config_from_dict
+from seg.checkpoint import CheckpointError, checkpoint_config, load_checkpoint, load_model_weights
+from seg.config import Config, ConfigError
 from seg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from seg.models import model_from_config
 
@@ -59,7 +59,7 @@ def load_for_export(path: str | Path) -> tuple[nn.Module, Config]:
     """The model and config stored in checkpoint ``path``, in eval mode on the CPU."""
     ckpt = load_checkpoint(path)
     try:
-        cfg = config_from_dict(ckpt["config"])
+        cfg = checkpoint_config(ckpt, path)
     except ConfigError as e:
         raise ExportError(f"{path}: stored config is invalid: {e}") from e
     cfg.model.encoder_weights = None  # the checkpoint holds every weight; never read the init file

@@ -33,7 +33,10 @@ class _Forward:
     output_stride: int
     crop_size: tuple[int, int] | None
     stride: tuple[int, int] | None
-    amp: bool
+    amp: str
+
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def predict(
@@ -48,7 +51,7 @@ def predict(
     scales: Sequence[float] = (1.0,),
     flip: bool = False,
     out_size: Size2 | None = None,
-    amp: bool = True,
+    amp: str = "none",
 ) -> torch.Tensor:
     """Class probabilities ``[N, num_classes, *out_size]`` (float32) for a normalised image batch.
 
@@ -65,7 +68,8 @@ def predict(
         scales: resize factors (bilinear, align_corners=False) for test-time augmentation.
         flip: also run horizontally flipped copies.
         out_size: (H', W') of the result, e.g. the label's size; default the image's size.
-        amp: bf16 autocast when the image is on CUDA (ignored on CPU).
+        amp: "none" (float32), "bf16" or "fp16": autocast on the image's device. Off by default, so
+            a checkpoint scores the same on any device unless the config asks otherwise.
     """
     result, is_probs = _infer(model, image, num_classes, mode, output_stride, crop_size, stride,
                               scales, flip, out_size, amp)
@@ -84,7 +88,7 @@ def predict_labels(
     scales: Sequence[float] = (1.0,),
     flip: bool = False,
     out_size: Size2 | None = None,
-    amp: bool = True,
+    amp: str = "none",
 ) -> torch.Tensor:
     """Class indices ``[N, *out_size]`` (int64); same arguments as ``predict``.
 
@@ -144,7 +148,7 @@ def _forward_whole(model, x: torch.Tensor, fwd: _Forward) -> torch.Tensor:
     pad_h, pad_w = -h % fwd.output_stride, -w % fwd.output_stride
     if pad_h or pad_w:
         x = F.pad(x, (0, pad_w, 0, pad_h))
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=fwd.amp and x.device.type == "cuda"):
+    with torch.autocast(x.device.type, dtype=AMP_DTYPES.get(fwd.amp, torch.bfloat16), enabled=fwd.amp != "none"):
         out = model(x)
     if isinstance(out, (tuple, list)):  # (logits, aux) from models with an auxiliary head
         out = out[0]
@@ -222,6 +226,8 @@ def _check(image: torch.Tensor, fwd: _Forward, scales: Sequence[float]) -> None:
         raise ValueError(f"predict: mode must be one of {MODES}, got {fwd.mode!r}")
     if not scales or any(not s > 0 for s in scales):
         raise ValueError(f"predict: scales must be a non-empty list of positive factors, got {scales!r}")
+    if fwd.amp not in ("none", *AMP_DTYPES):
+        raise ValueError(f"predict: amp must be 'none', 'bf16' or 'fp16', got {fwd.amp!r}")
     if fwd.output_stride < 1 or fwd.num_classes < 1:
         raise ValueError(
             f"predict: output_stride and num_classes must be >= 1, got {fwd.output_stride}, {fwd.num_classes}"

@@ -28,6 +28,8 @@ def build_optimizer(
 
     Norm weights and biases get no weight decay: decaying BN's affine parameters only fights
     the normalisation, and it is the usual convention for DeepLab training.
+
+    The decoder's groups come first, so ``param_groups[0]`` carries the base ``lr`` (what training logs).
     """
     if name not in DEFAULT_WEIGHT_DECAY:
         raise ValueError(f"unknown optimizer {name!r}; expected one of {sorted(DEFAULT_WEIGHT_DECAY)}")

@@ -32,8 +32,8 @@ from typing import Iterator
 
 import yaml
 
-from seg.checkpoint import load_checkpoint, write_all, write_atomic
-from seg.config import Config, config_from_dict, config_to_dict
+from seg.checkpoint import checkpoint_config, load_checkpoint, write_all, write_atomic
+from seg.config import Config, config_to_dict
 
 LAST, BEST, METRICS, CONFIG, LOCK = "last.pt", "best.pt", "metrics.jsonl", "config.yaml", ".lock"
 EVENTS_GLOB = "events.out.tfevents.*"
@@ -86,7 +86,7 @@ def locked(run_dir: Path) -> Iterator[None]:
 
 def stored_config(ckpt: dict) -> dict:
     """A checkpoint's config with today's defaults for keys it predates, as a plain dict."""
-    return config_to_dict(config_from_dict(ckpt["config"]))
+    return config_to_dict(checkpoint_config(ckpt, LAST))
 
 
 def changed_keys(stored: dict, requested: dict) -> list[str]:
@@ -96,8 +96,12 @@ def changed_keys(stored: dict, requested: dict) -> list[str]:
             if f"{section}.{key}" not in RESUMABLE_KEYS and requested[section][key] != value]
 
 
-def check_start(run_dir: Path, cfg: Config, resume: bool, overwrite: bool = False) -> dict | None:
+def check_start(run_dir: Path, cfg: Config, resume: bool, overwrite: bool = False,
+                world_size: int = 1) -> dict | None:
     """Refuse a start that would damage the run in ``run_dir``; return ``last.pt`` when resuming.
+
+    A resume must run on as many processes as the run did (``world_size``): each process's share
+    of the global batch, and so the sample order, depends on it.
 
     Only ``last.pt`` makes a directory a run to protect: a start that failed before its first
     checkpoint left nothing worth keeping, so the corrected rerun may reuse the directory.
@@ -112,11 +116,30 @@ def check_start(run_dir: Path, cfg: Config, resume: bool, overwrite: bool = Fals
             raise RunDirError(f"--resume: {last} was trained with a different config: {'; '.join(diff)}. "
                               f"Drop those overrides, or start a new run with another --out "
                               f"(keys that may change on resume: {', '.join(sorted(RESUMABLE_KEYS))})")
+        check_resume_shape(ckpt, cfg, world_size, last)
         return ckpt
     if last.is_file() and not overwrite:
         raise RunDirError(f"{run_dir} already holds a run ({last}); continue it with --resume --out {run_dir}, "
                           "choose another --out, or pass --overwrite to discard it")
     return None
+
+
+def check_resume_shape(ckpt: dict, cfg: Config, world_size: int, last: Path) -> None:
+    """Refuse a resume on another process count or with nothing left to train; say when the
+    schedule changes length."""
+    stored_world = (ckpt.get("extra") or {}).get("world_size", 1)
+    if stored_world != world_size:
+        raise RunDirError(f"--resume: {last} was trained by {stored_world} process(es), this start has {world_size}; "
+                          f"the sample order depends on it, so resume with {stored_world} "
+                          f"(torchrun --nproc-per-node {stored_world}, or plain python for 1)")
+    stored_iters, iteration = stored_config(ckpt)["train"]["iters"], ckpt["iteration"]
+    if cfg.train.iters != stored_iters:
+        if cfg.train.iters <= iteration:
+            raise RunDirError(f"--resume: train.iters={cfg.train.iters} is at or below iteration {iteration}, where "
+                              f"{last} stopped; nothing would be trained (choose train.iters > {iteration})")
+        logging.getLogger(__name__).info(
+            "train.iters changed from %d to %d: the learning-rate schedule is stretched from iteration %d",
+            stored_iters, cfg.train.iters, iteration)
 
 
 def begin_run(run_dir: Path, cfg: Config, resumed: dict | None) -> None:

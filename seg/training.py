@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from seg.checkpoint import CheckpointError, load_model_weights, restore_rng, save_checkpoint, unwrap_model
-from seg.config import Config, ConfigError, config_to_dict, eval_window
+from seg.config import Config, ConfigError, config_to_dict, inference_settings
 from seg.data import build_dataset, build_eval_transform, build_loader, build_train_transform, make_synthetic
 from seg.data.sampling import endless_batches
 from seg.distributed import DistInfo, barrier
@@ -29,7 +29,6 @@ from seg.tracking import Tracker
 from seg.visualize import spread_indices
 
 log = logging.getLogger(__name__)
-OUTPUT_STRIDE_PAD = 32  # pad eval images to a multiple of the deepest stride, valid for every arch
 # Errors the user can fix (config, data, checkpoint, run directory, a diverged run): entry points
 # print one line, no traceback.
 USER_ERRORS = (ConfigError, DatasetError, CheckpointError, FileNotFoundError, NonFiniteLossError, RunDirError)
@@ -80,7 +79,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_state(cfg: Config, num_classes: int, device: torch.device) -> TrainState:
+def build_state(cfg: Config, num_classes: int, device: torch.device, world_size: int = 1) -> TrainState:
     model = model_from_config(cfg.model, num_classes).to(device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -89,14 +88,14 @@ def build_state(cfg: Config, num_classes: int, device: torch.device) -> TrainSta
                                 encoder_lr_mult=o.encoder_lr_mult)
     scheduler = build_scheduler(optimizer, cfg.train.iters, o.warmup_iters, o.poly_power)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
-    return TrainState(model, optimizer, scheduler, scaler)
+    return TrainState(model, optimizer, scheduler, scaler, world_size=world_size)
 
 
 def save_state(path: Path, state: TrainState, cfg: Config, record: dict | None = None) -> None:
     """Checkpoint ``state``; ``record`` is the validation's metrics line, kept so resume can restore it."""
     save_checkpoint(path, model=unwrap_model(state.model), optimizer=state.optimizer, scheduler=state.scheduler,
                     scaler=state.scaler, iteration=state.iteration, best_miou=state.best_miou,
-                    config=config_to_dict(cfg), extra={"metrics": record})
+                    config=config_to_dict(cfg), extra={"metrics": record, "world_size": state.world_size})
 
 
 def resume_state(ckpt: dict, state: TrainState) -> None:
@@ -166,7 +165,7 @@ def run_training(cfg: Config, run_dir: Path, dist: DistInfo, resume: bool = Fals
             except RunDirError as err:
                 problem = str(err)
         main_decides(problem, dist)
-        resumed = check_start(run_dir, cfg, resume, overwrite)
+        resumed = check_start(run_dir, cfg, resume, overwrite, world_size=dist.world_size)
         return _train(cfg, run_dir, dist, resumed)
 
 
@@ -177,7 +176,7 @@ def _train(cfg: Config, run_dir: Path, dist: DistInfo, resumed: dict | None) -> 
     seed_everything(cfg.train.seed)
     train_set, val_set = build_datasets(cfg, dist)
     train_loader, val_loader = build_loaders(cfg, train_set, val_set, dist)
-    state = build_state(cfg, train_set.num_classes, device)
+    state = build_state(cfg, train_set.num_classes, device, dist.world_size)
     check_crop_size(cfg, state.model)
     if resumed is not None:
         resume_state(resumed, state)
@@ -198,19 +197,20 @@ def _train(cfg: Config, run_dir: Path, dist: DistInfo, resumed: dict | None) -> 
     tracker = Tracker(run_dir, train_set.classes, train_set.palette,
                       purge_step=state.iteration + 1 if resumed is not None else None)
     vis = [tuple(t.to(device) for t in val_set[i]) for i in spread_indices(len(val_set), cfg.train.vis_images)]
-    predict = dict(device=device, output_stride=OUTPUT_STRIDE_PAD, mode=cfg.eval.mode, **eval_window(cfg))
+    # validation scores with eval_seg.py's settings (TTA and precision included), so best.pt is chosen
+    # by the number eval_seg.py reports for it
+    settings = inference_settings(cfg)
     saved_iteration = state.iteration if resumed is not None else None
 
     def on_eval(state: TrainState) -> None:
         nonlocal saved_iteration
-        metrics = evaluate(model, val_loader, train_set.num_classes, **predict)
+        metrics = evaluate(model, val_loader, train_set.num_classes, device=device, **settings)
         is_best = metrics["miou"] > state.best_miou
         state.best_miou = max(state.best_miou, metrics["miou"])
         log.info("iter %d: val mIoU %.4f (best %.4f)", state.iteration, metrics["miou"], state.best_miou)
         # TensorBoard first: resume keeps events up to last.pt's iteration, so they must not lag it
         tracker.validation(state.iteration, metrics)
-        tracker.predictions(state.iteration, model, vis, ca_maps=cfg.train.ca_maps,
-                            **{k: v for k, v in predict.items() if k != "device"})
+        tracker.predictions(state.iteration, model, vis, ca_maps=cfg.train.ca_maps, **settings)
         if dist.is_main:
             record = tracker.metrics_record(state.iteration, metrics)
             commit_validation(run_dir, state, cfg, record, is_best, saved_iteration)

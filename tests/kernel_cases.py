@@ -107,4 +107,4 @@ def train_losses(build: Callable[[], nn.Module], fused: bool, steps: int, *, siz
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, size, size, generator=gen).to(device, memory_format=fmt)
     targets = images.argmax(1)  # the brightest channel: a labelling a small net learns in a few steps
-    return [train_step(state, images, targets, amp=amp, aux_weight=0.0, grad_clip=None) for _ in range(steps)]
+    return [train_step(state, images, targets, amp=amp, aux_weight=0.0, grad_clip=None).item() for _ in range(steps)]

@@ -71,3 +71,17 @@ def test_unfinished_run_resumes_from_last_checkpoint(smoke, monkeypatch):
 def test_bad_override_is_one_clear_line(tmp_path, capsys):
     assert ablation.main(_argv(tmp_path, "optim.lrr=0.1")) == 2
     assert "optim.lr" in capsys.readouterr().err
+
+
+def test_cost_columns_count_the_model_the_run_trains():
+    """Attention put into a timm encoder, and the aux head, are in the params and FLOPs."""
+    from seg.complexity import count_params
+    from seg.config import load_config
+    from seg.models import model_from_config
+
+    cfg = load_config(None, ["model.encoder=tu-efficientnet_b0", "model.attention=ca", "model.aux_loss=true",
+                             "model.encoder_weights=none", "data.num_classes=5"])
+    cost = ablation.cost_of({"ca": cfg}, None)["ca"]
+    assert cost["params"] == count_params(model_from_config(cfg.model, 5))
+    plain = load_config(None, ["model.encoder=tu-efficientnet_b0", "model.encoder_weights=none", "data.num_classes=5"])
+    assert cost["params"] != ablation.cost_of({"plain": plain}, None)["plain"]["params"]

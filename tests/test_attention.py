@@ -272,3 +272,23 @@ def test_fold_cached_under_inference_mode_serves_no_grad_calls(ca_path):
     with torch.no_grad():
         got = block(x.clone())  # a normal tensor gated in place by them
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("encoder", ["mobilenet_v2_ca", "resnet50_ca"])
+def test_hooks_on_a_ca_block_see_what_the_reference_sees(encoder):
+    """At inference CA may gate its input in place; a hook must still be shown the ungated input."""
+    from seg.encoders import register  # noqa: F401  (our names in smp)
+    import segmentation_models_pytorch as smp
+
+    torch.manual_seed(0)
+    encoder_model = smp.encoders.get_encoder(encoder, in_channels=3, depth=5, weights=None).eval()
+    block = next(m for m in encoder_model.modules() if isinstance(m, CoordAttention))
+    seen = {}
+    pre = block.register_forward_pre_hook(lambda m, args: seen.__setitem__("pre", args[0].clone()))
+    post = block.register_forward_hook(lambda m, args, out: seen.update(input=args[0].clone(), output=out.clone()))
+    with torch.no_grad():
+        encoder_model(torch.randn(1, 3, 64, 64))
+        reference = block._forward_reference(seen["pre"])
+    pre.remove(), post.remove()
+    assert torch.equal(seen["input"], seen["pre"])  # not gated in place behind the hook's back
+    torch.testing.assert_close(seen["output"], reference, rtol=1e-5, atol=1e-6)

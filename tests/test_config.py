@@ -160,10 +160,24 @@ def test_dict_round_trip_is_plain_and_survives_weights_only_load(tmp_path):
     assert config_from_dict(stored) == cfg
 
 
-def test_config_from_dict_checks_keys_and_keeps_defaults_for_absent_ones():
-    assert config_from_dict({"optim": {"lr": 0.5}}).data == Config().data
-    with pytest.raises(ConfigError, match="stored config.*did you mean 'optim.lr'"):
-        config_from_dict({"optim": {"lrr": 0.5}})
+def test_config_from_dict_keeps_defaults_for_absent_keys_and_warns_about_unknown_ones(caplog):
+    stored = config_to_dict(Config())
+    del stored["optim"]["poly_power"]
+    stored["optim"]["lrr"] = 0.5
+    with caplog.at_level("WARNING", logger="seg.config"):
+        assert config_from_dict(stored, version=7) == Config()
+    assert "optim.lrr" in caplog.text and "config version 7" in caplog.text
+    with pytest.raises(ConfigError, match="stored config.*'optim.lr' expects float"):
+        config_from_dict({**stored, "optim": {"lr": "fast"}})
+
+
+@pytest.mark.parametrize("key", seg.config.MODEL_KEYS)
+def test_config_from_dict_refuses_a_stored_config_without_a_model_key(key):
+    stored = config_to_dict(Config())
+    section, name = key.split(".")
+    del stored[section][name]
+    with pytest.raises(ConfigError, match=f"lacks {key}, which decide the model"):
+        config_from_dict(stored)
 
 
 def test_all_configs_are_shipped():
@@ -201,7 +215,7 @@ def test_paper_configs_resolve_to_the_paper_recipe(path):
     assert (cfg.optim.name, cfg.optim.momentum, weight_decay, cfg.optim.poly_power) == ("sgd", 0.9, 4e-5, 0.9)
     assert cfg.eval.mode == "whole" and cfg.eval.scales == (1.0,) and not cfg.eval.flip  # single scale
     if cfg.data.name == "voc":
-        assert (cfg.data.train_split, cfg.data.num_classes, cfg.data.crop_size) == ("train_aug", 21, 513)
+        assert (cfg.data.train_split, cfg.data.num_classes, cfg.data.crop_size) == ("train_aug", 21, 512)
         assert (cfg.data.batch_size, cfg.train.iters) == (16, 30000)
     else:
         assert (cfg.data.name, cfg.data.num_classes, cfg.data.crop_size) == ("cityscapes", 19, 768)

@@ -107,3 +107,38 @@ def test_bar_only_on_a_terminal(monkeypatch):
     assert not engine.show_progress_bar()
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
     assert engine.show_progress_bar()
+
+
+class _NanAt(nn.Module):
+    """A 1x1 conv whose output is NaN on its ``bad``-th call."""
+
+    def __init__(self, bad: int) -> None:
+        super().__init__()
+        self.conv, self.calls, self.bad = nn.Conv2d(3, 2, kernel_size=1), 0, bad
+
+    def forward(self, x):
+        self.calls += 1
+        out = self.conv(x)
+        return out * float("nan") if self.calls == self.bad else out
+
+
+def test_loss_is_read_on_the_host_once_per_log_window(monkeypatch):
+    """No host sync per step: on a GPU each would stall the launch queue."""
+    reads = []
+    for name in ("item", "tolist"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, _o=original, _n=name: reads.append(_n) or _o(self))
+    train(_state(), _batches(), total_iters=8, device=torch.device("cpu"), log_interval=4, eval_interval=100)
+    assert len(reads) == 2
+
+
+def test_non_finite_loss_names_its_iteration_and_stops_before_any_validation():
+    state = _state()
+    state.model = _NanAt(bad=3)
+    state.optimizer = torch.optim.SGD(state.model.parameters(), lr=0.1)
+    state.scheduler = torch.optim.lr_scheduler.LambdaLR(state.optimizer, lambda it: 1.0)
+    validated = []
+    with pytest.raises(engine.NonFiniteLossError, match="loss is nan at iteration 3 .found at iteration 4"):
+        train(state, _batches(), total_iters=10, device=torch.device("cpu"), log_interval=5, eval_interval=4,
+              on_eval=validated.append)
+    assert validated == []  # the validation at iteration 4 would have checkpointed the diverged weights

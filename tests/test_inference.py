@@ -173,3 +173,24 @@ def test_full_resolution_class_tensors_are_only_the_model_outputs(fn, flip, expe
     with counter:
         fn(model, x, num_classes=19, output_stride=16, flip=flip)
     assert counter.count == expected
+
+
+class _AutocastProbe(nn.Module):
+    """Records whether autocast was on (and its dtype) when it ran."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = []
+
+    def forward(self, x):
+        device = x.device.type
+        self.seen.append(torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None)
+        return x[:, :3]
+
+
+@pytest.mark.parametrize("amp, dtype", [("none", None), ("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_precision_is_the_callers_choice_and_float32_by_default(amp, dtype):
+    probe = _AutocastProbe()
+    predict_labels(probe, torch.randn(1, 3, 8, 8), num_classes=3, output_stride=1, amp=amp)
+    predict_labels(probe, torch.randn(1, 3, 8, 8), num_classes=3, output_stride=1)
+    assert probe.seen == [dtype, None]

@@ -163,3 +163,54 @@ def test_batch_not_divisible_by_processes_is_a_config_error(tiny_synthetic):
     three_ranks = DistInfo(rank=0, local_rank=0, world_size=3, device=torch.device("cpu"), is_main=True)
     with pytest.raises(ConfigError, match=r"data.batch_size=100 \(global\) is not divisible by 3 processes"):
         build_loaders(cfg, None, None, three_ranks)
+
+
+def test_resume_on_another_process_count_is_refused(finished, tiny_synthetic):
+    from seg.config import load_config
+    from seg.rundir import check_start
+
+    assert load_checkpoint(finished / "last.pt")["extra"]["world_size"] == 1
+    with pytest.raises(RunDirError, match=r"trained by 1 process\(es\), this start has 2.*resume with 1"):
+        check_start(finished, load_config(train_seg.DEFAULT_CONFIG, run_args(tiny_synthetic)), resume=True, world_size=2)
+
+
+def test_resume_with_fewer_iters_than_done_is_refused(finished, tiny_synthetic, capsys):
+    before = snapshot(finished)
+    argv = ["--out", str(finished), "--resume", *run_args(tiny_synthetic, "train.iters=1")]
+    assert train_seg.main(argv) == 2
+    assert "train.iters=1 is at or below iteration 2" in one_error_line(capsys)
+    assert snapshot(finished) == before
+
+
+def test_resume_with_more_iters_says_the_schedule_is_stretched(finished, tiny_synthetic, tmp_path, capsys):
+    run = shutil.copytree(finished, tmp_path / "run")
+    assert train_seg.main(["--out", str(run), "--resume", *run_args(tiny_synthetic, "train.iters=3")]) == 0
+    err = capsys.readouterr().err
+    assert err.count("train.iters changed from 2 to 3: the learning-rate schedule is stretched from iteration 2") == 1
+
+
+def test_checkpoint_with_renamed_and_extra_config_keys_still_evaluates(finished, tmp_path, capsys):
+    """A checkpoint from another version of the code: unknown keys warn once, known ones are used."""
+    import eval_seg
+    import torch
+
+    ckpt = load_checkpoint(finished / "best.pt")
+    ckpt["config"]["train"]["log_every"] = ckpt["config"]["train"].pop("log_interval")  # a rename
+    ckpt["config"]["future"] = {"anything": 1}  # a section this code does not know
+    ckpt["config_version"] = 99
+    torch.save(ckpt, tmp_path / "other.pt")
+    assert eval_seg.main(["--checkpoint", str(tmp_path / "other.pt")]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "does not know" in line]
+    assert len(warnings) == 1 and "train.log_every" in warnings[0] and "future" in warnings[0]
+    assert "config version 99" in warnings[0]
+
+
+def test_checkpoint_missing_a_model_key_is_refused_in_one_line(finished, tmp_path, capsys):
+    import eval_seg
+    import torch
+
+    ckpt = load_checkpoint(finished / "best.pt")
+    del ckpt["config"]["model"]["encoder"]
+    torch.save(ckpt, tmp_path / "old.pt")
+    assert eval_seg.main(["--checkpoint", str(tmp_path / "old.pt")]) == 2
+    assert "lacks model.encoder, which decide the model" in one_error_line(capsys)

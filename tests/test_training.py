@@ -173,3 +173,31 @@ def test_ddp_two_cpu_ranks_end_with_identical_parameters(tmp_path, data_root):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_validation_uses_the_eval_settings_eval_seg_reproduces(tmp_path, data_root):
+    """A TTA recipe: best.pt is chosen under the scales, flip and precision eval_seg.py then reports."""
+    tta = ["eval.scales=[0.75, 1.0]", "eval.flip=true", "eval.amp=bf16"]
+    out = tmp_path / "run"
+    assert train_seg.main(["--out", str(out), *tiny_overrides(data_root), "train.vis_images=0", *tta]) == 0
+    report = tmp_path / "eval.json"
+    assert eval_seg.main(["--checkpoint", str(out / "best.pt"), "--json", str(report)]) == 0
+    result = json.loads(report.read_text())
+    assert (result["scales"], result["flip"], result["amp"]) == ([0.75, 1.0], True, "bf16")
+    best = max(json.loads(line)["miou"] for line in (out / "metrics.jsonl").read_text().splitlines())
+    assert result["miou"] == pytest.approx(best, abs=1e-9)
+    # and the settings matter: single-scale float32 scores this checkpoint differently
+    plain = tmp_path / "plain.json"
+    assert eval_seg.main(["--checkpoint", str(out / "best.pt"), "--json", str(plain), "--scales", "1.0",
+                          "--amp", "none", "eval.flip=false"]) == 0
+    assert json.loads(plain.read_text())["miou"] != pytest.approx(best, abs=1e-9)
+
+
+def test_logged_lr_is_the_decoders_and_the_encoders_is_logged_beside_it(tmp_path, data_root):
+    out = tmp_path / "run"
+    assert train_seg.main(["--out", str(out), *tiny_overrides(data_root), "train.vis_images=0", "train.ca_maps=false",
+                           "optim.encoder_lr_mult=0.1", "optim.lr=0.01"]) == 0
+    scalars = EventAccumulator(str(out)).Reload()
+    lr, encoder_lr = (scalars.Scalars(tag)[0] for tag in ("train/lr", "train/lr_encoder"))
+    assert lr.step == 1 and encoder_lr.value == pytest.approx(0.1 * lr.value)
+    assert lr.value == pytest.approx(0.01 * (1 - 1 / 4) ** 0.9)  # poly after one of four steps, no warm-up
