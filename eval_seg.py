@@ -13,21 +13,18 @@ import sys
 import time
 from pathlib import Path
 
-import cv2
-import numpy as np
 import torch
 
 from seg.checkpoint import checkpoint_config, load_checkpoint
 from seg.config import ConfigError, apply_overrides, inference_settings, load_config
 from seg.data.loaders import ContiguousSampler
-from seg.data.palette import colorize
 from seg.distributed import cleanup, init_distributed, setup_logging
 from seg.evaluation import model_from_checkpoint, score, val_dataset
+from seg.outputs import write_prediction
 from seg.training import USER_ERRORS
 from seg.visualize import denormalize
 
 log = logging.getLogger("eval_seg")
-OVERLAY_ALPHA = 0.5
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -73,14 +70,7 @@ def saver(save_dir: Path, dataset, indices: list[int], batch_size: int):
     def on_batch(batch_index: int, images, targets, predictions) -> None:
         for offset, pred in enumerate(predictions):
             name = Path(dataset.samples[indices[batch_index * batch_size + offset]][0]).stem
-            labels = pred.cpu().numpy().astype(np.uint8)
-            mask = colorize(labels, dataset.palette)
-            image = denormalize(images[offset])
-            image = cv2.resize(image, (mask.shape[1], mask.shape[0])) if image.shape != mask.shape else image
-            overlay = (OVERLAY_ALPHA * image + (1 - OVERLAY_ALPHA) * mask).astype(np.uint8)
-            cv2.imwrite(str(save_dir / f"{name}.png"), labels)
-            cv2.imwrite(str(save_dir / f"{name}_color.png"), mask[..., ::-1])
-            cv2.imwrite(str(save_dir / f"{name}_overlay.jpg"), overlay[..., ::-1])
+            write_prediction(save_dir / name, denormalize(images[offset]), pred.cpu().numpy(), dataset.palette)
 
     return on_batch
 

@@ -9,3 +9,12 @@ __version__ = "0.1.0"
 
 from seg.encoders import register as _register  # noqa: E402,F401  (side effect: smp registration)
 from seg.attach import AttachReport, attach_attention  # noqa: E402,F401  (public: seg.attach_attention)
+
+
+def __getattr__(name: str):
+    # the predictor pulls in albumentations and the inference stack; load it only when asked for
+    if name == "Predictor":
+        from seg.predictor import Predictor
+
+        return Predictor
+    raise AttributeError(f"module 'seg' has no attribute {name!r}")

@@ -1,0 +1,162 @@
+"""predict_seg.py and seg.Predictor on a tiny trained synthetic run (CPU): equal to eval_seg --save-dir,
+folders with bad files, videos, ONNX, and the user errors."""
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+import eval_seg
+import predict_seg
+import seg.export as export
+import train_seg
+from seg import Predictor
+from seg.checkpoint import checkpoint_config, load_checkpoint
+from seg.data import build_dataset
+
+SIZE = 40  # not a multiple of the model's stride: padding and cropping back are exercised
+
+
+def run_args(root: Path) -> list[str]:
+    return [
+        "data.name=synthetic", f"data.root={root}", "data.num_classes=5", "data.crop_size=32",
+        "data.batch_size=2", "data.val_batch_size=2", "data.num_workers=0", "data.synthetic_train_images=4",
+        "data.synthetic_val_images=3", f"data.synthetic_image_size={SIZE}", "model.decoder_channels=8",
+        "optim.name=adamw", "optim.lr=0.01", "optim.warmup_iters=0", "train.iters=2", "train.eval_interval=2",
+        "train.log_interval=1", "train.vis_images=0", "train.device=cpu",
+    ]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run")
+    root = tmp_path_factory.mktemp("data")
+    assert train_seg.main(["--out", str(out), *run_args(root)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def val_images(run) -> list[Path]:
+    root = Path(checkpoint_config(load_checkpoint(run / "best.pt")).data.root)
+    return [Path(image) for image, _ in build_dataset("synthetic", root, "val").samples]
+
+
+def _predict(argv: list[str], capsys) -> tuple[int, str, str]:
+    code = predict_seg.main(argv)
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    return code, captured.out, captured.err
+
+
+def _rgb(path: Path) -> np.ndarray:
+    return cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+
+
+@pytest.mark.parametrize("mode", ["whole", "slide"])
+def test_masks_equal_eval_save_dir(run, val_images, tmp_path, capsys, mode):
+    assert eval_seg.main(["--checkpoint", str(run / "best.pt"), "--mode", mode, "--save-dir", str(tmp_path / "eval")]) == 0
+    code, out, _ = _predict(["--checkpoint", str(run / "best.pt"), "--mode", mode, "--batch", "2",
+                             *map(str, val_images), "--out", str(tmp_path / "pred")], capsys)
+    assert code == 0 and "predicted 3 image(s)" in out
+    for image in val_images:
+        expected = cv2.imread(str(tmp_path / "eval" / f"{image.stem}.png"), cv2.IMREAD_UNCHANGED)
+        got = cv2.imread(str(tmp_path / "pred" / f"{image.stem}.png"), cv2.IMREAD_UNCHANGED)
+        assert got.dtype == np.uint8 and got.shape == (SIZE, SIZE)
+        np.testing.assert_array_equal(got, expected)
+        for suffix in ("_color.png", "_overlay.jpg"):
+            assert (tmp_path / "pred" / f"{image.stem}{suffix}").is_file()
+
+
+def test_folder_tree_with_bad_files(run, val_images, tmp_path, capsys):
+    src = tmp_path / "photos"
+    (src / "a" / "b").mkdir(parents=True)
+    image = _rgb(val_images[0])
+    cv2.imwrite(str(src / "top.png"), image[..., ::-1])
+    cv2.imwrite(str(src / "a" / "wide.jpg"), cv2.resize(image, (56, 24))[..., ::-1])
+    cv2.imwrite(str(src / "a" / "b" / "small.png"), cv2.resize(image, (20, 30))[..., ::-1])
+    good = cv2.imencode(".jpg", image[..., ::-1])[1].tobytes()
+    (src / "a" / "b" / "cut.jpg").write_bytes(good[: len(good) // 2])
+    (src / "a" / "notes.txt").write_text("not an image")
+    out = tmp_path / "masks"
+    code, stdout, err = _predict(["--checkpoint", str(run / "best.pt"), str(src), "--out", str(out), "--batch", "3"],
+                                 capsys)
+    assert code == 2
+    assert "predicted 3 image(s)" in stdout and "skipped 2" in stdout
+    warnings = [line for line in err.splitlines() if line.startswith("warning: skipped")]
+    assert len(warnings) == 2 and any("cut.jpg" in w for w in warnings) and any("notes.txt" in w for w in warnings)
+    for rel, (h, w) in (("top", (SIZE, SIZE)), ("a/wide", (24, 56)), ("a/b/small", (30, 20))):
+        assert cv2.imread(str(out / f"{rel}.png"), cv2.IMREAD_UNCHANGED).shape == (h, w), rel
+        assert (out / f"{rel}_color.png").is_file() and (out / f"{rel}_overlay.jpg").is_file()
+    assert not list(out.rglob("cut*")) and not list(out.rglob(".*"))  # nothing half-written, no temp files left
+
+
+def test_video_overlay_keeps_frames_size_and_fps(run, val_images, tmp_path, capsys):
+    video, fps, frames = tmp_path / "clip.mp4", 12.0, 5
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), fps, (48, 32))
+    base = cv2.resize(_rgb(val_images[0]), (48, 32))
+    for i in range(frames):
+        writer.write(np.roll(base, 4 * i, axis=1)[..., ::-1].copy())
+    writer.release()
+    out = tmp_path / "out"
+    code, stdout, _ = _predict(["--checkpoint", str(run / "best.pt"), str(video), "--out", str(out), "--batch", "2",
+                                "--save-frames"], capsys)
+    assert code == 0 and f"{frames} video frame(s)" in stdout
+    result = cv2.VideoCapture(str(out / "clip_overlay.mp4"))
+    count = 0
+    while result.read()[0]:
+        count += 1
+    assert count == frames
+    assert (result.get(cv2.CAP_PROP_FRAME_WIDTH), result.get(cv2.CAP_PROP_FRAME_HEIGHT)) == (48, 32)
+    assert result.get(cv2.CAP_PROP_FPS) == pytest.approx(fps)
+    assert len(list((out / "clip").glob("clip_*_overlay.jpg"))) == frames
+
+
+def test_predictor_api_one_image_and_batch(run, val_images):
+    predictor = Predictor.from_checkpoint(run / "best.pt", device="cpu")
+    assert predictor.classes[0] == "background" and predictor.palette.shape == (5, 3)
+    images = [_rgb(val_images[0]), cv2.resize(_rgb(val_images[1]), (24, 36)), _rgb(val_images[2])]
+    masks = predictor.predict_batch(images)
+    assert [m.shape for m in masks] == [(SIZE, SIZE), (36, 24), (SIZE, SIZE)]
+    assert all(m.dtype == np.uint8 and m.max() < 5 for m in masks)
+    np.testing.assert_array_equal(predictor.predict(images[1]), masks[1])
+    with pytest.raises(ValueError, match="HxWx3 uint8"):
+        predictor.predict(images[0].astype(np.float32))
+
+
+def test_onnx_agrees_with_pytorch(run, val_images, tmp_path, capsys):
+    model = tmp_path / "model.onnx"
+    assert export.main(["--checkpoint", str(run / "best.pt"), "--out", str(model), "--dynamic"]) == 0
+    capsys.readouterr()
+    inputs = [*map(str, val_images), "--out"]
+    assert _predict(["--checkpoint", str(run / "best.pt"), *inputs, str(tmp_path / "torch")], capsys)[0] == 0
+    assert _predict(["--onnx", str(model), *inputs, str(tmp_path / "onnx")], capsys)[0] == 0
+    agree = total = 0
+    for image in val_images:
+        a, b = (cv2.imread(str(tmp_path / d / f"{image.stem}.png"), cv2.IMREAD_UNCHANGED) for d in ("torch", "onnx"))
+        agree, total = agree + int((a == b).sum()), total + a.size
+    assert agree / total >= 0.999
+
+
+@pytest.mark.parametrize("case", ["missing input", "empty folder", "out is a file", "not our checkpoint",
+                                  "missing checkpoint"])
+def test_user_errors_are_one_line_and_write_nothing(run, tmp_path, capsys, case):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "foreign.pt").write_bytes(b"not ours")
+    image = tmp_path / "img.png"
+    cv2.imwrite(str(image), np.zeros((8, 8, 3), np.uint8))
+    ckpt, inputs, out = str(run / "best.pt"), [str(image)], tmp_path / "out"
+    if case == "missing input":
+        inputs = [str(tmp_path / "nope.jpg")]
+    elif case == "empty folder":
+        inputs = [str(tmp_path / "empty")]
+    elif case == "out is a file":
+        out = tmp_path / "file"
+    elif case == "not our checkpoint":
+        ckpt = str(tmp_path / "foreign.pt")
+    else:
+        ckpt = str(tmp_path / "nope.pt")
+    code, _, err = _predict(["--checkpoint", ckpt, *inputs, "--out", str(out)], capsys)
+    assert code == 1 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
