@@ -1,4 +1,5 @@
-"""Evaluate a checkpoint: ``python eval_seg.py --checkpoint RUN/best.pt [--mode whole|slide] [--scales ...] [--flip]``.
+"""Evaluate a checkpoint: ``python eval_seg.py --checkpoint RUN/best.pt [--mode whole|slide] [--scales ...] [--flip]
+[key=value ...]``.
 
 By default it uses the config stored in the checkpoint, so the numbers match the run's validation.
 Works under ``torchrun`` (each rank scores a disjoint shard; counts are summed once at the end).
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 
 from seg.checkpoint import checkpoint_config, load_checkpoint
+from seg.cli import HelpFormatter, parse_with_overrides
 from seg.config import ConfigError, apply_overrides, inference_settings, load_config
 from seg.data.loaders import ContiguousSampler
 from seg.distributed import cleanup, init_distributed, setup_logging
@@ -28,21 +30,27 @@ log = logging.getLogger("eval_seg")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", type=Path, required=True)
-    p.add_argument("--config", type=Path, help="YAML to use instead of the checkpoint's stored config")
+    p = argparse.ArgumentParser(prog="python eval_seg.py", description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint to score, e.g. RUN/best.pt")
+    p.add_argument("--config", type=Path, help="YAML to use instead of the checkpoint's stored config "
+                   "(default: the stored one)")
     p.add_argument("--data-root", help="dataset root (default: the config's data.root)")
     p.add_argument("--split", help="split to score (default: the config's data.val_split)")
-    p.add_argument("--mode", choices=["whole", "slide"], help="default: the config's eval.mode")
-    p.add_argument("--scales", type=float, nargs="+", help="multi-scale inference, e.g. 0.5 0.75 1.0 1.25 1.5 1.75")
-    p.add_argument("--flip", action="store_true", help="average with the horizontally flipped image")
+    p.add_argument("--mode", choices=["whole", "slide"], help="whole image or sliding window "
+                   "(default: the config's eval.mode)")
+    p.add_argument("--scales", type=float, nargs="+", help="multi-scale inference, e.g. 0.5 0.75 1.0 1.25 1.5 1.75 "
+                   "(default: the config's eval.scales)")
+    p.add_argument("--flip", action="store_true", help="average with the horizontally flipped image "
+                   "(default: the config's eval.flip)")
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], help="inference precision (default: the config's "
                    "eval.amp)")
     p.add_argument("--save-dir", type=Path, help="write class-index PNGs (what scorers read), colour PNGs "
-                   "and overlays here")
-    p.add_argument("--json", type=Path, help="write the metrics, and what was measured, as JSON here")
-    p.add_argument("overrides", nargs="*", help="config overrides such as eval.crop_size=512")
-    return p.parse_args(argv)
+                   "and overlays here (default: write none)")
+    p.add_argument("--json", type=Path, help="write the metrics, and what was measured, as JSON here "
+                   "(default: print the table only)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides such as eval.crop_size=512, anywhere on the line (default: none)")
+    return parse_with_overrides(p, argv)
 
 
 def resolve_config(args: argparse.Namespace, ckpt: dict):

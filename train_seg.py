@@ -1,7 +1,9 @@
 """Train a segmentation model: ``python train_seg.py [--config FILE] [--out RUN_DIR] [--resume | --overwrite] [key=value ...]``.
 
 Without ``--config`` it runs ``configs/demo.yaml``: a synthetic dataset generated on first use and
-DeepLabV3 + MobileNetV2-CA trained on the CPU in a few minutes. Multi-GPU: ``torchrun --nproc_per_node N train_seg.py ...``.
+DeepLabV3 + MobileNetV2-CA trained on the CPU in a few minutes. ``--resume --out RUN_DIR`` continues
+that run with its stored ``RUN_DIR/config.yaml``. ``key=value`` overrides may go anywhere on the line.
+Multi-GPU: ``torchrun --nproc_per_node N train_seg.py ...``.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ import sys
 import time
 from pathlib import Path
 
+from seg.cli import HelpFormatter, parse_with_overrides
 from seg.config import ConfigError, load_config
 from seg.distributed import cleanup, init_distributed, setup_logging
+from seg.rundir import resume_config
 from seg.training import USER_ERRORS, run_training
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
@@ -22,14 +26,18 @@ log = logging.getLogger("train_seg")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="YAML experiment (default: the demo)")
-    parser.add_argument("--out", type=Path, default=None, help="run directory (default: runs/<config>-<time>)")
+    parser = argparse.ArgumentParser(prog="python train_seg.py", description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--config", type=Path, help="YAML experiment (default: configs/demo.yaml; with --resume: "
+                        "the run's stored config.yaml, and a file given here is compared with it like overrides)")
+    parser.add_argument("--out", type=Path, metavar="RUN_DIR", help="run directory (default: runs/<config>-<time>)")
     start = parser.add_mutually_exclusive_group()
-    start.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
-    start.add_argument("--overwrite", action="store_true", help="discard the run in RUN_DIR and start afresh")
-    parser.add_argument("overrides", nargs="*", help="config overrides such as optim.lr=0.02")
-    return parser.parse_args(argv)
+    start.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its last.pt "
+                       "and stored config.yaml (default: off)")
+    start.add_argument("--overwrite", action="store_true", help="discard the run in RUN_DIR and start afresh "
+                       "(default: off)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides such as optim.lr=0.02, anywhere on the line (default: none)")
+    return parse_with_overrides(parser, argv)
 
 
 def resolve_run_dir(out: Path | None, config_name: str, resume: bool) -> Path:
@@ -56,9 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     dist = None
     try:
-        cfg = load_config(args.config, args.overrides)
+        config = args.config or DEFAULT_CONFIG
+        run_dir = resolve_run_dir(args.out, config.stem, args.resume)
+        # a resume continues the stored config: only what this command typed may differ from it
+        cfg = (resume_config(run_dir, args.config, args.overrides) if args.resume
+               else load_config(config, args.overrides))
         dist = init_distributed()
-        run_dir = resolve_run_dir(args.out, args.config.stem, args.resume)
         setup_logging()  # seg.training adds RUN_DIR/train.log once the start is accepted
         state = run_training(cfg, run_dir, dist, resume=args.resume, overwrite=args.overwrite)
         if dist.is_main:

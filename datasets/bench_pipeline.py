@@ -82,9 +82,10 @@ def plain_step(dataset, transform):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=5.0, help="timing window per row")
-    parser.add_argument("--crop", type=int, default=512)
+    parser = argparse.ArgumentParser(prog="python datasets/bench_pipeline.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=5.0, help="timing window per row (default: 5)")
+    parser.add_argument("--crop", type=int, default=512, help="training crop side (default: 512)")
     args = parser.parse_args(argv)
     cv2.setNumThreads(0)  # as in a DataLoader worker: one core per worker
     torch.set_num_threads(1)

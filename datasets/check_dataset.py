@@ -47,16 +47,19 @@ def check_split(name: str, root: Path, split: str, workers: int) -> tuple[int, l
         return 0, [f"{split}: {err}"]
     # batch_size=None hands items over one by one; workers read in parallel
     loader = DataLoader(ProblemPerSample(dataset), batch_size=None, num_workers=workers)
-    problems = [problem for problem in tqdm(loader, desc=split, total=len(dataset), dynamic_ncols=True) if problem]
+    # the bar only on a terminal: redrawn into a pipe or log file it is hundreds of lines of noise
+    bar = tqdm(loader, desc=split, total=len(dataset), dynamic_ncols=True, disable=not sys.stderr.isatty())
+    problems = [problem for problem in bar if problem]
     return len(dataset), problems
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--name", required=True, choices=sorted(DATASETS))
-    parser.add_argument("--root", type=Path, required=True)
+    parser = argparse.ArgumentParser(prog="python datasets/check_dataset.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--name", required=True, choices=sorted(DATASETS), help="which dataset's layout to read")
+    parser.add_argument("--root", type=Path, required=True, help="the dataset's folder, as data.root in a config")
     parser.add_argument("--splits", nargs="+", help="default: the dataset's usual splits")
-    parser.add_argument("--workers", type=int, default=4, help="reader processes (0: read in this process)")
+    parser.add_argument("--workers", type=int, default=4, help="reader processes (0: read in this process; default: 4)")
     args = parser.parse_args(argv)
     checked, problems = 0, []
     for split in args.splits or DEFAULT_SPLITS[args.name]:

@@ -15,12 +15,13 @@ from seg.data.synthetic import make_synthetic  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python datasets/make_synthetic.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, required=True, help="output folder (VOCdevkit/VOC2012 goes inside)")
-    parser.add_argument("--n-train", type=int, default=600)
-    parser.add_argument("--n-val", type=int, default=100)
-    parser.add_argument("--size", type=int, default=96, help="image side in pixels")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n-train", type=int, default=600, help="training images (default: 600)")
+    parser.add_argument("--n-val", type=int, default=100, help="validation images (default: 100)")
+    parser.add_argument("--size", type=int, default=96, help="image side in pixels (default: 96)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the shapes (default: 0)")
     args = parser.parse_args(argv)
     voc = make_synthetic(args.root, args.n_train, args.n_val, args.size, args.seed)
     print(f"synthetic dataset ready in {voc}")

@@ -37,15 +37,17 @@ def prepare(root: Path, workers: int = 4) -> int:
     if not files:
         raise FileNotFoundError(f"no *{LABEL_IDS_SUFFIX} under {gt}; expected gtFine/<split>/<city>/")
     with Pool(workers) as pool:
-        for _ in tqdm(pool.imap_unordered(_convert, files, chunksize=16), total=len(files), desc="trainIds"):
+        for _ in tqdm(pool.imap_unordered(_convert, files, chunksize=16), total=len(files), desc="trainIds",
+                      disable=not sys.stderr.isatty()):  # a bar only on a terminal, not in logs
             pass
     return len(files)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python datasets/prepare_cityscapes.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, required=True, help="folder holding gtFine/ and leftImg8bit/")
-    parser.add_argument("--workers", type=int, default=os.cpu_count())
+    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="converter processes (default: all CPUs)")
     args = parser.parse_args(argv)
     print(f"{prepare(args.root, args.workers)} label files converted or already present")
 

@@ -78,7 +78,8 @@ def prepare(sbd: Path, voc: Path, workers: int = 4) -> list[str]:
     (voc / AUG_DIR).mkdir(exist_ok=True)
     jobs = [(i, sbd, voc) for i in ids]
     with Pool(workers) as pool:
-        for _ in tqdm(pool.imap_unordered(_convert, jobs, chunksize=64), total=len(jobs), desc=AUG_DIR):
+        for _ in tqdm(pool.imap_unordered(_convert, jobs, chunksize=64), total=len(jobs), desc=AUG_DIR,
+                      disable=not sys.stderr.isatty()):  # a bar only on a terminal, not in logs
             pass
     text = "\n".join(ids) + "\n"
     list_file = voc / "ImageSets" / "Segmentation" / "train_aug.txt"
@@ -88,10 +89,11 @@ def prepare(sbd: Path, voc: Path, workers: int = 4) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python datasets/prepare_voc_aug.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sbd", type=Path, required=True, help="benchmark_RELEASE (or its dataset/ folder)")
     parser.add_argument("--voc", type=Path, required=True, help="VOCdevkit/VOC2012 (or a folder above it)")
-    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--workers", type=int, default=4, help="converter processes (default: 4)")
     args = parser.parse_args(argv)
     ids = prepare(args.sbd, args.voc, args.workers)
     print(f"train_aug: {len(ids)} ids")

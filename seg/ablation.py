@@ -26,6 +26,7 @@ import yaml
 
 from seg import bench
 from seg.checkpoint import checkpoint_config, load_checkpoint
+from seg.cli import HelpFormatter, parse_with_overrides
 from seg.complexity import count_params
 from seg.config import Config, ConfigError, config_to_dict, load_config, save_config
 from seg.distributed import DistInfo, setup_logging
@@ -128,15 +129,17 @@ def format_table(rows: list[dict], bench_note: str) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", type=Path, nargs="+", required=True)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--out", type=Path, default=Path("runs/ablation"))
+    p = argparse.ArgumentParser(prog="python -m seg.ablation", description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--configs", type=Path, nargs="+", required=True, help="YAML experiments to compare, "
+                   "one table row each")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds trained per config")
+    p.add_argument("--out", type=Path, default=Path("runs/ablation"), help="runs go to OUT/<config>/seed<N>")
     p.add_argument("--smoke", action="store_true", help="synthetic data, tiny sizes, CPU: a check that it all runs")
     p.add_argument("--no-step-time", action="store_true", help="skip the step-time measurement")
-    p.add_argument("--json", type=Path, help="default: OUT/ablation.json")
-    p.add_argument("overrides", nargs="*", help="applied to every config, e.g. train.iters=5000")
-    return p.parse_args(argv)
+    p.add_argument("--json", type=Path, help="where the rows go (default: OUT/ablation.json)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="applied to every config, e.g. train.iters=5000, anywhere on the line (default: none)")
+    return parse_with_overrides(p, argv)
 
 
 def bench_setup(args: argparse.Namespace) -> tuple[bench.BenchSetup | None, str]:

@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from seg.cli import HelpFormatter
 from seg.complexity import count_flops_on_meta, count_params
 from seg.encoders.register import ENCODER_NAMES
 from seg.engine import TrainState, autocast, train_step
@@ -235,20 +236,21 @@ def format_table(result: dict) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p = argparse.ArgumentParser(prog="python -m seg.bench", description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where to time")
     p.add_argument("--batch", type=int, help="default: 16 on CUDA, 2 on CPU")
     p.add_argument("--size", type=int, help="input side; default: 512 on CUDA, 256 on CPU")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--encoders", nargs="+", default=list(ENCODERS))
-    p.add_argument("--os", type=int, nargs="+", default=[16, 8], choices=sorted(ATROUS_RATES))
+    p.add_argument("--repeats", type=int, default=5, help="timed steps per model (the median is reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per model first")
+    p.add_argument("--encoders", nargs="+", default=list(ENCODERS), help="backbones to time")
+    p.add_argument("--os", type=int, nargs="+", default=[16, 8], choices=sorted(ATROUS_RATES),
+                   help="DeepLabV3 output strides to time")
     p.add_argument("--compile", choices=["off", "on", "both"], help="default: both on CUDA, off on CPU")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    p.add_argument("--flops-size", type=int, default=FLOPS_SIZE)
+    p.add_argument("--flops-size", type=int, default=FLOPS_SIZE, help="input side the GFLOPs are counted at")
     p.add_argument("--variants", nargs="+", metavar="NAME",
                    help=f"default: all of {['plain', AA, *list(VARIANTS)[1:], FUSED_CA]} that can run here")
-    p.add_argument("--json", type=Path, help="also write the rows and setup here")
+    p.add_argument("--json", type=Path, help="also write the rows and setup here (default: print only)")
     return p.parse_args(argv)
 
 

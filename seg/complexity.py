@@ -93,7 +93,13 @@ def timm_attention_table(encoders: tuple[str, ...] = TIMM_TABLE_ENCODERS, num_cl
     return "\n".join(rows)
 
 
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m seg.complexity", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--timm", action="store_true", help="the table of attention attached to timm backbones "
+                        "(default: the table of our named encoders)")
+    print(timm_attention_table() if parser.parse_args(argv).timm else complexity_table())
+
+
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--timm", action="store_true", help="the table of attention attached to timm backbones")
-    print(timm_attention_table() if parser.parse_args().timm else complexity_table())
+    main()

@@ -259,9 +259,10 @@ def eval_window(cfg: Config) -> dict:
     return {"crop_size": cfg.eval.crop_size or cfg.data.crop_size, "stride": cfg.eval.stride}
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Defaults, then the YAML file at ``path`` (if any), then ``key=value`` overrides; validated."""
-    cfg = Config()
+def load_config(path: str | Path | None, overrides: list[str] = (), base: Config | None = None) -> Config:
+    """Defaults (or ``base``, e.g. a run's stored config, changed in place), then the YAML file at
+    ``path`` (if any), then ``key=value`` overrides; validated."""
+    cfg = Config() if base is None else base
     if path is not None:
         path = Path(path)
         if not path.is_file():

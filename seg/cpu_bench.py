@@ -40,6 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from seg.cli import HelpFormatter
 from seg.config import ModelConfig
 from seg.encoders.mobilenet_v2 import ATTENTION_SLOT, ExpandedConv
 from seg.export import export_onnx
@@ -237,7 +238,8 @@ def projection_times(size: int = 512, threads: int = 2, repeats: int = 15) -> di
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m seg.cpu_bench", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m seg.cpu_bench", description=__doc__.split("\n")[0],
+                                formatter_class=HelpFormatter)
     p.add_argument("--size", type=int, default=512, help="square input side (multiple of 16)")
     p.add_argument("--threads", type=int, default=2, help="intra-op threads for both backends")
     p.add_argument("--repeats", type=int, default=15, help="timed runs per model and backend")

@@ -146,11 +146,11 @@ def verify_onnx(model: nn.Module, path: str | Path, sizes: list[tuple[int, int]]
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m seg.export", description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", required=True, help="checkpoint written by seg.checkpoint.save_checkpoint")
+    p.add_argument("--checkpoint", required=True, help="checkpoint to export, e.g. RUN/best.pt")
     p.add_argument("--out", required=True, help="ONNX file to write (its folder must exist)")
     p.add_argument("--height", type=int, help="input height (default: config crop size, stride multiple)")
     p.add_argument("--width", type=int, help="input width (default: config crop size, stride multiple)")
-    p.add_argument("--dynamic", action="store_true", help="symbolic batch, height and width")
+    p.add_argument("--dynamic", action="store_true", help="symbolic batch, height and width (default: fixed)")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: the checkpoint's train.threads)")
     return p.parse_args(argv)

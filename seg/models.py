@@ -8,6 +8,7 @@ is on, so weights move between smp models and ours, and ``seg/weights.py`` loads
 into ``model.encoder``.
 """
 
+import difflib
 import logging
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from torch import nn
 
 from seg.attach import AttachReport, attach_attention
 from seg.attention import CoordAttention
-from seg.config import ModelConfig
+from seg.config import ConfigError, ModelConfig
 import seg.encoders.register  # noqa: F401  (our encoder names must be in smp's table)
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,7 @@ DEEPLAB_ARCHS = ("deeplabv3", "deeplabv3plus")
 ARCHS = DEEPLAB_ARCHS + ("unet", "fpn")
 AUX_DROPOUT = 0.1
 TIMM_PREFIX = "tu-"  # smp's timm-universal encoders: any timm model name after the prefix
+MAX_SUGGESTIONS = 5
 
 
 class AuxHead(nn.Sequential):
@@ -122,13 +124,22 @@ def build_model(
     local files afterwards with ``seg/weights.py``.
     """
     if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; expected one of {list(ARCHS)}")
+        raise ConfigError(f"unknown arch {arch!r}; expected one of {list(ARCHS)}")
     _check_encoder(encoder)
     kwargs = _arch_kwargs(arch, output_stride, decoder_atrous_rates, aspp_separable, decoder_channels)
     kwargs.update(_timm_weights(encoder, encoder_weights))
-    model = smp.create_model(
-        arch, encoder_name=encoder, in_channels=in_channels, classes=num_classes, **kwargs,
-    )
+    try:
+        model = smp.create_model(
+            arch, encoder_name=encoder, in_channels=in_channels, classes=num_classes, **kwargs,
+        )
+    except (ValueError, TypeError) as err:
+        if not encoder.startswith(TIMM_PREFIX):
+            raise  # our own and smp's named encoders all fit every arch: this is a bug, keep its traceback
+        # a timm model smp cannot cut into a feature pyramid (ViTs), or one without output_stride (Swin)
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        needs = "features at strides 2 to 32" + (" and an output_stride argument" if arch in DEEPLAB_ARCHS else "")
+        raise ConfigError(f"encoder {encoder!r} cannot serve as the encoder of {arch} ({reason}); smp needs a timm "
+                          f"model with {needs}, e.g. tu-resnet50 or tu-convnext_tiny") from None
     report = None
     if attention is not None:
         report = attach_attention(model.encoder, attention, attention_stages)
@@ -140,13 +151,19 @@ def build_model(
 
 
 def _check_encoder(encoder: str) -> None:
+    """Refuse an unknown name in one line, naming the closest of ours, smp's and ``tu-`` + timm's."""
     if encoder.startswith(TIMM_PREFIX):
-        if not timm.is_model(encoder.removeprefix(TIMM_PREFIX)):
-            raise ValueError(f"unknown timm model in encoder {encoder!r}; see timm.list_models()")
+        if timm.is_model(encoder.removeprefix(TIMM_PREFIX)):
+            return
+        what, where = "timm model in encoder", "timm.list_models()"
+    elif encoder in smp.encoders.get_encoder_names():
         return
-    valid = smp.encoders.get_encoder_names()
-    if encoder not in valid:
-        raise ValueError(f"unknown encoder {encoder!r}; expected one of {sorted(valid)} or 'tu-<timm model>'")
+    else:
+        what, where = "encoder", "smp.encoders.get_encoder_names(), or 'tu-' + a name from timm.list_models()"
+    names = smp.encoders.get_encoder_names() + [TIMM_PREFIX + name for name in timm.list_models()]
+    close = difflib.get_close_matches(encoder, names, n=MAX_SUGGESTIONS)
+    hint = f"did you mean {', '.join(map(repr, close))}?" if close else f"the valid names are in {where}"
+    raise ConfigError(f"unknown {what} {encoder!r}; {hint}")
 
 
 def _timm_weights(encoder: str, encoder_weights: str | Path | None) -> dict:
@@ -154,7 +171,7 @@ def _timm_weights(encoder: str, encoder_weights: str | Path | None) -> dict:
     if encoder_weights is None:
         return {"encoder_weights": None}
     if not encoder.startswith(TIMM_PREFIX):
-        raise ValueError(
+        raise ConfigError(
             f"encoder_weights must be None for {encoder!r} (got {encoder_weights!r}): smp would download them; "
             "load a local checkpoint into model.encoder with seg/weights.py instead")
     path = Path(encoder_weights)

@@ -33,9 +33,10 @@ from typing import Iterator
 import yaml
 
 from seg.checkpoint import checkpoint_config, load_checkpoint, write_all, write_atomic
-from seg.config import Config, config_to_dict
+from seg.config import Config, ConfigError, config_from_dict, config_to_dict, load_config
 
 LAST, BEST, METRICS, CONFIG, LOCK = "last.pt", "best.pt", "metrics.jsonl", "config.yaml", ".lock"
+LOG = "train.log"
 EVENTS_GLOB = "events.out.tfevents.*"
 # Keys that may differ on --resume: where the data lives, how often to log / validate, how long
 # to train, and how fast. Everything else changes the model or the optimisation.
@@ -96,6 +97,27 @@ def changed_keys(stored: dict, requested: dict) -> list[str]:
             if f"{section}.{key}" not in RESUMABLE_KEYS and requested[section][key] != value]
 
 
+def resume_config(run_dir: Path, config_file: Path | None, overrides: list[str]) -> Config:
+    """The config ``--resume`` continues with: the run's stored ``config.yaml``, then ``config_file``
+    (if given) and ``overrides`` on top, so :func:`check_start` sees a change only in what the
+    resume command typed, never in what the run was started with."""
+    stored, last = run_dir / CONFIG, run_dir / LAST
+    if stored.is_file():
+        try:
+            base = config_from_dict(yaml.safe_load(stored.read_text()), source=str(stored))
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{stored}: not valid YAML: {err}") from None
+    elif last.is_file():  # config.yaml removed by hand: last.pt holds the same config
+        base = checkpoint_config(load_checkpoint(last), last)
+    else:
+        raise _no_checkpoint(last)
+    return load_config(config_file, overrides, base=base)
+
+
+def _no_checkpoint(last: Path) -> RunDirError:
+    return RunDirError(f"--resume: no checkpoint {last}; start the run without --resume")
+
+
 def check_start(run_dir: Path, cfg: Config, resume: bool, overwrite: bool = False,
                 world_size: int = 1) -> dict | None:
     """Refuse a start that would damage the run in ``run_dir``; return ``last.pt`` when resuming.
@@ -109,12 +131,12 @@ def check_start(run_dir: Path, cfg: Config, resume: bool, overwrite: bool = Fals
     last = run_dir / LAST
     if resume:
         if not last.is_file():
-            raise RunDirError(f"--resume: no checkpoint {last}; start the run without --resume")
+            raise _no_checkpoint(last)
         ckpt = load_checkpoint(last)
         diff = changed_keys(stored_config(ckpt), config_to_dict(cfg))
         if diff:
             raise RunDirError(f"--resume: {last} was trained with a different config: {'; '.join(diff)}. "
-                              f"Drop those overrides, or start a new run with another --out "
+                              f"Drop those overrides (or --config), or start a new run with another --out "
                               f"(keys that may change on resume: {', '.join(sorted(RESUMABLE_KEYS))})")
         check_resume_shape(ckpt, cfg, world_size, last)
         return ckpt
@@ -150,7 +172,8 @@ def begin_run(run_dir: Path, cfg: Config, resumed: dict | None) -> None:
     """
     remove_stale_temps(run_dir)
     if resumed is None:
-        for path in [run_dir / LAST, run_dir / BEST, run_dir / METRICS, *run_dir.glob(EVENTS_GLOB)]:
+        # train.log too: --overwrite starts a new run, whose log must not continue the old one's
+        for path in [run_dir / LAST, run_dir / BEST, run_dir / METRICS, run_dir / LOG, *run_dir.glob(EVENTS_GLOB)]:
             path.unlink(missing_ok=True)
     else:
         record = (resumed.get("extra") or {}).get("metrics")

@@ -46,3 +46,11 @@ def test_clean_dataset_passes_with_worker_processes(tmp_path, capsys):
     assert _script("check_dataset").main(["--name", "camvid", "--root", str(tmp_path), "--splits", "train",
                                           "--workers", "2"]) == 0
     assert capsys.readouterr().out.splitlines()[-1].endswith("3 samples checked, 0 problem(s)")
+
+
+def test_no_progress_bar_is_drawn_into_a_pipe(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    _camvid(tmp_path, "train", {"a": (rng.integers(0, 255, (16, 16, 3), dtype=np.uint8), np.zeros((16, 16), np.uint8))})
+    assert _script("check_dataset").main(["--name", "camvid", "--root", str(tmp_path), "--splits", "train",
+                                          "--workers", "0"]) == 0
+    assert capsys.readouterr().err == ""  # pytest's capture is not a terminal, as a pipe or log file is not

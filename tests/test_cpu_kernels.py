@@ -123,6 +123,27 @@ def test_switched_off_kernels_are_not_built(monkeypatch):
     assert cpu.kernels() is None
 
 
+def test_a_build_is_announced_on_stderr_without_logging_set_up(tmp_path, monkeypatch, capsys):
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: "built")
+    assert cpu._build() == "built"
+    assert f"compiling CA's CPU kernels once, ~30 s, cached in {cpu.build_dir()}" in capsys.readouterr().err
+
+
+def test_a_checkout_at_another_path_loads_the_cached_build(ext, tmp_path, monkeypatch, capsys):
+    from torch.utils import cpp_extension
+
+    other = tmp_path / "other_checkout" / "ca_cpu.cpp"
+    other.parent.mkdir()
+    other.write_bytes(cpu.SOURCE.read_bytes())
+    monkeypatch.setattr(cpu, "SOURCE", other)
+    monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: pytest.fail("rebuilt for a new checkout path"))
+    assert hasattr(cpu._build(), "gate")
+    assert "compiling" not in capsys.readouterr().err
+
+
 def test_a_build_killed_midway_is_redone_by_the_next_process(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     folder = cpu.build_dir()

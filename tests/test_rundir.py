@@ -214,3 +214,41 @@ def test_checkpoint_missing_a_model_key_is_refused_in_one_line(finished, tmp_pat
     torch.save(ckpt, tmp_path / "old.pt")
     assert eval_seg.main(["--checkpoint", str(tmp_path / "old.pt")]) == 2
     assert "lacks model.encoder, which decide the model" in one_error_line(capsys)
+
+
+def test_overwrite_starts_a_fresh_train_log(finished, tiny_synthetic, tmp_path):
+    run = shutil.copytree(finished, tmp_path / "run")
+    assert (run / "train.log").read_text().count("run directory") == 1
+    assert train_seg.main(["--out", str(run), "--overwrite", *run_args(tiny_synthetic)]) == 0
+    assert (run / "train.log").read_text().count("run directory") == 1
+
+
+@pytest.fixture
+def stopped_early(finished, tmp_path) -> Path:
+    """``finished`` as if it had been started with train.iters=3 and killed after iteration 2."""
+    import torch
+    import yaml
+
+    run = shutil.copytree(finished, tmp_path / "run")
+    ckpt = load_checkpoint(run / "last.pt")
+    ckpt["config"]["train"]["iters"] = ITERS + 1
+    torch.save(ckpt, run / "last.pt")
+    (run / "config.yaml").write_text(yaml.safe_dump(ckpt["config"], sort_keys=False))
+    return run
+
+
+def test_plain_resume_continues_a_run_started_with_overrides(stopped_early):
+    assert train_seg.main(["--resume", "--out", str(stopped_early)]) == 0
+    assert [json.loads(line)["iter"] for line in (stopped_early / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_resume_refusal_lists_only_what_the_command_typed(stopped_early, tmp_path, capsys):
+    before = snapshot(stopped_early)
+    assert train_seg.main(["--resume", "--out", str(stopped_early), "model.decoder_channels=16"]) == 2
+    line = one_error_line(capsys)
+    assert "different config: model.decoder_channels (stored 8, requested 16)." in line
+    config = tmp_path / "other.yaml"
+    config.write_text("optim:\n  lr: 0.5\n")
+    assert train_seg.main(["--resume", "--out", str(stopped_early), "--config", str(config)]) == 2
+    assert "different config: optim.lr (stored 0.01, requested 0.5)." in one_error_line(capsys)
+    assert snapshot(stopped_early) == before

@@ -23,6 +23,7 @@ import torch
 import triton.testing
 
 from seg.attention import CoordAttention
+from seg.cli import HelpFormatter
 from seg.kernels import coord_attention as kernels
 
 SHAPES = {"s2": (16, 96, 256, 256), "s4": (16, 144, 128, 128), "s8": (16, 192, 64, 64),
@@ -72,7 +73,7 @@ def block_rows(x: torch.Tensor, repeats: int) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m seg.kernels.bench", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--repeats", type=int, default=7, help="interleaved rounds for the block timings")
     p.add_argument("--tiles", action="store_true", help="only the tile-size sweep")
     args = p.parse_args(argv)

@@ -1,13 +1,15 @@
 """The C++ CPU kernels of ``ca_cpu.cpp`` for ``CoordAttention``'s inference path, built on first use.
 
-``torch.utils.cpp_extension`` compiles them once (about 25 s) into a cache under
+``torch.utils.cpp_extension`` compiles them once (about 25 s, announced on stderr) into a cache under
 ``TORCH_EXTENSIONS_DIR`` (by default ``~/.cache/torch_extensions``), and later processes load the
-cached build. Where no compiler works, one warning is logged and CA runs through PyTorch ops,
+cached build: any checkout whose source, flags, Python and torch match uses it. Where no compiler works, one warning is logged and CA runs through PyTorch ops,
 which give the same results, only slower. ``SEG_CPU_KERNELS=0`` turns them off (for comparisons).
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import logging
 import os
 import sys
@@ -18,9 +20,12 @@ from typing import Iterator
 
 import torch
 
+from seg.checkpoint import write_atomic
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("ca_cpu.cpp")
+NAME = "seg_ca_cpu"
 ENABLED = os.environ.get("SEG_CPU_KERNELS", "1") != "0"
 _module: ModuleType | None = None
 _failed = False
@@ -43,15 +48,37 @@ def build_dir() -> Path:
     return Path(root) / tag / f"seg_ca_cpu_{_isa()[0]}"
 
 
+def _cache_key(cflags: list[str]) -> str:
+    """What the build depends on beyond build_dir()'s Python, torch and ISA: the source text and the flags.
+    Not the source's path, which torch's ninja file holds, so a new checkout would rebuild."""
+    return hashlib.sha256(SOURCE.read_bytes() + "\0".join(cflags).encode()).hexdigest()
+
+
+def _load_cached(folder: Path, key: str) -> ModuleType | None:
+    """The cached build if the stamp that a finished build writes matches ``key``, else None."""
+    stamp, library = folder / f"{NAME}.key", folder / f"{NAME}.so"
+    if not (stamp.is_file() and library.is_file() and stamp.read_text() == key):
+        return None
+    spec = importlib.util.spec_from_file_location(NAME, library)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _build() -> ModuleType:
+    folder = build_dir()
+    cflags = ["-O3", "-fopenmp", *_isa()[1]]
+    key = _cache_key(cflags)
+    cached = _load_cached(folder, key)
+    if cached is not None:
+        return cached
+    # stderr, not logging: a script that never configured logging would otherwise stall ~30 s in silence
+    print(f"compiling CA's CPU kernels once, ~30 s, cached in {folder}", file=sys.stderr, flush=True)
     # Importing it logs "no CUDA runtime is found", which concerns CUDA builds; this one is CPU only.
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     from torch.utils import cpp_extension
 
-    folder = build_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    if not (folder / "seg_ca_cpu.so").exists():
-        log.info("compiling the CPU kernels for coordinate attention into %s (once, ~30 s)", folder)
     # torch calls `ninja` by name: find pip's ninja (requirements.txt) even in an unactivated venv
     with suppress(ImportError):
         import ninja
@@ -60,8 +87,13 @@ def _build() -> ModuleType:
             os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
     # torch holds an OS lock (released if the holder dies) while building, so a build killed
     # midway is simply redone by the next process (tests/test_cpu_kernels.py kills one).
-    return cpp_extension.load(name="seg_ca_cpu", sources=[str(SOURCE)], build_directory=str(folder),
-                              extra_cflags=["-O3", "-fopenmp", *_isa()[1]], extra_ldflags=["-fopenmp"])
+    stamp = folder / f"{NAME}.key"
+    stamp.unlink(missing_ok=True)  # no process may take the library for finished while it is rewritten
+    module = cpp_extension.load(name=NAME, sources=[str(SOURCE)], build_directory=str(folder),
+                                extra_cflags=cflags, extra_ldflags=["-fopenmp"])
+    # written last, atomically: a build killed midway leaves no stamp, so its pieces are never loaded
+    write_atomic(stamp, key.encode())
+    return module
 
 
 def kernels() -> ModuleType | None:
