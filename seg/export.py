@@ -7,6 +7,12 @@ Export uses the TorchScript-based exporter (``dynamo=False``): the dynamo export
 ``onnxscript``, which is not a dependency, and tracing handles these conv nets fully, including
 symbolic H/W for ``--dynamic``. A file that fails the check is deleted, so a wrong graph never
 lands where a deployment would pick it up.
+
+The file describes itself: its metadata holds the model card of :mod:`seg.runtime` (mean, std,
+RGB order, the stride inputs must be padded to, class names, palette, inference settings), which
+``predict_seg.py --onnx`` and ``seg.Predictor.from_onnx`` read. A ``--dynamic`` graph pads H and W
+up to that stride itself (zeros, the normalised mean, as :mod:`seg.inference` pads) and crops the
+logits back, so any input size gives logits of that size.
 """
 
 from __future__ import annotations
@@ -19,12 +25,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from seg.checkpoint import CheckpointError, checkpoint_config, load_checkpoint, load_model_weights
 from seg.config import Config, ConfigError
 from seg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from seg.models import model_from_config
+from seg.predictor import model_card
+from seg.runtime import write_model_card
 
 DEFAULT_OPSET = 17
 # fp32 tolerance: ORT folds BN into convs and reorders sums, so each of ~60 layers adds rounding of
@@ -68,6 +77,21 @@ def load_for_export(path: str | Path) -> tuple[nn.Module, Config]:
     return model.eval(), cfg
 
 
+class PadToStride(nn.Module):
+    """``model`` on inputs of any size: H and W padded (bottom, right) to a multiple of ``stride``,
+    logits cropped back. Traced, the padding is computed from the input's shape inside the graph."""
+
+    def __init__(self, model: nn.Module, stride: int) -> None:
+        super().__init__()
+        self.model, self.stride = model, stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        pad_h, pad_w = (self.stride - h % self.stride) % self.stride, (self.stride - w % self.stride) % self.stride
+        x = F.pad(x, (0, pad_w, 0, pad_h))
+        return self.model(x)[..., :h, :w]
+
+
 def model_stride(model: nn.Module) -> int:
     """The multiple that input H and W must be (the encoder's output stride)."""
     return int(model.encoder.output_stride)
@@ -89,6 +113,7 @@ def export_size(cfg: Config, stride: int, height: int | None, width: int | None)
 
 
 def _in_channels(model: nn.Module) -> int:
+    model = model.model if isinstance(model, PadToStride) else model
     return int(getattr(model.encoder, "_in_channels", 3))
 
 
@@ -167,11 +192,16 @@ def export_checkpoint(args: argparse.Namespace) -> ExportCheck:
         torch.set_num_threads(threads)
     stride = model_stride(model)
     height, width = export_size(cfg, stride, args.height, args.width)
+    if args.dynamic:
+        model = PadToStride(model, stride).eval()
     export_onnx(model, out, height, width, args.dynamic, args.opset)
-    # a dynamic graph must also work at a size it was not traced at
-    sizes = [(height, width)] + ([(height + 2 * stride, width + stride)] if args.dynamic else [])
+    # a dynamic graph must also work at a size it was not traced at, and at one that is no stride multiple
+    odd = [(height + 2 * stride, width + stride), (height + 3, width - 5)] if args.dynamic else []
+    sizes = [(height, width)] + odd
     try:
         check = verify_onnx(model, out, sizes)
+        if check.passed:
+            write_model_card(out, {**model_card(cfg), "input_stride": stride, "pads_inside": args.dynamic})
     except BaseException:
         out.unlink(missing_ok=True)
         raise

@@ -4,8 +4,9 @@
 slide, multi-scale + flip) drives an exported model exactly as it drives the PyTorch one.
 The metadata keys (:data:`CARD_KEYS`) each hold one JSON value, readable by any ONNX tool:
 ``mean``/``std`` (0..1 units, RGB order), ``color_order``, ``input_stride`` (H and W must be
-multiples of it, unless the graph pads itself), ``classes``, ``palette``, ``inference`` and
-``slide_window`` (see :func:`seg.predictor.model_card`).
+multiples of it), ``pads_inside`` (true: the graph pads any H and W to it and crops the logits
+back, as ``--dynamic`` exports do), ``classes``, ``palette``, ``inference`` and ``slide_window``
+(see :func:`seg.predictor.model_card`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-CARD_KEYS = ("mean", "std", "color_order", "input_stride", "classes", "palette", "inference", "slide_window")
+CARD_KEYS = ("mean", "std", "color_order", "input_stride", "pads_inside", "classes", "palette", "inference",
+             "slide_window")
 
 
 class OnnxModelError(ValueError):

@@ -6,6 +6,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 
 import eval_seg
 import predict_seg
@@ -13,7 +14,9 @@ import seg.export as export
 import train_seg
 from seg import Predictor
 from seg.checkpoint import checkpoint_config, load_checkpoint
-from seg.data import build_dataset
+from seg.data import IMAGENET_MEAN, IMAGENET_STD, build_dataset
+from seg.data.synthetic import SYNTHETIC_CLASSES, SYNTHETIC_PALETTE
+from seg.runtime import read_model_card
 
 SIZE = 40  # not a multiple of the model's stride: padding and cropping back are exercised
 
@@ -33,6 +36,18 @@ def run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run")
     root = tmp_path_factory.mktemp("data")
     assert train_seg.main(["--out", str(out), *run_args(root)]) == 0
+    # two iterations leave one class ahead everywhere, and a constant mask would match anything: the
+    # head's bias is set so that every class has the same mean logit over a val image
+    ckpt = load_checkpoint(out / "best.pt")
+    predictor = Predictor.from_checkpoint(out / "best.pt", device="cpu")
+    features = []
+    head = predictor.model.segmentation_head[0]
+    head.register_forward_hook(lambda module, args, output: features.append(args[0]))
+    image = cv2.cvtColor(cv2.imread(str(build_dataset("synthetic", root, "val").samples[0][0])), cv2.COLOR_BGR2RGB)
+    predictor.predict(image)
+    weight = ckpt["model"]["segmentation_head.0.weight"]
+    ckpt["model"]["segmentation_head.0.bias"] = -(weight.flatten(1) @ features[0].mean((0, 2, 3)))
+    torch.save(ckpt, out / "best.pt")
     return out
 
 
@@ -55,17 +70,20 @@ def _rgb(path: Path) -> np.ndarray:
 
 @pytest.mark.parametrize("mode", ["whole", "slide"])
 def test_masks_equal_eval_save_dir(run, val_images, tmp_path, capsys, mode):
-    assert eval_seg.main(["--checkpoint", str(run / "best.pt"), "--mode", mode, "--save-dir", str(tmp_path / "eval")]) == 0
-    code, out, _ = _predict(["--checkpoint", str(run / "best.pt"), "--mode", mode, "--batch", "2",
-                             *map(str, val_images), "--out", str(tmp_path / "pred")], capsys)
+    argv = ["--checkpoint", str(run / "best.pt"), "--mode", mode]
+    assert eval_seg.main([*argv, "--save-dir", str(tmp_path / "eval")]) == 0
+    code, out, _ = _predict([*argv, "--batch", "2", *map(str, val_images), "--out", str(tmp_path / "pred")], capsys)
     assert code == 0 and "predicted 3 image(s)" in out
+    distinct = set()
     for image in val_images:
         expected = cv2.imread(str(tmp_path / "eval" / f"{image.stem}.png"), cv2.IMREAD_UNCHANGED)
         got = cv2.imread(str(tmp_path / "pred" / f"{image.stem}.png"), cv2.IMREAD_UNCHANGED)
         assert got.dtype == np.uint8 and got.shape == (SIZE, SIZE)
         np.testing.assert_array_equal(got, expected)
+        distinct.update(np.unique(got).tolist())
         for suffix in ("_color.png", "_overlay.jpg"):
             assert (tmp_path / "pred" / f"{image.stem}{suffix}").is_file()
+    assert len(distinct) > 1  # a constant mask would match anything
 
 
 def test_folder_tree_with_bad_files(run, val_images, tmp_path, capsys):
@@ -124,10 +142,34 @@ def test_predictor_api_one_image_and_batch(run, val_images):
         predictor.predict(images[0].astype(np.float32))
 
 
-def test_onnx_agrees_with_pytorch(run, val_images, tmp_path, capsys):
-    model = tmp_path / "model.onnx"
+@pytest.fixture(scope="module")
+def onnx_model(run, tmp_path_factory) -> Path:
+    model = tmp_path_factory.mktemp("onnx") / "model.onnx"
     assert export.main(["--checkpoint", str(run / "best.pt"), "--out", str(model), "--dynamic"]) == 0
-    capsys.readouterr()
+    return model
+
+
+def test_onnx_metadata_describes_the_model(onnx_model):
+    card = read_model_card(onnx_model)
+    assert card["classes"] == list(SYNTHETIC_CLASSES) and np.array_equal(card["palette"], SYNTHETIC_PALETTE)
+    assert card["mean"] == list(IMAGENET_MEAN) and card["std"] == list(IMAGENET_STD)
+    assert (card["color_order"], card["input_stride"], card["pads_inside"]) == ("RGB", 16, True)
+    assert card["inference"]["mode"] == "whole" and card["slide_window"]["crop_size"] == 32
+
+
+def test_dynamic_onnx_returns_the_input_size(run, onnx_model):
+    images = export.check_images(86, 117, count=1)
+    logits = export.run_onnx(onnx_model, images)
+    assert logits.shape == (1, 5, 86, 117)
+    model, _ = export.load_for_export(run / "best.pt")
+    with torch.no_grad():  # PyTorch on the image padded to the stride, cropped back
+        padded = torch.nn.functional.pad(torch.from_numpy(images), (0, 11, 0, 10))
+        expected = model(padded)[..., :86, :117].numpy()
+    assert np.abs(logits - expected).max() < export.MAX_ABS_DIFF
+
+
+def test_onnx_agrees_with_pytorch(run, onnx_model, val_images, tmp_path, capsys):
+    model = onnx_model
     inputs = [*map(str, val_images), "--out"]
     assert _predict(["--checkpoint", str(run / "best.pt"), *inputs, str(tmp_path / "torch")], capsys)[0] == 0
     assert _predict(["--onnx", str(model), *inputs, str(tmp_path / "onnx")], capsys)[0] == 0
