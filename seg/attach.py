@@ -271,4 +271,5 @@ def attach_attention(encoder: nn.Module, kind: str, stages: Optional[int] = None
         report.new_params += sum(p.numel() for p in new.parameters())
         replaced = None if old is None or type(old) is nn.Identity else type(old).__name__
         report.placements.append(Placement(slot.name, type(slot.block).__name__, slot.channels, slot.stage, replaced))
+    encoder.seg_attention = {"kind": kind, "stages": stages}  # seg.hub saves it, so a reload can redo this call
     return report

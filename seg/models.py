@@ -147,6 +147,11 @@ def build_model(
     aux_head = AuxHead(model.encoder.out_channels[-2], num_classes) if aux_loss else None
     seg_model = SegModel(model, aux_head)
     seg_model.attention_report = report
+    # what seg.hub saves beside the weights, so a reload rebuilds this model (weights come from the file)
+    seg_model.build_recipe = dict(
+        arch=arch, encoder=encoder, num_classes=num_classes, output_stride=output_stride, in_channels=in_channels,
+        decoder_atrous_rates=list(decoder_atrous_rates), aspp_separable=aspp_separable,
+        decoder_channels=decoder_channels, aux_loss=aux_loss, attention=attention, attention_stages=attention_stages)
     return seg_model
 
 

@@ -1,0 +1,78 @@
+"""smp's hub API round-trips our models: save here, reload in a fresh process, same outputs."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import segmentation_models_pytorch as smp
+import torch
+
+import seg
+from seg.models import build_model
+
+REPO = Path(__file__).resolve().parents[1]
+RELOAD = """
+import sys
+from pathlib import Path
+import numpy as np, torch
+import segmentation_models_pytorch as smp
+import seg  # the one line that teaches smp our encoders, SegModel and attached attention
+torch.set_num_threads(1)
+for folder in sys.argv[1:]:
+    model = smp.from_pretrained(folder).eval()
+    with torch.no_grad():
+        out = model(torch.from_numpy(np.load(Path(folder) / "input.npy")))
+    np.save(Path(folder) / "reloaded.npy", out.numpy())
+"""
+
+
+def _models() -> dict[str, torch.nn.Module]:
+    attached = smp.create_model("unet", encoder_name="mobilenet_v2", encoder_weights=None, classes=3,
+                                decoder_channels=(32, 16, 8, 8, 8))
+    seg.attach_attention(attached.encoder, "ca")
+    return {
+        "smp_ca_encoder": smp.create_model("deeplabv3", encoder_name="mobilenet_v2_ca", encoder_weights=None,
+                                           classes=3, decoder_channels=16),
+        "build_model": build_model("deeplabv3", "mobilenet_v2_ca", 3, decoder_channels=16, aux_loss=True),
+        "smp_attached": attached,
+    }
+
+
+def _perturb_bn(model: torch.nn.Module) -> None:
+    """Non-trivial running statistics, so a reload that lost them shows."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.2, 0.2)
+                module.running_var.uniform_(0.5, 1.5)
+
+
+def test_save_then_reload_in_a_fresh_process(tmp_path):
+    image = torch.randn(1, 3, 64, 64)
+    folders = []
+    for name, model in _models().items():
+        _perturb_bn(model)
+        model.eval()
+        folder = tmp_path / name
+        model.save_pretrained(folder)
+        with torch.no_grad():
+            np.save(folder / "expected.npy", model(image).numpy())
+        np.save(folder / "input.npy", image.numpy())
+        folders.append(folder)
+    done = subprocess.run([sys.executable, "-c", RELOAD, *map(str, folders)], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+                                                        "HF_HUB_OFFLINE": "1", "PATH": ""})
+    assert done.returncode == 0, done.stderr[-3000:]
+    for folder in folders:
+        expected, got = np.load(folder / "expected.npy"), np.load(folder / "reloaded.npy")
+        assert got.shape == expected.shape and np.abs(got - expected).max() <= 1e-6, folder.name
+
+
+def test_seg_from_pretrained_rebuilds_segmodel(tmp_path):
+    model = build_model("fpn", "mobilenet_v2_se", 4, attention=None)
+    model.save_pretrained(tmp_path)
+    reloaded = seg.from_pretrained(tmp_path)
+    assert type(reloaded).__name__ == "SegModel" and reloaded.build_recipe == model.build_recipe
+    for (key, a), b in zip(model.state_dict().items(), reloaded.state_dict().values()):
+        assert torch.equal(a, b), key
