@@ -36,7 +36,7 @@ USER_ERRORS = (InputError, ConfigError, CheckpointError, FileNotFoundError, Onnx
 DEFAULT_FPS = 25.0  # for containers that do not record a frame rate
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="image files, folders (searched recursively; images and videos by extension), glob "
@@ -59,7 +59,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"weight of the image in overlays, 0..1 (default {OVERLAY_ALPHA})")
     p.add_argument("--save-frames", action="store_true", help="for videos, also write every frame's "
                    "class-index, colour and overlay images into <name>/")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def check_args(args: argparse.Namespace) -> None:

@@ -202,3 +202,14 @@ def test_user_errors_are_one_line_and_write_nothing(run, tmp_path, capsys, case)
     code, _, err = _predict(["--checkpoint", ckpt, *inputs, "--out", str(out)], capsys)
     assert code == 1 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
+
+
+
+def test_help_explains_every_flag(capsys):
+    actions = [a for a in predict_seg.build_parser()._actions if a.dest != "help"]
+    assert all(a.help for a in actions), [a.dest for a in actions if not a.help]
+    with pytest.raises(SystemExit) as exit_info:
+        predict_seg.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert all(flag in text for a in actions for flag in a.option_strings)
