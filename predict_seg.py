@@ -24,6 +24,7 @@ import cv2
 import torch
 
 from seg.checkpoint import CheckpointError
+from seg.cli import HelpFormatter
 from seg.config import ConfigError
 from seg.data.base import DatasetError, read_image
 from seg.inputs import Input, InputError, Skipped, collect_inputs
@@ -37,7 +38,7 @@ DEFAULT_FPS = 25.0  # for containers that do not record a frame rate
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python predict_seg.py", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="image files, folders (searched recursively; images and videos by extension), glob "
                         "patterns (quote them; ** recurses) and video files (anything cv2.VideoCapture opens)")
