@@ -1,9 +1,12 @@
 """Train and score every config x seed, then print the ablation table.
 
 ``python -m seg.ablation --configs configs/camvid_mobilenet_v2.yaml ... --seeds 0 1 2 --out runs/ablation
-[--smoke] [key=value ...]``
+[--encoders mobilenet_v2 mobilenet_v2_ca ...] [--jobs N] [--gpus 0,1] [--smoke] [key=value ...]``
 
-Each run lives in ``OUT/<config stem>/seed<k>/``. A run whose ``final.json`` exists is finished and
+Each run lives in ``OUT/<config stem>/seed<k>/`` (``OUT/<config stem>-<encoder>/seed<k>/`` with
+``--encoders``, which trains every config once per encoder). ``--jobs N`` trains N runs at once as
+separate processes, each logging to ``job.log`` in its run directory: on a GPU (``--gpus`` spreads
+them over several), or on the CPU with its cores split between them. A run whose ``final.json`` exists is finished and
 skipped; one with a ``last.pt`` but no ``final.json`` resumes from it, so the command can simply
 be started again after an interruption. ``final.json`` holds the evaluation of that run's
 ``best.pt``. The table gives mean ± sample std of mIoU over seeds, parameters, GFLOPs at 512x512
@@ -28,10 +31,13 @@ from seg import bench
 from seg.checkpoint import checkpoint_config, load_checkpoint
 from seg.cli import HelpFormatter, parse_with_overrides
 from seg.complexity import count_params
-from seg.config import Config, ConfigError, config_to_dict, load_config, save_config
+from seg.config import Config, ConfigError, available_cpus, config_to_dict, load_config, save_config
+from seg.data import make_synthetic
 from seg.distributed import DistInfo, setup_logging
 from seg.evaluation import model_from_checkpoint, score, val_dataset
 from seg.models import model_from_config
+from seg.jobs import Job, run_jobs
+from seg.rundir import RunDirError
 from seg.training import USER_ERRORS, resolve_device, run_training
 
 log = logging.getLogger(__name__)
@@ -57,6 +63,57 @@ def run_config(path: Path, seed: int, overrides: list[str]) -> Config:
     return load_config(path, [*overrides, f"train.seed={seed}"])
 
 
+def plan_runs(args: argparse.Namespace, overrides: list[str]) -> dict[str, dict[int, Config]]:
+    """``{run name: {seed: config}}``: every config (times every ``--encoders`` entry) and seed."""
+    variants = [(path.stem, path, []) for path in args.configs] if not args.encoders else [
+        (f"{path.stem}-{encoder}", path, [f"model.encoder={encoder}"]) for path in args.configs for encoder in args.encoders]
+    cfgs = {name: {seed: run_config(path, seed, [*overrides, *extra]) for seed in args.seeds}
+            for name, path, extra in variants}
+    if len(cfgs) != len(variants):
+        raise ConfigError("--configs: two files share a name; runs are stored by file name")
+    return cfgs
+
+
+def run_parallel(runs: dict[Path, Config], jobs: int, gpus: list[str]) -> None:
+    """Train ``runs`` (run directory -> config) ``jobs`` at a time, each in its own process.
+
+    A run directory's ``config.yaml`` is written here first; the child reads it back (``--run``).
+    """
+    threads = max(1, available_cpus() // jobs)  # CPU runs share the cores instead of each taking all
+    children = []
+    for i, (run_dir, cfg) in enumerate(runs.items()):
+        if (run_dir / FINAL).is_file():
+            continue
+        check_run_dir(run_dir, cfg)
+        env = {"CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]} if gpus else {}
+        children.append(Job(str(run_dir), [sys.executable, "-m", "seg.ablation", "--run", str(run_dir),
+                                           "--threads", str(threads)], run_dir / "job.log", env))
+    failed = [job for job in run_jobs(children, jobs) if job.returncode != 0]
+    if failed:
+        raise RunDirError(f"{len(failed)} of {len(children)} runs failed: " +
+                          "; ".join(f"{job.name} (exit {job.returncode}, see {job.log})" for job in failed))
+
+
+def make_synthetic_for(cfg: Config) -> None:
+    d = cfg.data
+    make_synthetic(d.root, n_train=d.synthetic_train_images, n_val=d.synthetic_val_images,
+                   size=d.synthetic_image_size, seed=0)
+
+
+def run_child(run_dir: Path, threads: int) -> int:
+    """One run of ``--jobs``: train (or resume) the config saved in ``run_dir`` and score it."""
+    setup_logging()
+    try:
+        cfg = load_config(run_dir / "config.yaml")
+        if cfg.train.threads is None:
+            torch.set_num_threads(threads)
+        train_one(cfg, run_dir)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def evaluate_checkpoint(path: Path, device: torch.device) -> dict:
     """Score a checkpoint with its stored config, as ``eval_seg.py`` does without options."""
     ckpt = load_checkpoint(path)
@@ -67,17 +124,22 @@ def evaluate_checkpoint(path: Path, device: torch.device) -> dict:
     return result
 
 
+def check_run_dir(run_dir: Path, cfg: Config) -> None:
+    """Make ``run_dir`` hold ``cfg``'s ``config.yaml``; refuse one that holds another run's."""
+    saved = run_dir / "config.yaml"
+    if saved.is_file() and yaml.safe_load(saved.read_text()) != config_to_dict(cfg):
+        raise ConfigError(f"{run_dir} holds a run with a different config ({saved}); use another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, saved)
+
+
 def train_one(cfg: Config, run_dir: Path) -> dict:
     """Train (or resume, or skip) one run and return its ``final.json`` record."""
     final = run_dir / FINAL
     if final.is_file():
         log.info("%s is finished; skipping", run_dir)
         return json.loads(final.read_text())
-    saved = run_dir / "config.yaml"
-    if saved.is_file() and yaml.safe_load(saved.read_text()) != config_to_dict(cfg):
-        raise ConfigError(f"{run_dir} holds a run with a different config ({saved}); use another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, saved)
+    check_run_dir(run_dir, cfg)
     auto = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dist = DistInfo(rank=0, local_rank=0, world_size=1, device=auto, is_main=True)
     resume = (run_dir / "last.pt").is_file()
@@ -130,8 +192,15 @@ def format_table(rows: list[dict], bench_note: str) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m seg.ablation", description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--configs", type=Path, nargs="+", required=True, help="YAML experiments to compare, "
-                   "one table row each")
+    p.add_argument("--configs", type=Path, nargs="+", help="YAML experiments to compare, one table row each "
+                   "(required)")
+    p.add_argument("--encoders", nargs="+", help="train every config once per encoder (model.encoder=...), "
+                   "one row each (default: the configs' own)")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at once, as separate processes")
+    p.add_argument("--gpus", help="with --jobs: comma-separated GPU indices to spread the runs over "
+                   "(default: the visible ones, all runs sharing them)")
+    p.add_argument("--run", type=Path, help=argparse.SUPPRESS)  # a --jobs child: train this run directory
+    p.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds trained per config")
     p.add_argument("--out", type=Path, default=Path("runs/ablation"), help="runs go to OUT/<config>/seed<N>")
     p.add_argument("--smoke", action="store_true", help="synthetic data, tiny sizes, CPU: a check that it all runs")
@@ -160,12 +229,22 @@ def bench_setup(args: argparse.Namespace) -> tuple[bench.BenchSetup | None, str]
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.run is not None:
+        return run_child(args.run, args.threads)
+    if not args.configs:
+        print("error: --configs is required", file=sys.stderr)
+        return 2
     setup_logging()
     try:
+        if args.jobs < 1:
+            raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
         overrides = (smoke_overrides(args.out / "_synthetic") if args.smoke else []) + list(args.overrides)
-        cfgs = {path.stem: {seed: run_config(path, seed, overrides) for seed in args.seeds} for path in args.configs}
-        if len(cfgs) != len(args.configs):
-            raise ConfigError("--configs: two files share a name; runs are stored by file name")
+        cfgs = plan_runs(args, overrides)
+        if args.jobs > 1:
+            if args.smoke:  # generated once here, not by several children at the same time
+                make_synthetic_for(next(iter(next(iter(cfgs.values())).values())))
+            run_parallel({args.out / name / f"seed{seed}": cfg for name, by_seed in cfgs.items()
+                          for seed, cfg in by_seed.items()}, args.jobs, args.gpus.split(",") if args.gpus else [])
         records = {name: [train_one(cfg, args.out / name / f"seed{seed}") for seed, cfg in by_seed.items()]
                    for name, by_seed in cfgs.items()}
     except USER_ERRORS as err:

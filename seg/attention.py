@@ -19,6 +19,10 @@ from torch import nn
 from seg.kernels import kernels_can_run
 from seg.kernels.cpu import kernels_for as cpu_kernels_for
 
+# Devices where inference takes the lean path (_forward_inference) rather than the reference ops.
+# It was built for CPUs; on a CUDA GPU its extra small ops (76 against 19 per block) cost launches,
+# and seg.report times both there (its "CA lean eval" row) to keep this choice measured.
+LEAN_EVAL_DEVICES = ("cpu",)
 CA_REDUCTION = 32
 CA_MIN_MIP = 8
 SE_REDUCTION = 20
@@ -48,6 +52,7 @@ class CoordAttention(nn.Module):
         super().__init__()
         self.fused = fused  # plain attributes, not state: the state dict stays the official one
         self.inplace = inplace
+        self.lean_eval_devices = LEAN_EVAL_DEVICES
         self._fold_cache: tuple | None = None  # see _folded_weights
         mip = max(CA_MIN_MIP, channels // reduction)
         self.conv1 = nn.Conv2d(channels, mip, kernel_size=1)
@@ -61,7 +66,8 @@ class CoordAttention(nn.Module):
         if not torch.jit.is_scripting():  # TorchScript skips this block: it cannot compile Triton
             if self.fused and kernels_can_run(x):
                 return self._forward_fused(x)
-        if torch.jit.is_scripting() or self.training or torch.is_grad_enabled() or self._has_hooks():
+        if (torch.jit.is_scripting() or self.training or torch.is_grad_enabled() or self._has_hooks()
+                or x.device.type not in self.lean_eval_devices):
             return self._forward_reference(x)
         # A hook on this block is handed x: gating x in place would show it the gated map.
         return self._forward_inference(x, self.inplace and not has_forward_hooks([self]))

@@ -28,20 +28,23 @@ from torch import nn
 from seg.cli import HelpFormatter
 from seg.complexity import count_flops_on_meta, count_params
 from seg.encoders.register import ENCODER_NAMES
+from seg.attention import LEAN_EVAL_DEVICES, CoordAttention
 from seg.engine import TrainState, autocast, train_step
+from seg.graphs import GraphedInference, graph_training
 from seg.kernels import kernels_can_run
 from seg.models import build_model, set_fused_ca
 
 ENCODERS = ("mobilenet_v2", "resnet50")
 VARIANTS = {"plain": "none", "SE": "se", "CBAM": "cbam", "CA": "ca"}  # variant -> attention kind
 FUSED_CA = "CA fused"  # CA through seg.kernels' Triton kernels; benched only where they run (CUDA)
+LEAN_CA = "CA lean eval"  # CA with its lean inference path where it is off by default (CUDA): timed to decide
 AA = "plain A/A"  # a second, separately built plain: its ratio to plain is the run's noise floor
 ATROUS_RATES = {16: (6, 12, 18), 8: (12, 24, 36)}  # the paper's DeepLabV3 rates per output stride
 NUM_CLASSES = 21
 FLOPS_SIZE = 512
 DEFAULTS = {"cuda": dict(batch=16, size=512, amp="bf16", channels_last=True, compile="both"),
             "cpu": dict(batch=2, size=256, amp="none", channels_last=False, compile="off")}
-COLUMNS = ("encoder", "variant", "OS", "compile", "params (M)", "GFLOPs", "train step (ms)", "train img/s",
+COLUMNS = ("encoder", "variant", "OS", "mode", "params (M)", "GFLOPs", "train step (ms)", "train img/s",
            "infer img/s", "peak mem (GiB)", "train / plain", "infer / plain")
 
 
@@ -95,7 +98,7 @@ def _timed(fn: Callable[[], object], device: torch.device) -> float:
 class Runner:
     """One variant on the device: its train step and inference call, and the samples timed so far."""
 
-    def __init__(self, name: str, model: nn.Module, setup: BenchSetup, compiled: bool) -> None:
+    def __init__(self, name: str, model: nn.Module, setup: BenchSetup, mode: str = "eager") -> None:
         self.name, self.setup = name, setup
         self.device = torch.device(setup.device)
         fmt = torch.channels_last if setup.channels_last else torch.contiguous_format
@@ -103,12 +106,16 @@ class Runner:
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1.0)
         self.model = model
-        self.step_model = torch.compile(model) if compiled else model
-        self.state = TrainState(self.step_model, optimizer, scheduler,
-                                torch.amp.GradScaler(self.device.type, enabled=False))
         gen = torch.Generator().manual_seed(0)
         self.images = torch.randn(setup.batch, 3, setup.size, setup.size, generator=gen).to(
             self.device, memory_format=fmt)
+        self.step_model = torch.compile(model) if mode == "compile" else model
+        self.infer = self.step_model
+        if mode == "graphs":
+            self.step_model = graph_training(model, self.images, setup.amp)
+            self.infer = GraphedInference(model, self.images, setup.amp)
+        self.state = TrainState(self.step_model, optimizer, scheduler,
+                                torch.amp.GradScaler(self.device.type, enabled=False))
         classes = model.segmentation_head[0].out_channels  # smp's head: conv, upsampling, activation
         self.targets = torch.randint(0, classes, (setup.batch, setup.size, setup.size), generator=gen).to(self.device)
         self.train_ms: list[float] = []
@@ -121,9 +128,9 @@ class Runner:
 
     @torch.no_grad()
     def infer_once(self) -> None:
-        self.step_model.eval()
+        self.model.eval()
         with autocast(self.device, self.setup.amp):
-            self.step_model(self.images)
+            self.infer(self.images)
 
     def resident_bytes(self) -> int:
         """Bytes this variant keeps between steps: weights, buffers, gradients, momentum."""
@@ -146,12 +153,13 @@ class Runner:
         self.peak_gib = (extra + self.resident_bytes()) / 2**30
 
 
-def time_models(models: dict[str, nn.Module], setup: BenchSetup, compiled: bool = False) -> dict[str, dict]:
+def time_models(models: dict[str, nn.Module], setup: BenchSetup, mode: str = "eager") -> dict[str, dict]:
     """Median train-step and inference ms (and CUDA peak GiB) per model, timed interleaved.
 
+    ``mode`` is "eager", "compile" (``torch.compile``) or "graphs" (CUDA graphs, :mod:`seg.graphs`).
     The first model is the baseline of the ``train_ratio`` / ``infer_ratio`` entries.
     """
-    runners = [Runner(name, model, setup, compiled) for name, model in models.items()]
+    runners = [Runner(name, model, setup, mode) for name, model in models.items()]
     for runner in runners:
         for _ in range(setup.warmup):
             runner.train_once()
@@ -171,7 +179,7 @@ def time_models(models: dict[str, nn.Module], setup: BenchSetup, compiled: bool 
     return times
 
 
-def bench_group(encoder: str, output_stride: int, setup: BenchSetup, compiled: bool,
+def bench_group(encoder: str, output_stride: int, setup: BenchSetup, mode: str,
                 variants: dict[str, str] = VARIANTS) -> list[dict]:
     """Rows for every attention variant of ``encoder``; the first variant is the baseline."""
     rows, models = [], {}
@@ -180,19 +188,23 @@ def bench_group(encoder: str, output_stride: int, setup: BenchSetup, compiled: b
         encoder_name, attention = variant_encoder(encoder, kind)
         models[name] = build_variant(encoder_name, output_stride, attention)
         set_fused_ca(models[name], name == FUSED_CA)
+        if name == LEAN_CA:
+            for block in models[name].modules():
+                if isinstance(block, CoordAttention):
+                    block.lean_eval_devices = (*block.lean_eval_devices, torch.device(setup.device).type)
         rows.append({"encoder": encoder, "variant": name, "encoder_name": encoder_name, "attention": attention,
                      "os": output_stride,
-                     "compile": compiled, "params": count_params(models[name]),
+                     "mode": mode, "compile": mode == "compile", "params": count_params(models[name]),
                      "gflops": gflops(models[name], setup.flops_size), "flops_size": setup.flops_size})
-    times = time_models(models, setup, compiled)
+    times = time_models(models, setup, mode)
     for row in rows:
         row.update(times[row["variant"]])
     return rows
 
 
 def run_bench(setup: BenchSetup, encoders: tuple[str, ...] = ENCODERS, output_strides: tuple[int, ...] = (16, 8),
-              compile_modes: tuple[bool, ...] = (False,), names: list[str] | None = None) -> dict:
-    """Every (encoder, OS, compile) group; returns ``{"setup": ..., "rows": [...]}`` for the table and JSON.
+              modes: tuple[str, ...] = ("eager",), names: list[str] | None = None) -> dict:
+    """Every (encoder, OS, mode) group; returns ``{"setup": ..., "rows": [...]}`` for the table and JSON.
 
     ``names`` picks variants (default: all that can run here); plain always runs first, as the baseline.
     """
@@ -204,16 +216,20 @@ def run_bench(setup: BenchSetup, encoders: tuple[str, ...] = ENCODERS, output_st
     available = {"plain": "none", AA: "none", **VARIANTS}
     if kernels_can_run(torch.empty(0, device=setup.device)):
         available[FUSED_CA] = VARIANTS["CA"]
+    if torch.device(setup.device).type not in LEAN_EVAL_DEVICES:
+        available[LEAN_CA] = VARIANTS["CA"]  # the lean inference path, where CA does not take it by default
+    if "graphs" in modes and torch.device(setup.device).type != "cuda":
+        raise ValueError("mode 'graphs' (CUDA graphs) needs --device cuda")
     names = list(available) if names is None else ["plain", *(n for n in names if n != "plain")]
     unknown = [n for n in names if n not in available]
     if unknown:
         raise ValueError(f"unknown variants {unknown}; expected some of {list(available)}")
     variants = {n: available[n] for n in names}
     rows = []
-    for compiled in compile_modes:
+    for mode in modes:
         for encoder in encoders:
             for os_ in output_strides:
-                rows += bench_group(encoder, os_, setup, compiled, variants)
+                rows += bench_group(encoder, os_, setup, mode, variants)
                 if setup.device.startswith("cuda"):
                     torch.cuda.empty_cache()
     return {"setup": {**asdict(setup), "torch": torch.__version__, "threads": torch.get_num_threads()}, "rows": rows}
@@ -228,7 +244,7 @@ def format_table(result: dict) -> str:
     lines = [header, "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * 4 + "---:|" * (len(COLUMNS) - 4)]
     for r in result["rows"]:
         peak = "n/a" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.2f}"
-        cells = (r["encoder"], r["variant"], r["os"], "yes" if r["compile"] else "no", f"{r['params'] / 1e6:.2f}",
+        cells = (r["encoder"], r["variant"], r["os"], r["mode"], f"{r['params'] / 1e6:.2f}",
                  f"{r['gflops']:.2f}", f"{r['train_ms']:.1f}", f"{r['train_img_s']:.1f}", f"{r['infer_img_s']:.1f}",
                  peak, f"{r['train_ratio']:.3f}", f"{r['infer_ratio']:.3f}")
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
@@ -246,6 +262,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--os", type=int, nargs="+", default=[16, 8], choices=sorted(ATROUS_RATES),
                    help="DeepLabV3 output strides to time")
     p.add_argument("--compile", choices=["off", "on", "both"], help="default: both on CUDA, off on CPU")
+    p.add_argument("--modes", nargs="+", choices=["eager", "compile", "graphs"],
+                   help="execution modes to time (overrides --compile); graphs = CUDA graphs, CUDA only "
+                        "(default: from --compile)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--flops-size", type=int, default=FLOPS_SIZE, help="input side the GFLOPs are counted at")
     p.add_argument("--variants", nargs="+", metavar="NAME",
@@ -265,9 +284,10 @@ def main(argv: list[str] | None = None) -> int:
     setup = BenchSetup(device=args.device, batch=args.batch or defaults["batch"], size=args.size or defaults["size"],
                        repeats=args.repeats, warmup=args.warmup, amp=defaults["amp"],
                        channels_last=defaults["channels_last"], flops_size=args.flops_size, threads=args.threads)
-    compile_modes = {"off": (False,), "on": (True,), "both": (False, True)}[args.compile or defaults["compile"]]
+    modes = {"off": ("eager",), "on": ("compile",), "both": ("eager", "compile")}[args.compile or defaults["compile"]]
+    modes = tuple(args.modes) if args.modes else modes
     try:
-        result = run_bench(setup, tuple(args.encoders), tuple(args.os), compile_modes, args.variants)
+        result = run_bench(setup, tuple(args.encoders), tuple(args.os), modes, args.variants)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
     print(format_table(result))

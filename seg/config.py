@@ -105,6 +105,9 @@ class TrainConfig:
     amp: Literal["none", "bf16", "fp16"] = "none"
     channels_last: bool = False
     compile: bool = False
+    # torch.compile's mode, e.g. "reduce-overhead" (inductor with CUDA graphs) or "max-autotune-no-cudagraphs"
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    cuda_graphs: bool = False  # replay the train step's forward + backward as CUDA graphs (CUDA, one process)
     seed: int = 0
     vis_images: int = 4  # fixed val images shown in TensorBoard
     ca_maps: bool = False
@@ -233,6 +236,13 @@ def validate(cfg: Config) -> None:
                           f"({window['crop_size']}; default data.crop_size): a larger stride leaves pixels unpredicted")
     if cfg.model.attention_stages is not None and cfg.model.attention is None:
         raise ConfigError("model.attention_stages needs model.attention (one of 'none', 'ca', 'se', 'cbam')")
+    if cfg.train.compile_mode != "default" and not cfg.train.compile:
+        raise ConfigError(f"train.compile_mode={cfg.train.compile_mode} needs train.compile=true")
+    if cfg.train.cuda_graphs and cfg.train.compile:
+        raise ConfigError("train.cuda_graphs and train.compile exclude each other; for both, use "
+                          "train.compile=true train.compile_mode=reduce-overhead")
+    if cfg.train.cuda_graphs and cfg.train.device == "cpu":
+        raise ConfigError("train.cuda_graphs needs a CUDA device, but train.device=cpu")
     if cfg.optim.warmup_iters > cfg.train.iters:
         raise ConfigError(f"optim.warmup_iters ({cfg.optim.warmup_iters}) exceeds train.iters ({cfg.train.iters})")
     if cfg.optim.name == "adamw" and cfg.optim.momentum != OptimConfig.momentum:

@@ -42,7 +42,8 @@ EVENTS_GLOB = "events.out.tfevents.*"
 # to train, and how fast. Everything else changes the model or the optimisation.
 RESUMABLE_KEYS = frozenset({
     "data.root", "data.num_workers", "data.val_batch_size", "train.iters", "train.eval_interval",
-    "train.log_interval", "train.vis_images", "train.ca_maps", "train.device", "train.compile",
+    "train.log_interval", "train.vis_images", "train.ca_maps", "train.device", "train.compile", "train.compile_mode",
+    "train.cuda_graphs",
     "train.threads",
 })
 

@@ -21,6 +21,7 @@ from seg.data.sampling import endless_batches
 from seg.distributed import DistInfo, barrier
 from seg.data.base import DatasetError
 from seg.engine import NonFiniteLossError, TrainState, evaluate, train
+from seg.graphs import graph_training
 from seg.models import model_from_config
 from seg.optim import build_optimizer, build_scheduler
 from seg.rundir import (BEST, LAST, RunDirError, append_metrics, begin_run, check_start, locked,
@@ -120,6 +121,24 @@ def check_crop_size(cfg: Config, model: torch.nn.Module) -> None:
                           f"{cfg.model.arch} on {cfg.model.encoder}; use data.crop_size={' or '.join(map(str, fits))}")
 
 
+def check_cuda_graphs(cfg: Config, device: torch.device, dist: DistInfo) -> None:
+    """Refuse ``train.cuda_graphs`` where it cannot apply, before the run writes anything."""
+    if not cfg.train.cuda_graphs:
+        return
+    if device.type != "cuda":
+        raise ConfigError(f"train.cuda_graphs needs a CUDA device; this run trains on {device}")
+    if dist.distributed:
+        raise ConfigError("train.cuda_graphs runs in one process; DDP's gradient hooks cannot be captured here")
+
+
+def graphed_model(cfg: Config, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``model`` with its training forward and backward replayed from CUDA graphs (``train.cuda_graphs``)."""
+    fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    crop = cfg.data.crop_size
+    sample = torch.zeros(cfg.data.batch_size, 3, crop, crop, device=device).to(memory_format=fmt)
+    return graph_training(model, sample, cfg.train.amp)
+
+
 def commit_validation(run_dir: Path, state: TrainState, cfg: Config, record: dict, is_best: bool,
                       saved_iteration: int | None) -> None:
     """Save one validation in the order :mod:`seg.rundir` relies on: best.pt, last.pt, metrics line.
@@ -178,6 +197,7 @@ def _train(cfg: Config, run_dir: Path, dist: DistInfo, resumed: dict | None) -> 
     train_loader, val_loader = build_loaders(cfg, train_set, val_set, dist)
     state = build_state(cfg, train_set.num_classes, device, dist.world_size)
     check_crop_size(cfg, state.model)
+    check_cuda_graphs(cfg, device, dist)
     if resumed is not None:
         resume_state(resumed, state)
     # every check passed: from here on the run owns the directory
@@ -190,9 +210,11 @@ def _train(cfg: Config, run_dir: Path, dist: DistInfo, resumed: dict | None) -> 
             state.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(state.model)
         state.model = DistributedDataParallel(state.model, device_ids=[device.index] if device.type == "cuda" else None)
     model = unwrap_model(state.model)
-    # compile only the module the train step calls; evaluation runs the eager model
+    # compile (or graph) only the module the train step calls; evaluation runs the eager model
     if cfg.train.compile:
-        state.model = torch.compile(state.model)
+        state.model = torch.compile(state.model, mode=cfg.train.compile_mode)
+    if cfg.train.cuda_graphs:
+        state.model = graphed_model(cfg, state.model, device)
     # events after last.pt's iteration belong to the interrupted attempt: TensorBoard hides them
     tracker = Tracker(run_dir, train_set.classes, train_set.palette,
                       purge_step=state.iteration + 1 if resumed is not None else None)

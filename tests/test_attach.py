@@ -235,7 +235,7 @@ def test_timm_table_counts_agree_with_the_report():
 
 def test_bench_times_timm_variants_with_attention_attached():
     setup = bench.BenchSetup(batch=2, size=SIZE, repeats=1, warmup=0, flops_size=SIZE)
-    rows = bench.bench_group("tu-efficientnet_b0", 16, setup, compiled=False)
+    rows = bench.bench_group("tu-efficientnet_b0", 16, setup, mode="eager")
     assert [(r["variant"], r["encoder_name"], r["attention"]) for r in rows] == [
         (v, "tu-efficientnet_b0", k) for v, k in bench.VARIANTS.items()]
     assert all(r["train_ms"] > 0 and r["gflops"] > 0 for r in rows)

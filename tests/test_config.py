@@ -14,7 +14,7 @@ from seg.optim import DEFAULT_WEIGHT_DECAY
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SHIPPED = sorted(CONFIGS.glob("*.yaml"))
 ENCODERS = ("mobilenet_v2", "mobilenet_v2_se", "mobilenet_v2_cbam", "mobilenet_v2_ca")
-FROM_SCRATCH = ("demo", "camvid_cpu", "synthetic_efficientnet_b0_ca")  # recipes without a pretrained encoder
+FROM_SCRATCH = ("demo", "camvid_cpu", "camvid_gpu", "synthetic_efficientnet_b0_ca")  # recipes without a pretrained encoder
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -182,7 +182,7 @@ def test_config_from_dict_refuses_a_stored_config_without_a_model_key(key):
 
 def test_all_configs_are_shipped():
     names = {p.stem for p in SHIPPED}
-    expected = {"demo", "camvid_cpu", "synthetic_efficientnet_b0_ca"} | {f"{prefix}_{e}" for e in ENCODERS
+    expected = {"demo", "camvid_cpu", "camvid_gpu", "synthetic_efficientnet_b0_ca"} | {f"{prefix}_{e}" for e in ENCODERS
                            for prefix in ("voc_os16", "voc_os8", "cityscapes_os8", "camvid")}
     assert names == expected
 

@@ -1,0 +1,77 @@
+"""seg.report --smoke end to end on the CPU (so the GPU report cannot rot), and seg.ablation --jobs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from seg import report
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    start = time.perf_counter()
+    assert report.main(["--smoke", "--device", "cpu", "--out", str(out), "--budget", "170"]) == 0
+    return out, time.perf_counter() - start
+
+
+def test_smoke_report_has_every_part_and_table(smoke):
+    out, seconds = smoke
+    assert seconds < 180
+    text = (out / "report.md").read_text()
+    for fragment in ("## Environment", "| torch |", "| cpu |", "### Cost, eager", "| plain A/A |", "| SE |",
+                     "| CBAM |", "| CA |", "| CA fused | absent on cpu:", "### CamVid ablation", "### CUDA tests"):
+        assert fragment in text, fragment
+    data = json.loads((out / "report.json").read_text())
+    assert {p["part"]: p["status"] for p in data["parts"]}["ablation"] == "ok"
+    rows = data["ablation"]["rows"]
+    assert [r["variant"] for r in rows] == ["plain", "SE", "CBAM", "CA"]
+    assert all(len(r["runs"]) == 2 and r["miou_mean"] is not None for r in rows)
+    assert len(list(out.iterdir())) <= 9  # the files that matter, plus the ablation's run folder
+
+
+def test_a_part_over_its_budget_is_cut_and_recorded(tmp_path):
+    part = report.run_part("sleeper", [sys.executable, "-c", "import time; time.sleep(60)"], 5,
+                           tmp_path / "sleep.log")
+    assert part["status"] == "cut at its budget of 5 s" and part["seconds"] < 15
+
+
+def _log_span(run_dir: Path) -> tuple[datetime, datetime]:
+    stamps = [datetime.strptime(line[:19], "%Y-%m-%d %H:%M:%S")
+              for line in (run_dir / "train.log").read_text().splitlines() if line[:4].isdigit()]
+    return stamps[0], stamps[-1]
+
+
+def _ablation_argv(out: Path) -> list[str]:
+    return [sys.executable, "-m", "seg.ablation", "--configs", str(REPO / "configs" / "demo.yaml"), "--encoders",
+            "mobilenet_v2", "mobilenet_v2_ca", "--seeds", "0", "--jobs", "2", "--smoke", "--no-step-time",
+            "--out", str(out), "train.iters=6", "train.eval_interval=2"]
+
+
+def test_jobs_train_at_the_same_time_and_resume_after_a_kill(tmp_path):
+    out = tmp_path / "ablation"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(_ablation_argv(out), cwd=REPO, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    runs = [out / f"demo-{e}" / "seed0" for e in ("mobilenet_v2", "mobilenet_v2_ca")]
+    deadline = time.time() + 120
+    while not any((r / "last.pt").is_file() for r in runs) and time.time() < deadline:
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)  # the parent and both training children, mid-run
+    proc.wait()
+    assert not all((r / "final.json").is_file() for r in runs)
+    subprocess.run(_ablation_argv(out), cwd=REPO, env=env, check=True, timeout=300, capture_output=True)
+    for run in runs:
+        assert json.loads((run / "final.json").read_text())["seed"] == 0
+        assert [json.loads(line)["iter"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [2, 4, 6]
+    (a_start, a_end), (b_start, b_end) = (_log_span(r) for r in runs)
+    assert a_start <= b_end and b_start <= a_end  # the two trainings ran at the same time
