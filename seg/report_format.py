@@ -47,7 +47,7 @@ def _ablation_table(ablation: dict) -> list[str]:
 
 
 def _pytest_summary(out: Path) -> str:
-    log = out / "pytest.log"
+    log = out / "logs" / "pytest.log"
     lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()] if log.is_file() else []
     return lines[-1] if lines else "no output"
 
