@@ -42,6 +42,7 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "camvid_gpu.yaml"
 # failure there cannot take the other rows with it.
 SHARES = {"eager": 0.14, "graphs": 0.10, "graphs_fused": 0.05, "ablation": 0.45, "cuda_tests": 0.12}
 GRAPHED = ["plain A/A", "SE", "CBAM", "CA"]  # plain runs first by itself
+PARTS = ("cost", "ablation", "cuda_tests", "compile")
 RESERVE_S = 15.0  # kept back for writing the report
 STEP_OVERLAP = 0.6  # assumed: runs sharing one GPU overlap their launch-bound steps (a guess, not measured)
 
@@ -170,6 +171,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-root", default="data/camvid", help="CamVid root for the ablation (default data/camvid)")
     p.add_argument("--seeds", type=int, nargs="+", help="ablation seeds (default 0 1 2; 0 1 with --smoke)")
     p.add_argument("--jobs", type=int, help="ablation runs trained at once (default: all on CUDA, 2 on CPU)")
+    p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
+                   help="parts to run; their budget shares grow to fill --budget (default: all)")
+    p.add_argument("--ablation-iters", type=int, help="train.iters of each ablation run (default: estimated from "
+                   "the cost table's step times and the budget)")
     p.add_argument("--smoke", action="store_true", help="synthetic data and tiny sizes: proves the command on a CPU")
     args = p.parse_args(argv)
     if args.seeds is None:
@@ -187,12 +192,17 @@ def main(argv: list[str] | None = None) -> int:
     logs.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     deadline = time.perf_counter() + args.budget
-    left = lambda share=1.0: min(share * args.budget, deadline - time.perf_counter() - RESERVE_S)  # noqa: E731
+    chosen = sum(v for k, v in SHARES.items() if k.split("_")[0] in ("eager", "graphs") and "cost" in args.parts
+                 or k in args.parts) or 1.0
+    scale = 1.0 / chosen if "compile" not in args.parts else 1.0  # compile takes what is left anyway
+    left = lambda share=1.0: min(share * scale * args.budget, deadline - time.perf_counter() - RESERVE_S)  # noqa: E731
     report = {"command": ["python", "-m", "seg.report", *(sys.argv[1:] if argv is None else argv)],
               "budget_s": args.budget, "smoke": args.smoke, "environment": environment(args.device), "parts": []}
     cost = {}
     for part, mode, variants in (("eager", "eager", None), ("graphs", "graphs", GRAPHED),
                                  ("graphs_fused", "graphs", ["CA fused"])):
+        if "cost" not in args.parts:
+            break
         if mode == "graphs" and args.device != "cuda":
             report["parts"].append({"part": f"cost {part}", "status": "absent: CUDA graphs need a CUDA device"})
             continue
@@ -200,17 +210,20 @@ def main(argv: list[str] | None = None) -> int:
         report["parts"].append(run_part(f"cost {part}", bench_argv(args, mode, out, variants), left(SHARES[part]),
                                         logs / f"cost_{part}.log"))
         cost[part] = json.loads(out.read_text()) if out.is_file() else None
-    iters = ablation_iters(cost.get("eager"), args.jobs, left(SHARES["ablation"]))
+    iters = args.ablation_iters or ablation_iters(cost.get("eager"), args.jobs, left(SHARES["ablation"]))
     runs = work / "ablation"
-    report["parts"].append(run_part("ablation", ablation_argv(args, runs, iters), left(SHARES["ablation"]),
-                                    logs / "ablation.log"))
-    report["ablation"] = {**ablation_table(runs, args.seeds), "iters": "2 (--smoke)" if args.smoke else iters,
-                          "jobs": args.jobs,
-                          "config": str(CONFIG.relative_to(CONFIG.parents[1]))}
-    report["parts"].append(run_part("cuda tests", [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-p",
+    if "ablation" in args.parts:
+        report["parts"].append(run_part("ablation", ablation_argv(args, runs, iters), left(SHARES["ablation"]),
+                                        logs / "ablation.log"))
+        report["ablation"] = {**ablation_table(runs, args.seeds), "iters": "2 (--smoke)" if args.smoke else iters,
+                              "jobs": args.jobs, "config": str(CONFIG.relative_to(CONFIG.parents[1]))}
+    if "cuda_tests" in args.parts:
+        report["parts"].append(run_part("cuda tests", [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-p",
                                                    "no:cacheprovider", "-k", "not compiled", *cuda_test_files()],
                                     left(SHARES["cuda_tests"]), logs / "pytest.log"))
-    if args.smoke:
+    if "compile" not in args.parts:
+        pass
+    elif args.smoke:
         report["parts"].append({"part": "cost compile", "status": "not run with --smoke: compiling takes minutes on a CPU"})
     else:
         out = work / "cost_compile.json"

@@ -62,6 +62,6 @@ def format_report(report: dict, out: Path) -> str:
     lines += ["", "## Results", ""]
     for mode, result in report["cost"].items():
         lines += _cost_table(mode, result) if result else [f"### Cost, {mode}: no result (see Parts)", ""]
-    lines += _ablation_table(report["ablation"])
+    lines += _ablation_table(report["ablation"]) if "ablation" in report else []
     lines += ["### CUDA tests (`pytest -m cuda -k 'not compiled'`)", "", "`" + _pytest_summary(out) + "`", ""]
     return "\n".join(lines)
