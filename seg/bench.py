@@ -99,7 +99,7 @@ class Runner:
     """One variant on the device: its train step and inference call, and the samples timed so far."""
 
     def __init__(self, name: str, model: nn.Module, setup: BenchSetup, mode: str = "eager") -> None:
-        self.name, self.setup = name, setup
+        self.name, self.setup, self.mode = name, setup, mode
         self.device = torch.device(setup.device)
         fmt = torch.channels_last if setup.channels_last else torch.contiguous_format
         model = model.to(self.device, memory_format=fmt)
@@ -141,8 +141,8 @@ class Runner:
 
     def measure_peak(self) -> None:
         """Peak memory of one train step as if this variant were alone on the GPU."""
-        if self.device.type != "cuda":
-            return
+        if self.device.type != "cuda" or self.mode == "graphs":
+            return  # graphs keep their memory in private pools, allocated at capture: not a step's peak
         _synchronize(self.device)
         before = torch.cuda.memory_allocated(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
@@ -160,10 +160,14 @@ def time_models(models: dict[str, nn.Module], setup: BenchSetup, mode: str = "ea
     The first model is the baseline of the ``train_ratio`` / ``infer_ratio`` entries.
     """
     runners = [Runner(name, model, setup, mode) for name, model in models.items()]
+    first_s = {}  # the warm-up's seconds: in "compile" mode, mostly compiling
     for runner in runners:
+        start = time.perf_counter()
         for _ in range(setup.warmup):
             runner.train_once()
             runner.infer_once()
+        _synchronize(runner.device)
+        first_s[runner.name] = time.perf_counter() - start
         runner.measure_peak()
     for _ in range(setup.repeats):
         for runner in runners:
@@ -175,7 +179,8 @@ def time_models(models: dict[str, nn.Module], setup: BenchSetup, mode: str = "ea
         train_ms, infer_ms = statistics.median(runner.train_ms), statistics.median(runner.infer_ms)
         times[runner.name] = dict(train_ms=train_ms, train_img_s=setup.batch * 1e3 / train_ms, infer_ms=infer_ms,
                                   infer_img_s=setup.batch * 1e3 / infer_ms, peak_mem_gib=runner.peak_gib,
-                                  train_ratio=train_ms / base_train, infer_ratio=infer_ms / base_infer)
+                                  train_ratio=train_ms / base_train, infer_ratio=infer_ms / base_infer,
+                                  warmup_s=first_s[runner.name])
     return times
 
 

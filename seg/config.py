@@ -78,7 +78,9 @@ class ModelConfig:
     decoder_channels: int = 256
     aux_loss: bool = False
     aux_weight: float = 0.4
-    fused_ca: bool = False  # fused CA kernels on CUDA; off: slower than the reference in eager on an H200 (README)
+    # fused CA kernels on CUDA: off by default, slower than the reference in eager mode on an H200,
+    # but faster under train.cuda_graphs (1.16x against 1.38x plain; docs/performance.md)
+    fused_ca: bool = False
     # Attention put into the encoder's blocks by seg.attach (None: leave the encoder as built;
     # "none": empty the slots, e.g. remove EfficientNet's SE). attention_stages: deepest N stages only.
     attention: Optional[Literal["none", "ca", "se", "cbam"]] = None

@@ -15,16 +15,17 @@ def _cost_table(mode: str, result: dict) -> list[str]:
     s = result["setup"]
     lines = [f"### Cost, {mode} ({s['device']}, batch {s['batch']} at {s['size']}², amp {s['amp']}, channels_last "
              f"{s['channels_last']}, median of {s['repeats']} after {s['warmup']} warm-up, models interleaved)", "",
-             "| variant | params (M) | train step ms | train / plain | infer img/s | infer / plain | peak GiB |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "| variant | params (M) | train step ms | train / plain | infer img/s | infer / plain | peak GiB | "
+             "warm-up s (compiling, capturing) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         peak = "n/a" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.2f}"
         lines.append(f"| {r['variant']} | {r['params'] / 1e6:.2f} | {r['train_ms']:.2f} | {r['train_ratio']:.3f} | "
-                     f"{r['infer_img_s']:.1f} | {r['infer_ratio']:.3f} | {peak} |")
+                     f"{r['infer_img_s']:.1f} | {r['infer_ratio']:.3f} | {peak} | {r.get('warmup_s', 0):.1f} |")
     ran = {r["variant"] for r in result["rows"]}
     for variant, why in EXPECTED.items():
         if variant not in ran and why:
-            lines.append(f"| {variant} | absent on {s['device']}: {why} | | | | | |")
+            lines.append(f"| {variant} | absent on {s['device']}: {why} | | | | | | |")
     return lines + [""]
 
 

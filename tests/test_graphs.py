@@ -58,24 +58,38 @@ def _train_steps(model, graphed: bool, steps: int = 3):
     return losses, model, optimizer
 
 
+def _max_diffs(a, b) -> dict[str, float]:
+    """Largest |a - b| per tensor: losses, weights and BN buffers, gradients, momentum."""
+    (losses_a, model_a, opt_a), (losses_b, model_b, opt_b) = a, b
+    diffs = {"loss": max(abs(x - y) for x, y in zip(losses_a, losses_b))}
+    for (name, x), y in zip(model_a.state_dict().items(), model_b.state_dict().values()):
+        diffs[name] = (x.float() - y.float()).abs().max().item()
+    for (name, x), y in zip(model_a.named_parameters(), model_b.parameters()):
+        diffs[f"grad {name}"] = (x.grad - y.grad).abs().max().item()
+    for i, (x, y) in enumerate(zip(opt_a.state.values(), opt_b.state.values())):
+        diffs[f"momentum {i}"] = (x["momentum_buffer"] - y["momentum_buffer"]).abs().max().item()
+    return diffs
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("encoder, fused", [("mobilenet_v2", False), ("mobilenet_v2_ca", False),
                                             ("mobilenet_v2_ca", True)])
 def test_graphed_steps_equal_eager_steps(encoder, fused):
-    results = []
-    for graphed in (False, True):
+    """Graphed vs eager, against eager vs eager: some CUDA backward kernels (atomics) differ run to run,
+    so the graphs may differ from eager by as much as eager differs from itself, and not much more.
+    Dropout is off: a graph draws its masks from the graph RNG stream, not the eager one."""
+    runs = []
+    for graphed in (False, False, True):
         torch.manual_seed(0)
         model = build_model("deeplabv3", encoder, 5, decoder_channels=32).cuda()
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
         set_fused_ca(model, fused)
-        results.append(_train_steps(model, graphed))
-    (eager_losses, eager, eager_opt), (graph_losses, graph, graph_opt) = results
-    assert graph_losses == pytest.approx(eager_losses, rel=1e-4, abs=1e-5)
-    for (name, a), b in zip(eager.state_dict().items(), graph.state_dict().values()):  # weights and BN buffers
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
-    for (name, a), b in zip(eager.named_parameters(), graph.parameters()):
-        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=f"grad {name}")
-    for a, b in zip(eager_opt.state.values(), graph_opt.state.values()):
-        torch.testing.assert_close(b["momentum_buffer"], a["momentum_buffer"], rtol=1e-4, atol=1e-5)
+        runs.append(_train_steps(model, graphed))
+    control, graph = _max_diffs(runs[0], runs[1]), _max_diffs(runs[0], runs[2])
+    worse = {k: (graph[k], control[k]) for k in graph if graph[k] > 4 * control[k] + 1e-5}
+    assert not worse, f"graphed differs from eager more than eager from itself: {worse}"
 
 
 @pytest.mark.cuda
