@@ -1,4 +1,4 @@
-"""torchrun environment, rank helpers, all-reduce helpers, and an evaluation sampler that never pads.
+"""torchrun environment, rank helpers and all-reduce helpers.
 
 Everything here is a no-op in a plain single-process run, so the training and evaluation
 loops call these helpers unconditionally instead of branching on ``world_size``.
@@ -11,11 +11,9 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import Sampler
 
 LOG_FORMAT = "%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s"
 
@@ -99,32 +97,6 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 def cleanup() -> None:
     if is_distributed():
         dist.destroy_process_group()
-
-
-class ShardSampler(Sampler[int]):
-    """Rank ``r`` of ``world_size`` gets indices ``r, r + world_size, ...``: every index exactly once.
-
-    Unlike ``DistributedSampler`` it never pads with duplicates, so per-rank counts summed with
-    one all-reduce give exact dataset metrics. Shards differ in length by at most one, so no
-    collective may run per batch during evaluation: evaluate the unwrapped model
-    (``ddp_model.module``) and all-reduce once at the end.
-    """
-
-    def __init__(self, n: int, rank: int | None = None, world_size: int | None = None) -> None:
-        self.n = int(n)
-        self.rank = get_rank() if rank is None else int(rank)
-        self.world_size = get_world_size() if world_size is None else int(world_size)
-        if self.n < 0 or self.world_size < 1 or not 0 <= self.rank < self.world_size:
-            raise ValueError(
-                f"ShardSampler: expected n >= 0, world_size >= 1 and 0 <= rank < world_size; "
-                f"got n={n}, rank={rank}, world_size={world_size}"
-            )
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(self.rank, self.n, self.world_size))
-
-    def __len__(self) -> int:
-        return len(range(self.rank, self.n, self.world_size))
 
 
 def setup_logging(log_file: str | Path | None = None) -> None:

@@ -2,7 +2,7 @@
 
 Counts accumulate on the device of the tensors passed to ``update`` and are summed over DDP
 ranks with a single all-reduce, so the result is exact as long as every sample is seen by
-exactly one rank (use ``seg.distributed.ShardSampler``, never a padding sampler).
+exactly one rank (use ``seg.data.ContiguousSampler``, never a padding sampler).
 """
 
 from __future__ import annotations

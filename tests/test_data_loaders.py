@@ -50,6 +50,15 @@ def test_contiguous_sampler_splits_without_padding():
     assert [len(p) for p in parts] == [3, 3, 4]
 
 
+@pytest.mark.parametrize("n", [0, 1, 6, 7])
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_contiguous_sampler_covers_each_index_once(n, world):
+    shards = [list(ContiguousSampler(range(n), r, world)) for r in range(world)]
+    assert sorted(i for s in shards for i in s) == list(range(n))
+    assert [len(ContiguousSampler(range(n), r, world)) for r in range(world)] == [len(s) for s in shards]
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
 def test_distributed_samplers(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:

@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from seg import distributed as sd
+from seg.data import ContiguousSampler
 from seg.metrics import IGNORE_INDEX, ConfusionMatrix
 
 NUM_CLASSES = 5
@@ -43,7 +44,7 @@ def _worker(rank: int, port: int, out_path: str) -> None:
     info = sd.init_distributed()
     try:
         ds = _dataset()
-        exact = _evaluate(DataLoader(ds, batch_size=2, sampler=sd.ShardSampler(len(ds), info.rank, info.world_size)))
+        exact = _evaluate(DataLoader(ds, batch_size=2, sampler=ContiguousSampler(ds, info.rank, info.world_size)))
         padded = _evaluate(DataLoader(ds, batch_size=2, sampler=DistributedSampler(ds, shuffle=False)))
         if sd.is_main():
             with open(out_path, "w") as f:
@@ -74,20 +75,6 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     assert padded_total > sum(map(sum, single["confusion"]))
 
 
-@pytest.mark.parametrize("n", [0, 1, 6, 7])
-@pytest.mark.parametrize("world", [1, 2, 3])
-def test_shard_sampler_covers_each_index_once(n, world):
-    shards = [list(sd.ShardSampler(n, r, world)) for r in range(world)]
-    assert sorted(i for s in shards for i in s) == list(range(n))
-    assert [len(sd.ShardSampler(n, r, world)) for r in range(world)] == [len(s) for s in shards]
-    assert max(map(len, shards)) - min(map(len, shards)) <= 1
-
-
-def test_shard_sampler_rejects_bad_rank():
-    with pytest.raises(ValueError, match="rank"):
-        sd.ShardSampler(5, rank=2, world_size=2)
-
-
 def test_single_process_helpers_are_no_ops(monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     info = sd.init_distributed()
@@ -96,7 +83,6 @@ def test_single_process_helpers_are_no_ops(monkeypatch):
     sd.barrier()
     t = torch.tensor([1, 2])
     assert sd.all_reduce_sum(t) is t and t.tolist() == [1, 2]
-    assert list(sd.ShardSampler(3)) == [0, 1, 2]
 
 
 @pytest.fixture
