@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seg.kernels import kernels_can_run
+from seg.kernels.calibrate import prefers_kernel
 from seg.kernels.cpu import kernels_for as cpu_kernels_for
 
 # Devices where inference takes the lean path (_forward_inference) rather than the reference ops.
@@ -118,8 +119,18 @@ class CoordAttention(nn.Module):
         kernels = cpu_kernels_for(x)
         if kernels is not None:
             # On CPU, one C++ call: it pools in one read of x and gates in one read and write,
-            # where PyTorch takes two of each, and skips the small ops' Python dispatch.
-            return kernels.forward(x, self._fold_sources(), self.bn1.eps, x if inplace else torch.empty_like(x))
+            # where PyTorch takes two of each, and skips the small ops' Python dispatch. Which is
+            # faster depends on the CPU and the shape, so it is measured once per shape.
+            def kernel(t: torch.Tensor) -> torch.Tensor:
+                return kernels.forward(t, self._fold_sources(), self.bn1.eps, t if inplace else torch.empty_like(t))
+
+            if prefers_kernel(("CA", tuple(x.shape)), kernel, lambda t: self._forward_ops(t, inplace), x):
+                return kernel(x)
+        return self._forward_ops(x, inplace)
+
+    @torch.jit.unused
+    def _forward_ops(self, x: torch.Tensor, inplace: bool) -> torch.Tensor:
+        """``_forward_inference`` in PyTorch ops (any device, and what ONNX export records)."""
         w1, b1, wh, bh, ww, bw = self._folded_weights()
         x_h = x.mean(dim=3)  # (N, C, H)
         x_w = x.mean(dim=2)  # (N, C, W)

@@ -44,7 +44,7 @@ from seg.cli import HelpFormatter
 from seg.config import ModelConfig
 from seg.encoders.mobilenet_v2 import ATTENTION_SLOT, ExpandedConv
 from seg.export import export_onnx
-from seg.kernels import cpu
+from seg.kernels import calibrate, cpu
 from seg.models import model_from_config
 
 PLAIN, CA = "mobilenet_v2", "mobilenet_v2_ca"
@@ -258,10 +258,13 @@ def main(argv: list[str] | None = None) -> None:
               f"({statistics.median(t['fused']) / conv:.3f}x conv)")
         return
     backends = BACKENDS if args.backend == "both" else (args.backend,)
+    calibrate.reset()
     results = benchmark(args.size, args.threads, args.repeats, backends, args.ort_without_nchwc)
     print(f"DeepLabV3-MobileNetV2 OS16, fp32, batch 1, {args.size}x{args.size}, {args.threads} threads, "
           f"{args.repeats} interleaved runs per model; ratios are of medians")
     print(format_table(results))
+    if "pytorch" in results:  # which path each CA block shape took in "CA" (SEG_CPU_KERNELS=auto calibrates)
+        print(calibrate.summary() + f" at 1x3x{args.size}x{args.size}, {args.threads} threads")
     ort = results.get("onnxruntime", {})
     if "ca" + NO_NCHWC in ort:
         plain = statistics.median(ort["plain"])

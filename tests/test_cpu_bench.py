@@ -12,6 +12,14 @@ def _times(plain, copy, ca):
     return {"plain": plain, cpu_bench.AA: copy, "ca": ca}
 
 
+@pytest.fixture(autouse=True)
+def kernels_always(monkeypatch):
+    """These tests are about the kernels themselves: no calibration may choose PyTorch's ops instead."""
+    from seg.kernels import calibrate
+
+    monkeypatch.setattr(calibrate, "MODE", "1")
+
+
 def test_tiny_benchmark_prints_both_backends_with_aa_column(capsys):
     cpu_bench.main(["--size", "32", "--threads", "1", "--repeats", "2"])
     out = capsys.readouterr().out

@@ -21,6 +21,14 @@ from seg.encoders.mobilenet_v2 import ExpandedConv
 from seg.kernels import cpu
 
 
+@pytest.fixture(autouse=True)
+def kernels_always(monkeypatch):
+    """These tests are about the kernels themselves: no calibration may choose PyTorch's ops instead."""
+    from seg.kernels import calibrate
+
+    monkeypatch.setattr(calibrate, "MODE", "1")
+
+
 @pytest.fixture(scope="module")
 def ext():
     module = cpu.kernels()

@@ -14,6 +14,7 @@ from segmentation_models_pytorch.encoders.mobilenet import MobileNetV2Encoder
 
 from seg.attention import CoordAttention, has_forward_hooks, make_attention
 from seg.encoders import load_backbone_state
+from seg.kernels.calibrate import prefers_kernel
 from seg.kernels.cpu import kernels_for as cpu_kernels_for
 
 MOBILENET_V2_OUT_CHANNELS = [3, 16, 24, 32, 96, 1280]
@@ -98,9 +99,18 @@ class ExpandedConv(nn.Sequential):
         for layer in conv_bn:
             x = layer(x)
         kernels = cpu_kernels_for(x)
-        if kernels is None:  # not a contiguous fp32 CPU map, or no compiler: layer by layer
-            return bn(project(attention(relu6(x))))
-        return bn(kernels.forward_project(x, attention._fold_sources(), attention.bn1.eps, project.weight, True))
+
+        def layer_by_layer(t: torch.Tensor) -> torch.Tensor:
+            return bn(project(attention(relu6(t))))
+
+        def fused(t: torch.Tensor) -> torch.Tensor:
+            return bn(kernels.forward_project(t, attention._fold_sources(), attention.bn1.eps, project.weight, True))
+
+        # not a contiguous fp32 CPU map, no compiler, or slower than the layers on this CPU: layer by layer
+        if kernels is None or not prefers_kernel(("block", tuple(x.shape), tuple(project.weight.shape)), fused,
+                                                  layer_by_layer, x):
+            return layer_by_layer(x)
+        return fused(x)
 
 
 def _fusable(conv: nn.Sequential) -> bool:

@@ -31,12 +31,21 @@ _module: ModuleType | None = None
 _failed = False
 
 
+ISA_FLAGS = {"avx512": ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
+                         "-mprefer-vector-width=512"],
+             "avx2": ["-mavx2", "-mfma"], "default": []}
+
+
 def _isa() -> tuple[str, list[str]]:
     """(name, compiler flags) of the vector instructions to build for: AVX2 + FMA where torch
-    finds them (about 20% faster than SSE2 here), else the compiler's default."""
-    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
-        return "avx2", ["-mavx2", "-mfma"]
-    return "default", []
+    finds them (about 20% faster than SSE2 here), else the compiler's default. AVX-512 measured no
+    faster than AVX2 (docs/performance.md), so it is built only on request: ``SEG_CPU_ISA=avx512``
+    on a CPU where torch reports it (``SEG_CPU_ISA`` may only lower what torch found)."""
+    found = {"AVX512": "avx512", "AVX2": "avx2"}.get(torch.backends.cpu.get_cpu_capability(), "default")
+    order = list(ISA_FLAGS)  # best first
+    wanted = os.environ.get("SEG_CPU_ISA", "avx2")
+    name = max(wanted if wanted in ISA_FLAGS else "avx2", found, key=order.index)  # the lesser of the two
+    return name, ISA_FLAGS[name]
 
 
 def build_dir() -> Path:
