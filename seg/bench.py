@@ -33,6 +33,7 @@ from seg.engine import TrainState, autocast, train_step
 from seg.graphs import GraphedInference, graph_training
 from seg.kernels import kernels_can_run
 from seg.models import build_model, set_fused_ca
+from seg.timing import interleaved
 
 ENCODERS = ("mobilenet_v2", "resnet50")
 VARIANTS = {"plain": "none", "SE": "se", "CBAM": "cbam", "CA": "ca"}  # variant -> attention kind
@@ -84,15 +85,6 @@ def gflops(model: nn.Module, size: int) -> float:
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _timed(fn: Callable[[], object], device: torch.device) -> float:
-    """Milliseconds one call of ``fn`` takes, waiting for the device before and after."""
-    _synchronize(device)
-    start = time.perf_counter()
-    fn()
-    _synchronize(device)
-    return (time.perf_counter() - start) * 1e3
 
 
 class Runner:
@@ -169,10 +161,13 @@ def time_models(models: dict[str, nn.Module], setup: BenchSetup, mode: str = "ea
         _synchronize(runner.device)
         first_s[runner.name] = time.perf_counter() - start
         runner.measure_peak()
-    for _ in range(setup.repeats):
-        for runner in runners:
-            runner.train_ms.append(_timed(runner.train_once, runner.device))
-            runner.infer_ms.append(_timed(runner.infer_once, runner.device))
+    calls = {}
+    for runner in runners:
+        calls[runner.name, "train"], calls[runner.name, "infer"] = runner.train_once, runner.infer_once
+    seconds = interleaved(calls, setup.repeats, sync=lambda: _synchronize(runners[0].device))
+    for runner in runners:
+        runner.train_ms = [t * 1e3 for t in seconds[runner.name, "train"]]
+        runner.infer_ms = [t * 1e3 for t in seconds[runner.name, "infer"]]
     base_train, base_infer = statistics.median(runners[0].train_ms), statistics.median(runners[0].infer_ms)
     times = {}
     for runner in runners:

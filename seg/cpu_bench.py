@@ -31,7 +31,6 @@ import copy
 import statistics
 import sys
 import tempfile
-import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
@@ -45,6 +44,7 @@ from seg.config import ModelConfig
 from seg.encoders.mobilenet_v2 import ATTENTION_SLOT, ExpandedConv
 from seg.export import export_onnx
 from seg.kernels import calibrate, cpu
+from seg.timing import AA_TOLERANCE, interleaved, noise_warning, ratio, spread
 from seg.models import model_from_config
 
 PLAIN, CA = "mobilenet_v2", "mobilenet_v2_ca"
@@ -55,7 +55,6 @@ NCHWC_TRANSFORMER = "NchwcTransformer"
 NO_NCHWC = "_without_nchwc"  # suffix of the onnxruntime runs with the NCHWc layout off (--ort-without-nchwc)
 NUM_CLASSES = 21
 WARMUP = 3
-AA_TOLERANCE = 0.02  # an A/A ratio further from 1.00 than this means the run is too noisy to quote
 
 
 def _build(encoder: str) -> torch.nn.Module:
@@ -95,22 +94,6 @@ def _torch_runner(model: torch.nn.Module, size: int, cpu_kernels: bool = True) -
     return run
 
 
-def _interleaved_times(runners: dict[str, Callable], repeats: int) -> dict[str, list[float]]:
-    """Seconds per call for each runner; every repeat runs each runner once, in a rotating order."""
-    for run in runners.values():
-        for _ in range(WARMUP):
-            run()
-    names = list(runners)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for i in range(repeats):
-        # rotate, so that no model always runs right after the same neighbour (cache, allocator state)
-        for name in names[i % len(names):] + names[:i % len(names)]:
-            start = time.perf_counter()
-            runners[name]()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
 def _models() -> dict[str, torch.nn.Module]:
     """plain, a separately built copy of plain with the same weights (the A/A control), and CA."""
     plain, copy = _build(PLAIN), _build(PLAIN)
@@ -133,7 +116,7 @@ def benchmark(size: int = 512, threads: int = 2, repeats: int = 15, backends: tu
         if "pytorch" in backends:
             runners = {k: _torch_runner(m, size) for k, m in models.items()}
             runners[CA_TORCH] = _torch_runner(models["ca"], size, cpu_kernels=False)
-            results["pytorch"] = _interleaved_times(runners, repeats)
+            results["pytorch"] = interleaved(runners, repeats, warmup=WARMUP)
         if "onnxruntime" in backends:
             with tempfile.TemporaryDirectory() as tmp:
                 ort_runners = {k: _ort_runner(m, size, threads, Path(tmp), k) for k, m in models.items()}
@@ -141,7 +124,7 @@ def benchmark(size: int = 512, threads: int = 2, repeats: int = 15, backends: tu
                     for k in ("plain", "ca"):
                         ort_runners[k + NO_NCHWC] = _ort_runner(models[k], size, threads, Path(tmp), k + NO_NCHWC,
                                                                 without_nchwc=True)
-                results["onnxruntime"] = _interleaved_times(ort_runners, repeats)
+                results["onnxruntime"] = interleaved(ort_runners, repeats, warmup=WARMUP)
     finally:
         torch.set_num_threads(previous)
     return results
@@ -149,23 +132,13 @@ def benchmark(size: int = 512, threads: int = 2, repeats: int = 15, backends: tu
 
 def ratios(times: dict[str, list[float]]) -> tuple[float, float]:
     """``(A/A, CA/plain)``: the copy's and CA's median over plain's median."""
-    plain = statistics.median(times["plain"])
-    return statistics.median(times[AA]) / plain, statistics.median(times["ca"]) / plain
+    return ratio(times, AA, "plain"), ratio(times, "ca", "plain")
 
 
 def aa_warnings(results: dict[str, dict[str, list[float]]]) -> list[str]:
     """One line per backend whose A/A ratio is off 1.00 by more than AA_TOLERANCE."""
-    lines = []
-    for backend, times in results.items():
-        aa, _ = ratios(times)
-        if abs(aa - 1.0) > AA_TOLERANCE:
-            lines.append(f"warning: {backend} A/A is {aa:.3f}x, off 1.00 by more than {AA_TOLERANCE:.0%}: the machine "
-                         "was too noisy for this run to mean anything; do not quote it")
-    return lines
-
-
-def _spread(seconds: list[float]) -> str:
-    return " / ".join(f"{v * 1e3:.1f}" for v in (min(seconds), statistics.median(seconds), max(seconds)))
+    return [line for backend, times in results.items()
+            if (line := noise_warning(backend, ratios(times)[0], AA_TOLERANCE)) is not None]
 
 
 def format_table(results: dict[str, dict[str, list[float]]]) -> str:
@@ -177,7 +150,7 @@ def format_table(results: dict[str, dict[str, list[float]]]) -> str:
         aa, ca = ratios(t)
         torch_ops = (f"{statistics.median(t[CA_TORCH]) / statistics.median(t['plain']):.3f}x" if CA_TORCH in t
                      else "n/a")
-        lines.append(f"| {backend} | {_spread(t['plain'])} | {_spread(t[AA])} | {_spread(t['ca'])} "
+        lines.append(f"| {backend} | {spread(t['plain'])} | {spread(t[AA])} | {spread(t['ca'])} "
                      f"| {aa:.3f}x | {ca:.3f}x | {torch_ops} |")
     return "\n".join(lines)
 
@@ -232,7 +205,7 @@ def projection_times(size: int = 512, threads: int = 2, repeats: int = 15) -> di
                 for x, params, eps, weight in cases:
                     ext.forward_project(x, params, eps, weight)
 
-        return _interleaved_times({"conv": convs, AA: convs, "fused": fused}, repeats)
+        return interleaved({"conv": convs, AA: convs, "fused": fused}, repeats, warmup=WARMUP)
     finally:
         torch.set_num_threads(previous)
 
@@ -253,8 +226,8 @@ def main(argv: list[str] | None = None) -> None:
         t = projection_times(args.size, args.threads, args.repeats)
         conv = statistics.median(t["conv"])
         print(f"16 pw-linear projections at {args.size}x{args.size}, {args.threads} threads, {args.repeats} "
-              f"interleaved runs: conv {_spread(t['conv'])} ms, conv again {_spread(t[AA])} ms "
-              f"(A/A {statistics.median(t[AA]) / conv:.3f}x), fused with unit gates {_spread(t['fused'])} ms "
+              f"interleaved runs: conv {spread(t['conv'])} ms, conv again {spread(t[AA])} ms "
+              f"(A/A {statistics.median(t[AA]) / conv:.3f}x), fused with unit gates {spread(t['fused'])} ms "
               f"({statistics.median(t['fused']) / conv:.3f}x conv)")
         return
     backends = BACKENDS if args.backend == "both" else (args.backend,)

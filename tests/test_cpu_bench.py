@@ -5,6 +5,7 @@ Timings themselves are not tested; fake timings with hand-computed ratios are.""
 import pytest
 
 from seg import cpu_bench
+from seg.timing import interleaved
 from seg.export import export_onnx
 
 
@@ -60,7 +61,7 @@ def test_warns_only_when_aa_is_off_by_more_than_two_percent(copy_median, warned)
 def test_interleaving_runs_each_model_once_per_repeat_in_rotating_order():
     calls = []
     runners = {name: (lambda n=name: calls.append(n)) for name in ("a", "b", "c")}
-    times = cpu_bench._interleaved_times(runners, repeats=3)
+    times = interleaved(runners, repeats=3, warmup=cpu_bench.WARMUP)
     assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3, "c": 3}
     timed = calls[3 * cpu_bench.WARMUP:]
     assert timed == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]

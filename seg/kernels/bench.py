@@ -8,8 +8,9 @@ Times, at the CA block shapes of DeepLabV3 + mobilenet_v2_ca (OS 16, 512x512, ba
 - with ``--tiles``, instead: the kernels under a few tile-size limits, to choose ``coord_attention``'s
   defaults (each new tile size is a new Triton compile, so this takes a while).
 
-A second, separately built reference block is timed in the same loop as an A/A control. Timings
-are medians of ``triton.testing.do_bench`` (which flushes L2 between calls). CUDA only.
+A second, separately built reference block is timed in the same loop as an A/A control (the
+harness of ``seg.timing``). The kernels alone are medians of ``triton.testing.do_bench`` (which
+flushes L2 between calls). CUDA only.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import triton.testing
 from seg.attention import CoordAttention
 from seg.cli import HelpFormatter
 from seg.kernels import coord_attention as kernels
+from seg.timing import interleaved
 
 SHAPES = {"s2": (16, 96, 256, 256), "s4": (16, 144, 128, 128), "s8": (16, 192, 64, 64),
           "s16": (16, 960, 32, 32)}
@@ -65,11 +67,10 @@ def block_rows(x: torch.Tensor, repeats: int) -> dict[str, float]:
     def step(block):
         return lambda: block(x).backward(grad)
 
-    times = {name: [] for name in blocks}
-    for _ in range(repeats):
-        for name, block in blocks.items():
-            times[name].append(_ms(step(block), 20))
-    return {name: statistics.median(t) for name, t in times.items()}
+    # 20 steps per repeat, as do_bench's medians had; the variants interleaved by the shared harness
+    times = interleaved({name: step(block) for name, block in blocks.items()}, repeats * 20, warmup=5,
+                        sync=torch.cuda.synchronize)
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
