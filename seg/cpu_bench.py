@@ -20,7 +20,7 @@ in-place gate (profiled at 1 thread: the two gate Muls are ~14 ms of a ~35 ms ga
 graph changes little there. Keeping the gate in NCHWc (AveragePool strips, Upsample'd gates) or
 gating with one full-size MatMul outer product measured no better, and switching the NCHWc layout
 off costs far more than it saves (``--ort-without-nchwc``: CA 1.97x plain-with-NCHWc at 1 thread,
-plain without it 1.78x); see README "CPU cost of CA". Eager PyTorch avoids all of this with the
+plain without it 1.78x); see docs/performance.md. Eager PyTorch avoids all of this with the
 C++ kernels of ``seg.kernels.cpu``, which an ONNX graph cannot call.
 """
 

@@ -20,7 +20,7 @@ traces each op as one node. Double backward is not supported.
 and in eager the same kernels through plain ``autograd.Function``s. A custom op's eager call goes
 through the dispatcher into Python twice and checks its outputs: about 0.1 ms of CPU per call,
 measured with the kernels stubbed out, which made the fused block slower than the reference on
-an H200 in eager (see README, "Fused CA kernels").
+an H200 in eager (see docs/kernels.md and docs/performance.md).
 """
 
 import torch
