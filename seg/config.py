@@ -115,6 +115,9 @@ class TrainConfig:
     ca_maps: bool = False
     device: str = "auto"
     threads: Optional[int] = None  # intra-op CPU threads (torch.set_num_threads); None = PyTorch's default
+    # how long a rank waits in a collective for its peers before it gives up, so a dead or hung
+    # rank ends the group (and torchrun can restart it) instead of stalling it forever
+    dist_timeout_s: int = 600
 
 
 @dataclass
@@ -153,6 +156,7 @@ RULES = [
     ("optim.grad_clip", lambda v: v is None or v > 0, "None or > 0"),
     ("optim.weight_decay", lambda v: v is None or v >= 0, "None or >= 0"),
     ("train.threads", lambda v: v is None or v > 0, "None or > 0"),
+    ("train.dist_timeout_s", lambda v: v > 0, "> 0"),
     ("model.attention_stages", lambda v: v is None or v >= 1, "None or >= 1 (the deepest N stages)"),
     ("eval.crop_size", lambda v: v is None or v > 0, "None or > 0"),
     ("eval.stride", lambda v: v is None or v > 0, "None or > 0"),

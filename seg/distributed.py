@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -33,11 +35,13 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_distributed() -> DistInfo:
+def init_distributed(timeout_s: float | None = None) -> DistInfo:
     """Join the process group when launched by torchrun; otherwise describe a single process.
 
     torchrun sets RANK / LOCAL_RANK / WORLD_SIZE (and MASTER_ADDR / MASTER_PORT). NCCL is
     used when CUDA is available, gloo otherwise, so the same entry point runs on CPU.
+    ``timeout_s`` bounds every collective (``train.dist_timeout_s``): past it gloo raises and
+    NCCL's watchdog aborts the process, so a rank whose peer died or hangs ends instead of waiting.
     """
     if "RANK" not in os.environ:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -52,8 +56,26 @@ def init_distributed() -> DistInfo:
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+        timeout = None if timeout_s is None else timedelta(seconds=timeout_s)
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timeout,
+                                store=attempt_store(rank, world_size, timeout))
     return DistInfo(rank, local_rank, world_size, device, is_main=rank == 0)
+
+
+def attempt_store(rank: int, world_size: int, timeout: timedelta | None) -> dist.Store | None:
+    """A store private to this torchrun attempt, or None where PyTorch's own is safe.
+
+    torchrun's workers share its agent's TCPStore, which outlives a restart: a restarted group can
+    read the addresses that its dead predecessor published and fail to connect (pytorch/pytorch#135712;
+    seen here with gloo on torch 2.14). On one node all workers restart together, so the restart
+    count names the attempt alike on every rank. Several nodes need TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+    instead (``seg.start.check_restartable``), which gives each attempt a new store.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or os.environ.get("GROUP_WORLD_SIZE", "1") != "1":
+        return None
+    kwargs = {} if timeout is None else {"timeout": timeout}
+    store, _, _ = next(dist.rendezvous("env://", rank, world_size, **kwargs))
+    return dist.PrefixStore(f"seg/attempt_{restart_count()}", store)
 
 
 def is_distributed() -> bool:
@@ -92,6 +114,26 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     else:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def restart_count() -> int:
+    """How often torchrun has restarted this group after a failure (0 on the first attempt or without torchrun)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+
+
+def max_restarts() -> int:
+    """torchrun's ``--max-restarts`` (0 without torchrun)."""
+    return int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0))
+
+
+# gloo reports a dead peer or a timed-out collective as a plain RuntimeError whose text names its
+# transport; NCCL and the c10d store raise torch.distributed.DistError
+_GLOO_ERROR = re.compile(r"gloo|Connection closed by peer|Connection reset by peer")
+
+
+def is_peer_failure(err: BaseException) -> bool:
+    """True when ``err`` says a collective lost a peer (killed, hung past the timeout), not a bug here."""
+    return isinstance(err, dist.DistError) or (isinstance(err, RuntimeError) and bool(_GLOO_ERROR.search(str(err))))
 
 
 def cleanup() -> None:

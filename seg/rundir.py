@@ -45,6 +45,7 @@ RESUMABLE_KEYS = frozenset({
     "train.log_interval", "train.vis_images", "train.ca_maps", "train.device", "train.compile", "train.compile_mode",
     "train.cuda_graphs",
     "train.threads",
+    "train.dist_timeout_s",
 })
 
 

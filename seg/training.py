@@ -24,8 +24,8 @@ from seg.engine import NonFiniteLossError, TrainState, evaluate, train
 from seg.graphs import graph_training
 from seg.models import model_from_config
 from seg.optim import build_optimizer, build_scheduler
-from seg.rundir import (BEST, LAST, RunDirError, append_metrics, begin_run, check_start, locked,
-                        log_to_file)
+from seg.rundir import BEST, LAST, RunDirError, append_metrics, begin_run, log_to_file
+from seg.start import Resume, decide_start
 from seg.tracking import Tracker
 from seg.visualize import spread_indices
 
@@ -159,32 +159,16 @@ def commit_validation(run_dir: Path, state: TrainState, cfg: Config, record: dic
                           f"--resume --out {run_dir}") from None
 
 
-def main_decides(problem: str | None, dist: DistInfo) -> None:
-    """Raise ``problem`` (known to rank 0 alone) on every rank, so no rank waits for one that quit."""
-    if dist.distributed:
-        message = [problem]
-        torch.distributed.broadcast_object_list(message, src=0)
-        problem = message[0]
-    if problem is not None:
-        raise RunDirError(problem)
-
-
-def run_training(cfg: Config, run_dir: Path, dist: DistInfo, resume: bool = False,
+def run_training(cfg: Config, run_dir: Path, dist: DistInfo, resume: Resume = False,
                  overwrite: bool = False) -> TrainState:
     """Train ``cfg`` into ``run_dir``: validation, TensorBoard, last.pt / best.pt. Returns the final state.
 
     ``run_dir`` is locked for the whole run. A fresh start refuses a directory holding ``last.pt``
-    unless ``overwrite``; ``resume`` continues from ``last.pt`` when the config matches it.
+    unless ``overwrite``; ``resume`` continues from ``last.pt`` when the config matches it
+    (``"auto"``: only if there is one). Rank 0 decides and every rank follows (:mod:`seg.start`).
     """
     with ExitStack() as stack:
-        problem = None
-        if dist.is_main:
-            try:
-                stack.enter_context(locked(run_dir))
-            except RunDirError as err:
-                problem = str(err)
-        main_decides(problem, dist)
-        resumed = check_start(run_dir, cfg, resume, overwrite, world_size=dist.world_size)
+        resumed = decide_start(stack, run_dir, cfg, dist, resume, overwrite)
         return _train(cfg, run_dir, dist, resumed)
 
 
