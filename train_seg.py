@@ -6,7 +6,7 @@ DeepLabV3 + MobileNetV2-CA trained on the CPU in a few minutes. ``--resume --out
 that run with its stored ``RUN_DIR/config.yaml``; ``--resume auto`` does so only if RUN_DIR holds a
 ``last.pt``, and starts afresh otherwise. ``key=value`` overrides may go anywhere on the line.
 Multi-GPU: ``torchrun --nproc-per-node N train_seg.py --out RUN_DIR ...``; with ``--max-restarts K``
-a restarted group resumes RUN_DIR by itself (see README, "Many GPUs and many machines").
+a restarted group resumes RUN_DIR by itself (see docs/training.md, "Many GPUs and many machines").
 """
 
 from __future__ import annotations

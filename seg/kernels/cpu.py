@@ -38,9 +38,9 @@ ISA_FLAGS = {"avx512": ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512v
 
 def _isa() -> tuple[str, list[str]]:
     """(name, compiler flags) of the vector instructions to build for: AVX2 + FMA where torch
-    finds them (about 20% faster than SSE2 here), else the compiler's default. AVX-512 measured no
-    faster than AVX2 (docs/performance.md), so it is built only on request: ``SEG_CPU_ISA=avx512``
-    on a CPU where torch reports it (``SEG_CPU_ISA`` may only lower what torch found)."""
+    finds them (about 20% faster than SSE2 here), else the compiler's default. An AVX-512 build was
+    no faster than AVX2 in the one quotable run (docs/performance.md), so it is built only on request:
+    ``SEG_CPU_ISA=avx512`` on a CPU where torch reports it (``SEG_CPU_ISA`` may only lower what torch found)."""
     found = {"AVX512": "avx512", "AVX2": "avx2"}.get(torch.backends.cpu.get_cpu_capability(), "default")
     order = list(ISA_FLAGS)  # best first
     wanted = os.environ.get("SEG_CPU_ISA", "avx2")
