@@ -69,7 +69,7 @@ def block_rows(x: torch.Tensor, repeats: int) -> dict[str, float]:
 
     # 20 steps per repeat, as do_bench's medians had; the variants interleaved by the shared harness
     times = interleaved({name: step(block) for name, block in blocks.items()}, repeats * 20, warmup=5,
-                        sync=torch.cuda.synchronize)
+                        sync=torch.cuda.synchronize if x.is_cuda else lambda: None)
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
