@@ -8,6 +8,7 @@ this suite import it first; so this file runs only in the child process that
 
 import copy
 import os
+import re
 
 import pytest
 import torch
@@ -213,6 +214,7 @@ def test_gpu_bench_runs_its_tables_and_restores_the_tiles(monkeypatch, capsys):
     out = capsys.readouterr().out
     kernel_lines = [line for line in out.splitlines() if line.startswith("| a (2, 6, 5, 7)")]
     assert len(kernel_lines) == 2 * 2 * 3  # dtypes x layouts x kernels
-    assert "| a | fwd+bwd | 0.500 | 0.500 | 0.500 | 1.000 | 1.000 |" in out
+    # the block rows come from seg.timing's harness (real CPU times), the kernel rows from the fake do_bench
+    assert re.search(r"\| a \| fwd\+bwd( \| \d+\.\d{3}){5} \|", out), out
     assert "| 8 | 2 |" in out and "| 64 | 4 |" in out
     assert (kernels.MAX_TILE, kernels.MAX_ROWS) == defaults
