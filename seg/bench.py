@@ -20,7 +20,6 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -28,7 +27,7 @@ from torch import nn
 from seg.cli import HelpFormatter
 from seg.complexity import count_flops_on_meta, count_params
 from seg.encoders.register import ENCODER_NAMES
-from seg.attention import LEAN_EVAL_DEVICES, CoordAttention
+from seg.kernels.fast import LEAN_EVAL_DEVICES, FastCoordAttention, optimize_for_inference
 from seg.engine import TrainState, autocast, train_step
 from seg.graphs import GraphedInference, graph_training
 from seg.kernels import kernels_can_run
@@ -94,7 +93,8 @@ class Runner:
         self.name, self.setup, self.mode = name, setup, mode
         self.device = torch.device(setup.device)
         fmt = torch.channels_last if setup.channels_last else torch.contiguous_format
-        model = model.to(self.device, memory_format=fmt)
+        # inference is timed as evaluation runs it: with CA's fast paths (training runs the reference)
+        model = optimize_for_inference(model.to(self.device, memory_format=fmt))
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1.0)
         self.model = model
@@ -189,8 +189,8 @@ def bench_group(encoder: str, output_stride: int, setup: BenchSetup, mode: str,
         models[name] = build_variant(encoder_name, output_stride, attention)
         set_fused_ca(models[name], name == FUSED_CA)
         if name == LEAN_CA:
-            for block in models[name].modules():
-                if isinstance(block, CoordAttention):
+            for block in optimize_for_inference(models[name]).modules():
+                if isinstance(block, FastCoordAttention):
                     block.lean_eval_devices = (*block.lean_eval_devices, torch.device(setup.device).type)
         rows.append({"encoder": encoder, "variant": name, "encoder_name": encoder_name, "attention": attention,
                      "os": output_stride,

@@ -45,6 +45,7 @@ from seg.encoders.mobilenet_v2 import ATTENTION_SLOT, ExpandedConv
 from seg.export import export_onnx
 from seg.kernels import calibrate, cpu
 from seg.timing import AA_TOLERANCE, interleaved, noise_warning, ratio, spread
+from seg.kernels.fast import optimize_for_inference
 from seg.models import model_from_config
 
 PLAIN, CA = "mobilenet_v2", "mobilenet_v2_ca"
@@ -59,7 +60,7 @@ WARMUP = 3
 
 def _build(encoder: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    return model_from_config(ModelConfig(encoder=encoder, output_stride=16), NUM_CLASSES).eval()
+    return optimize_for_inference(model_from_config(ModelConfig(encoder=encoder, output_stride=16), NUM_CLASSES).eval())
 
 
 def ort_session(path: Path, threads: int, without_nchwc: bool = False, optimized_path: Path | None = None):

@@ -19,6 +19,7 @@ from seg.data import build_dataset, build_eval_transform
 from seg.data.base import SegmentationDataset
 from seg.data.loaders import build_loader
 from seg.engine import evaluate
+from seg.kernels.fast import optimize_for_inference
 from seg.models import model_from_config
 
 
@@ -32,10 +33,11 @@ def val_dataset(cfg: Config) -> SegmentationDataset:
 
 
 def model_from_checkpoint(ckpt: dict, cfg: Config, device: torch.device) -> nn.Module:
-    """The checkpoint's model in eval mode on ``device``; the init weights file is never read."""
+    """The checkpoint's model in eval mode on ``device``, with CA's inference fast paths; the init
+    weights file is never read."""
     model = model_from_config(replace(cfg.model, encoder_weights=None), cfg.data.num_classes)
     load_model_weights(model, ckpt["model"])
-    return model.to(device).eval()
+    return optimize_for_inference(model.to(device).eval())
 
 
 def score(model: nn.Module, dataset: SegmentationDataset, cfg: Config, device: torch.device, distributed: bool = False,

@@ -31,6 +31,7 @@ from torch import nn
 from seg.checkpoint import CheckpointError, checkpoint_config, load_checkpoint, load_model_weights
 from seg.config import Config, ConfigError
 from seg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from seg.kernels.fast import optimize_for_inference
 from seg.models import model_from_config
 from seg.predictor import model_card
 from seg.runtime import write_model_card
@@ -119,7 +120,12 @@ def _in_channels(model: nn.Module) -> int:
 
 def export_onnx(model: nn.Module, out: str | Path, height: int, width: int, dynamic: bool = False,
                 opset: int = DEFAULT_OPSET) -> None:
-    """Write ``model`` (eval mode) to ``out`` for (1, C, H, W) inputs; H/W symbolic if ``dynamic``."""
+    """Write ``model`` (eval mode) to ``out`` for (1, C, H, W) inputs; H/W symbolic if ``dynamic``.
+
+    CA blocks are given their inference fast paths first (in place; same function), so ONNX records
+    the lean graph: matmuls on the strips with BN folded, no Concat or Split.
+    """
+    optimize_for_inference(model)
     out = Path(out)
     if not out.parent.is_dir():
         raise ExportError(f"output folder does not exist: {out.parent} (for --out {out})")

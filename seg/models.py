@@ -21,8 +21,8 @@ from segmentation_models_pytorch.base.utils import is_torch_compiling
 from torch import nn
 
 from seg.attach import AttachReport, attach_attention
-from seg.attention import CoordAttention
 from seg.config import ConfigError, ModelConfig
+from seg.kernels.fast import use_fused
 import seg.encoders.register  # noqa: F401  (our encoder names must be in smp's table)
 
 log = logging.getLogger(__name__)
@@ -218,7 +218,4 @@ def set_fused_ca(model: nn.Module, enabled: bool) -> int:
     The blocks still run their reference code wherever the kernels cannot (see
     ``seg.kernels.kernels_can_run``), so this is safe to leave on for CPU runs.
     """
-    blocks = [m for m in model.modules() if isinstance(m, CoordAttention)]
-    for block in blocks:
-        block.fused = enabled
-    return len(blocks)
+    return use_fused(model, enabled)

@@ -22,6 +22,7 @@ from seg.distributed import DistInfo, barrier
 from seg.data.base import DatasetError
 from seg.engine import NonFiniteLossError, TrainState, evaluate, train
 from seg.graphs import graph_training
+from seg.kernels.fast import optimize_for_inference
 from seg.models import model_from_config
 from seg.optim import build_optimizer, build_scheduler
 from seg.rundir import BEST, LAST, RunDirError, append_metrics, begin_run, log_to_file
@@ -81,7 +82,8 @@ def seed_everything(seed: int) -> None:
 
 
 def build_state(cfg: Config, num_classes: int, device: torch.device, world_size: int = 1) -> TrainState:
-    model = model_from_config(cfg.model, num_classes).to(device)
+    # CA's inference fast paths for validation on a CPU; training itself runs the reference
+    model = optimize_for_inference(model_from_config(cfg.model, num_classes).to(device))
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     o = cfg.optim

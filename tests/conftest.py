@@ -26,11 +26,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-def ca_with_bn_stats(channels: int = 16, **kwargs):
-    """A CA block in eval mode whose BN is far from identity, so a wrong or stale BN fold shows."""
+def ca_with_bn_stats(channels: int = 16, inplace: bool = False):
+    """A CA block with its inference fast paths (seg.kernels.fast), in eval mode, whose BN is far
+    from identity, so a wrong or stale BN fold shows."""
     from seg.attention import CoordAttention
+    from seg.kernels.fast import optimize_for_inference
 
-    block = CoordAttention(channels, **kwargs)
+    block = optimize_for_inference(CoordAttention(channels))
+    block.inplace = inplace
     with torch.no_grad():
         block.bn1.running_mean.uniform_(-0.5, 0.5)
         block.bn1.running_var.uniform_(0.3, 2.0)

@@ -8,6 +8,7 @@ from torch import nn
 
 from seg.attention import CoordAttention
 from seg.engine import TrainState, train_step
+from seg.kernels.fast import use_fused
 from seg.models import build_model, set_fused_ca
 
 # Machine epsilon of each dtype: the unit the low-precision tolerances are written in.
@@ -43,7 +44,7 @@ def fused_reference_exact(shape: tuple[int, ...], dtype: torch.dtype, channels_l
     out = {}
     for name, (fused, run_dtype) in runs.items():
         block = copy.deepcopy(base).to(device=device, dtype=run_dtype, memory_format=fmt).train(train)
-        block.fused = fused
+        use_fused(block, fused)
         to = dict(device=device, dtype=run_dtype, memory_format=fmt)
         out[name] = [t.double().cpu() for t in block_outputs(block, x.to(**to), grad.to(**to))]
     return out

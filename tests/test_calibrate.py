@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from conftest import ca_with_bn_stats
+from seg.attention import CoordAttention
 from seg.kernels import calibrate, cpu
+from seg.kernels.fast import optimize_for_inference
 
 
 @pytest.fixture()
@@ -21,11 +23,11 @@ def ext(monkeypatch):
 @pytest.fixture()
 def clock(monkeypatch, ext):
     """A fake clock: the kernel path costs ``cost["kernel"]``, the PyTorch-ops path ``cost["ops"]``; calls counted."""
-    from seg.attention import CoordAttention
+    from seg.kernels.fast import FastCoordAttention
 
     state = {"now": 0.0, "kernel": 1.0, "ops": 2.0, "kernel_calls": 0, "ops_calls": 0}
     monkeypatch.setattr(calibrate, "TIMER", lambda: state["now"])
-    real_forward, real_ops = ext.forward, CoordAttention._forward_ops
+    real_forward, real_ops = ext.forward, FastCoordAttention._forward_ops
 
     def forward(*args):
         state["now"] += state["kernel"]
@@ -38,7 +40,7 @@ def clock(monkeypatch, ext):
         return real_ops(self, x, inplace)
 
     monkeypatch.setattr(ext, "forward", forward)
-    monkeypatch.setattr(CoordAttention, "_forward_ops", ops)
+    monkeypatch.setattr(FastCoordAttention, "_forward_ops", ops)
     return state
 
 
@@ -47,7 +49,7 @@ def test_the_faster_path_is_chosen_and_outputs_are_equal_either_way(clock, kerne
     clock.update(kernel=kernel_cost, ops=ops_cost)
     block, x = ca_with_bn_stats(), torch.randn(2, 16, 11, 7)
     with torch.no_grad():
-        expected = block._forward_reference(x)
+        expected = CoordAttention.forward(block, x)
         first = block(x)
         assert (clock["kernel_calls"], clock["ops_calls"]) == (calibrate.REPEATS + kernel_wins,
                                                                calibrate.REPEATS + (not kernel_wins))
@@ -76,12 +78,11 @@ def test_calibration_happens_once_per_shape_and_thread_count(clock):
 
 def test_calibration_never_gates_the_callers_tensor_twice(clock):
     """CA may gate its input in place; calibrating works on copies, so the input is gated once."""
-    from seg.encoders.mobilenet_v2 import ExpandedConv  # noqa: F401  (CA inside MobileNetV2 gates in place)
 
     block = ca_with_bn_stats()
     block.inplace = True
     x = torch.randn(1, 16, 8, 8)
-    expected = block._forward_reference(x.clone())
+    expected = CoordAttention.forward(block, x.clone())
     with torch.no_grad():
         got = block(x)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
@@ -104,7 +105,8 @@ def test_mobilenet_v2_ca_blocks_calibrate_and_equal_the_kernel_free_model(ext):
     import seg.models  # noqa: F401  (registers our encoders)
 
     torch.manual_seed(0)
-    encoder = smp.encoders.get_encoder("mobilenet_v2_ca", in_channels=3, depth=5, weights=None).eval()
+    encoder = optimize_for_inference(smp.encoders.get_encoder("mobilenet_v2_ca", in_channels=3, depth=5,
+                                                              weights=None).eval())
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         got = encoder(x)

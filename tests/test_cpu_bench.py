@@ -80,8 +80,8 @@ def test_eager_run_times_ca_with_and_without_its_cpu_kernels(monkeypatch):
 
     used = []
     real = cpu.kernels_for
-    for caller in ("seg.attention", "seg.encoders.mobilenet_v2"):  # CA itself, and the fused MobileNetV2 block
-        monkeypatch.setattr(f"{caller}.cpu_kernels_for", lambda x: used.append(real(x) is not None) or real(x))
+    # CA itself and the fused MobileNetV2 block both ask seg.kernels.fast
+    monkeypatch.setattr("seg.kernels.fast.cpu_kernels_for", lambda x: used.append(real(x) is not None) or real(x))
     times = cpu_bench.benchmark(size=32, threads=1, repeats=1, backends=("pytorch",))["pytorch"]
     assert set(times) == {"plain", cpu_bench.AA, "ca", cpu_bench.CA_TORCH}
     # 16 CA blocks per call, (3 warm-up + 1 timed) calls each of "ca" and CA_TORCH: "ca" gets the kernels

@@ -19,6 +19,7 @@ from conftest import ca_with_bn_stats
 from seg.attention import CoordAttention
 from seg.encoders.mobilenet_v2 import ExpandedConv
 from seg.kernels import cpu
+from seg.kernels.fast import optimize_for_inference
 
 
 @pytest.fixture(autouse=True)
@@ -101,7 +102,7 @@ def test_ca_inference_runs_the_kernels_and_matches_reference(ext, monkeypatch):
     monkeypatch.setattr(ext, "forward", lambda *a, _fn=ext.forward: calls.append(a[-1]) or _fn(*a))
     block, x = ca_with_bn_stats(), torch.randn(2, 16, 11, 7)
     with torch.no_grad():
-        expected = block._forward_reference(x)
+        expected = CoordAttention.forward(block, x)
         got = block(x)
     assert len(calls) == 1 and calls[0].data_ptr() != x.data_ptr()  # not in place: a fresh output
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
@@ -117,7 +118,7 @@ def test_a_failed_build_warns_once_and_ca_still_runs(monkeypatch, caplog):
     block, x = ca_with_bn_stats(), torch.randn(2, 16, 5, 6)
     with caplog.at_level(logging.WARNING, logger=cpu.__name__), torch.no_grad():
         got = [block(x), block(x)]
-        expected = block._forward_reference(x)
+        expected = CoordAttention.forward(block, x)
     warnings = [r.getMessage() for r in caplog.records if r.name == cpu.__name__]
     assert len(warnings) == 1 and "g++: command not found" in warnings[0] and "second line" not in warnings[0]
     for y in got:
@@ -201,7 +202,7 @@ def test_forward_project_equals_ca_then_conv(ext, shape, threads, relu6):
         # inference mode, as in seg.cpu_bench: its worker threads are not, and must still write the output
         with torch.inference_mode():
             x = x.clone()
-            expected = torch.nn.functional.conv2d(block._forward_reference(x.clamp(0, 6) if relu6 else x), weight)
+            expected = torch.nn.functional.conv2d(CoordAttention.forward(block, x.clamp(0, 6) if relu6 else x), weight)
             got = ext.forward_project(x, block._fold_sources(), block.bn1.eps, weight, relu6)
     finally:
         torch.set_num_threads(previous)
@@ -224,7 +225,7 @@ def _encoder(attention: str = "ca"):
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_mean.uniform_(-0.5, 0.5)
                 m.running_var.uniform_(0.5, 2.0)
-    return encoder.eval()
+    return optimize_for_inference(encoder.eval())
 
 
 def _spy_projection(ext, monkeypatch) -> list:

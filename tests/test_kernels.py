@@ -26,6 +26,7 @@ from seg.attention import CoordAttention  # noqa: E402
 from seg.config import ModelConfig  # noqa: E402
 from seg.kernels import coord_attention as kernels  # noqa: E402
 from seg.kernels import ops  # noqa: E402
+from seg.kernels.fast import use_fused  # noqa: E402
 from seg.models import model_from_config, set_fused_ca  # noqa: E402
 
 SHAPES = {"odd": (2, 5, 5, 7), "1xW": (2, 5, 1, 9), "Hx1": (2, 5, 9, 1), "batch1": (1, 5, 6, 3)}
@@ -141,7 +142,7 @@ def test_fused_flag_dispatches_and_keeps_state_dict(monkeypatch):
     keys = list(block.state_dict())
     x = torch.randn(1, 8, 4, 4)
     reference = block(x)
-    block.fused = True
+    use_fused(block, True)
     fused = block(x)
     assert calls == [1] and list(block.state_dict()) == keys
     torch.testing.assert_close(fused, reference)
@@ -152,12 +153,13 @@ def test_fused_flag_dispatches_and_keeps_state_dict(monkeypatch):
 @pytest.mark.parametrize("enabled", [True, False])
 def test_model_from_config_sets_every_ca_block(enabled):
     model = model_from_config(ModelConfig(encoder="mobilenet_v2_ca", fused_ca=enabled), 3)
-    flags = [m.fused for m in model.modules() if isinstance(m, CoordAttention)]
+    flags = [getattr(m, "fused", False) for m in model.modules() if isinstance(m, CoordAttention)]
     assert flags == [enabled] * 16  # the paper's 16 CA blocks in MobileNetV2
 
 
 def test_compile_fullgraph_keeps_each_op_as_one_node():
-    block = CoordAttention(6, fused=True).train()
+    block = CoordAttention(6).train()
+    use_fused(block, True)
     x = torch.randn(2, 6, 5, 3).requires_grad_()
     explanation = torch._dynamo.explain(block)(x)
     assert explanation.graph_break_count == 0

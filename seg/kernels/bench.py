@@ -26,6 +26,7 @@ import triton.testing
 from seg.attention import CoordAttention
 from seg.cli import HelpFormatter
 from seg.kernels import coord_attention as kernels
+from seg.kernels.fast import use_fused
 from seg.timing import interleaved
 
 SHAPES = {"s2": (16, 96, 256, 256), "s4": (16, 144, 128, 128), "s8": (16, 192, 64, 64),
@@ -60,7 +61,7 @@ def block_rows(x: torch.Tensor, repeats: int) -> dict[str, float]:
     torch.manual_seed(0)
     reference = CoordAttention(x.shape[1]).to(device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
     blocks = {"reference": reference, "reference A/A": copy.deepcopy(reference), "fused": copy.deepcopy(reference)}
-    blocks["fused"].fused = True
+    use_fused(blocks["fused"], True)
     x = x.detach().requires_grad_()
     grad = torch.randn_like(x)
 

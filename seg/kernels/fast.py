@@ -1,0 +1,248 @@
+"""Faster implementations of ``CoordAttention`` and of MobileNetV2's CA block, swapped in by explicit calls.
+
+``seg.attention.CoordAttention`` is the paper's block and nothing else. The fast paths live here,
+as subclasses that compute the same function with the same state dict, and a model gets them the
+way ``torch.ao.quantization.fuse_modules`` rewrites one, by a call that swaps the modules' classes:
+
+- :func:`optimize_for_inference`: at inference (eval, no grad) on a CPU, CA runs in fewer, cheaper
+  ops, or as one C++ call (``seg.kernels.cpu``, chosen per shape by ``seg.kernels.calibrate``), and
+  MobileNetV2's depthwise ReLU6 + CA + projection run as one C++ call. Evaluation, prediction,
+  export and the benchmarks apply it; training and anything with grad run the reference.
+- :func:`use_fused`: the Triton kernels (``seg.kernels.ops``) pool and gate on CUDA
+  (``model.fused_ca``, ``seg.models.set_fused_ca``).
+
+Each is proven equal to the reference in tests/test_fast.py, tests/test_cpu_kernels.py and tests/test_kernels.py.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from seg.attention import CoordAttention
+from seg.encoders.mobilenet_v2 import ATTENTION_SLOT, ExpandedConv
+from seg.kernels import kernels_can_run
+from seg.kernels.calibrate import prefers_kernel
+from seg.kernels.cpu import kernels_for as cpu_kernels_for
+
+# Devices where inference takes the lean path rather than the reference ops. It was built for
+# CPUs; on an H200 it was no faster than the reference (docs/performance.md), so CUDA runs the reference.
+LEAN_EVAL_DEVICES = ("cpu",)
+
+
+def has_forward_hooks(modules: Iterable[nn.Module]) -> bool:
+    """Whether any of ``modules`` has forward (pre-)hooks, which a fused path would skip."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
+class FastCoordAttention(CoordAttention):
+    """``CoordAttention`` with its fast paths; made by :func:`optimize_for_inference` or :func:`use_fused`.
+
+    Attributes (plain, not state): ``fused`` (Triton kernels where they can run), ``inplace`` (at
+    inference, gate the input itself: only for an input nothing else reads afterwards, as after
+    MobileNetV2's in-place ReLU6), ``lean_eval_devices``.
+    """
+
+    fused: bool = False
+    inplace: bool = False
+    lean_eval_devices: tuple[str, ...] = LEAN_EVAL_DEVICES
+    _fold_cache: tuple | None = None  # see _folded_weights
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return super().forward(x)
+        if self.fused and kernels_can_run(x):
+            return self._forward_fused(x)
+        if (self.training or torch.is_grad_enabled() or has_forward_hooks(self.children())
+                or x.device.type not in self.lean_eval_devices):
+            # hooks on the sub-layers (e.g. seg.visualize's gate maps on conv_h/conv_w) must see them run
+            return super().forward(x)
+        # A hook on this block is handed x: gating x in place would show it the gated map.
+        return self._forward_inference(x, self.inplace and not has_forward_hooks([self]))
+
+    @torch.jit.unused
+    def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward`` with the full-size pooling and gating each done by one kernel."""
+        from seg.kernels.ops import gate, pool  # imports Triton: only when a kernel will run
+
+        h, w = x.shape[2], x.shape[3]
+        y = self.act(self.bn1(self.conv1(pool(x).unsqueeze(3))))  # (N, mip, H + W, 1)
+        y_h, y_w = torch.split(y, [h, w], dim=2)
+        a_h = torch.sigmoid(self.conv_h(y_h))  # (N, C, H, 1)
+        a_w = torch.sigmoid(self.conv_w(y_w))  # (N, C, W, 1), no transpose: the op takes strips
+        return gate(x, a_h.flatten(2), a_w.flatten(2))
+
+    @torch.jit.unused
+    def _forward_inference(self, x: torch.Tensor, inplace: bool) -> torch.Tensor:
+        """Eval, no grad: the same function in fewer, cheaper ops (equal to the reference within 1e-5).
+
+        Every op on the tiny strips is a dispatch, often an OpenMP parallel region, so the reference's
+        dozen small ops (cat, two 1x1 convs through mkldnn/slow_conv2d, BN, split, transposes) cost
+        more than their arithmetic. On CPU (contiguous fp32) all of it is one C++ call of
+        ``seg.kernels.cpu``, which applies BN from its running statistics to conv1's small output.
+        Elsewhere, BN is folded into conv1, and conv1 runs on each strip separately (it acts per
+        position, and BN at eval per channel), so there is no cat or split; the 1x1 convs are
+        matmuls on (N, C, L) strips with in-place bias adds and activations. Inside MobileNetV2,
+        ``seg.encoders.mobilenet_v2.ExpandedConv`` goes further and fuses CA into its neighbours.
+        """
+        kernels = cpu_kernels_for(x)
+        if kernels is not None:
+            # On CPU, one C++ call: it pools in one read of x and gates in one read and write,
+            # where PyTorch takes two of each, and skips the small ops' Python dispatch. Which is
+            # faster depends on the CPU and the shape, so it is measured once per shape.
+            def kernel(t: torch.Tensor) -> torch.Tensor:
+                return kernels.forward(t, self._fold_sources(), self.bn1.eps, t if inplace else torch.empty_like(t))
+
+            if prefers_kernel(("CA", tuple(x.shape)), kernel, lambda t: self._forward_ops(t, inplace), x):
+                return kernel(x)
+        return self._forward_ops(x, inplace)
+
+    @torch.jit.unused
+    def _forward_ops(self, x: torch.Tensor, inplace: bool) -> torch.Tensor:
+        """``_forward_inference`` in PyTorch ops (any device, and what ONNX export records)."""
+        w1, b1, wh, bh, ww, bw = self._folded_weights()
+        x_h = x.mean(dim=3)  # (N, C, H)
+        x_w = x.mean(dim=2)  # (N, C, W)
+        # (K, C) @ (N, C, L) broadcasts over N, in eager and as one ONNX MatMul alike
+        y_h = F.hardswish(torch.matmul(w1, x_h).add_(b1), inplace=True)
+        y_w = F.hardswish(torch.matmul(w1, x_w).add_(b1), inplace=True)
+        a_h = torch.matmul(wh, y_h).add_(bh).sigmoid_().unsqueeze(3)  # (N, C, H, 1)
+        a_w = torch.matmul(ww, y_w).add_(bw).sigmoid_().unsqueeze(2)  # (N, C, 1, W)
+        # Gating the input itself skips allocating (and page-faulting) a full-size output; only
+        # allowed when the owner said the input is a private intermediate (``inplace=True``).
+        out = x.mul_(a_h) if inplace else x * a_h
+        return out.mul_(a_w)
+
+    @torch.jit.unused
+    def _folded_weights(self) -> tuple[torch.Tensor, ...]:
+        """``(w1, b1, wh, bh, ww, bw)`` as matmul operands, BN folded into conv1; cached between calls
+        (the PyTorch-ops path only: the C++ kernels read the weights themselves on every call).
+
+        The cache is a plain attribute, not a buffer, so the state dict keeps the official layout.
+        It is keyed on each source tensor's storage address and version counter: in-place writes
+        (``load_state_dict``, optimizer steps, ``with no_grad(): w.mul_()``) bump the version, and
+        ``.to()``/``.half()`` swap the storage. The cache holds the old storages alive, so an address
+        cannot be reused by a new tensor while it is being compared. Writes through ``.data``
+        bypass the version counter; ``train()``/``eval()`` clear the cache for those. Traced and
+        compiled graphs fold afresh, so the fold is recorded as graph ops, not hidden constants;
+        so do weights created under ``torch.inference_mode``, which have no version counter.
+        """
+        sources = self._fold_sources()
+        if torch.jit.is_tracing() or torch.compiler.is_compiling() or any(t.is_inference() for t in sources):
+            return self._fold(sources)
+        key = [(t.data_ptr(), t._version, t.dtype, t.device) for t in sources]
+        cache = getattr(self, "_fold_cache", None)  # absent on modules pickled before it existed
+        if cache is None or cache[0] != key:
+            # detach() shares storage and version counter, which is what keeps the key unambiguous
+            cache = (key, [t.detach() for t in sources], self._fold(sources))
+            self._fold_cache = cache
+        return cache[2]
+
+    def _fold_sources(self) -> list[torch.Tensor]:
+        bn = self.bn1
+        return [self.conv1.weight, self.conv1.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                self.conv_h.weight, self.conv_h.bias, self.conv_w.weight, self.conv_w.bias]
+
+    def _fold(self, sources: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        w1, b1, gamma, beta, mean, var, wh, bh, ww, bw = (t.detach() for t in sources)
+        scale = gamma * torch.rsqrt(var + self.bn1.eps)
+        return (w1.flatten(1) * scale[:, None], ((b1 - mean) * scale + beta)[:, None],
+                wh.flatten(1), bh[:, None], ww.flatten(1), bw[:, None])
+
+    def train(self, mode: bool = True) -> "FastCoordAttention":
+        self._fold_cache = None
+        return super().train(mode)
+
+
+
+
+class FastExpandedConv(ExpandedConv):
+    """MobileNetV2's expanded ``conv`` (pw, dw, CA, pw-linear, BN) with its CPU inference fusion.
+
+    At CPU inference the depthwise ReLU6, CA and the pw-linear 1x1 conv run as one C++ call of
+    ``seg.kernels.cpu``: the ReLU6 is applied by CA's pooling pass, and the map is gated tile by
+    tile inside the conv's matmul. Run one by one, the ReLU6 and CA's pooling each make a pass over
+    the map, and the gate writes the whole gated map for the conv to read back. Same function, same
+    state dict; equal to the layer-by-layer result within fp32 rounding (the matmul sums in another
+    order than the conv). Elsewhere it runs layer by layer, as ``nn.Sequential`` does.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training or torch.is_grad_enabled()) and _fusable(self):
+            return self._forward_fused(x)
+        return super().forward(x)
+
+    def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        expand, depthwise, attention, project, bn = self
+        *conv_bn, relu6 = depthwise
+        x = expand(x)
+        for layer in conv_bn:
+            x = layer(x)
+        kernels = cpu_kernels_for(x)
+
+        def layer_by_layer(t: torch.Tensor) -> torch.Tensor:
+            return bn(project(attention(relu6(t))))
+
+        def fused(t: torch.Tensor) -> torch.Tensor:
+            return bn(kernels.forward_project(t, attention._fold_sources(), attention.bn1.eps, project.weight, True))
+
+        # not a contiguous fp32 CPU map, no compiler, or slower than the layers on this CPU: layer by layer
+        if kernels is None or not prefers_kernel(("block", tuple(x.shape), tuple(project.weight.shape)), fused,
+                                                  layer_by_layer, x):
+            return layer_by_layer(x)
+        return fused(x)
+
+
+def _fusable(conv: nn.Sequential) -> bool:
+    """Whether the depthwise ReLU6, CA and the projection of ``conv`` may run as one kernel call:
+    a depthwise block ending in ReLU6, CA in eval mode (its BN uses running statistics) without
+    the Triton path, a bias-free 1x1 conv that acts per pixel, and no hooks on any of them that
+    expect to see the layers run one by one."""
+    if len(conv) != 5:
+        return False
+    depthwise, attention, project = conv[1], conv[ATTENTION_SLOT], conv[ATTENTION_SLOT + 1]
+    if not (isinstance(depthwise, nn.Sequential) and len(depthwise) > 0 and isinstance(depthwise[-1], nn.ReLU6)):
+        return False
+    if not (isinstance(attention, FastCoordAttention) and not attention.training and not attention.fused):
+        return False
+    if not (isinstance(project, nn.Conv2d) and project.kernel_size == (1, 1) and project.stride == (1, 1)
+            and project.padding == (0, 0) and project.groups == 1 and project.bias is None):
+        return False
+    return not has_forward_hooks([depthwise, depthwise[-1], attention, *attention.children(), project])
+
+
+def _fast(block: CoordAttention) -> FastCoordAttention:
+    if not isinstance(block, FastCoordAttention):
+        block.__class__ = FastCoordAttention  # same modules and parameters: the state dict is unchanged
+    return block
+
+
+def optimize_for_inference(model: nn.Module) -> nn.Module:
+    """Give every ``CoordAttention`` in ``model`` its inference fast paths, in place; returns ``model``.
+
+    Inside MobileNetV2's expanded blocks, CA may also gate its input in place (it is the depthwise
+    ReLU6's private output) and fuses with its neighbours. Training, grad and hooks still run the
+    reference, so the model stays trainable; ``torch.jit.script`` wants the plain model.
+    """
+    for module in model.modules():
+        if isinstance(module, ExpandedConv) and isinstance(module[ATTENTION_SLOT], CoordAttention):
+            module.__class__ = FastExpandedConv if type(module) is ExpandedConv else type(module)
+            _fast(module[ATTENTION_SLOT]).inplace = True
+        elif isinstance(module, CoordAttention):
+            _fast(module)
+    return model
+
+
+def use_fused(model: nn.Module, enabled: bool) -> int:
+    """Turn the Triton kernels on or off in every ``CoordAttention`` of ``model``; returns how many.
+
+    Where the kernels cannot run (see ``seg.kernels.kernels_can_run``) the block runs as before.
+    """
+    blocks = [m for m in model.modules() if isinstance(m, CoordAttention)]
+    for block in blocks:
+        if enabled or isinstance(block, FastCoordAttention):
+            _fast(block).fused = enabled
+    return len(blocks)
