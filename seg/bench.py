@@ -194,7 +194,7 @@ def bench_group(encoder: str, output_stride: int, setup: BenchSetup, mode: str,
                     block.lean_eval_devices = (*block.lean_eval_devices, torch.device(setup.device).type)
         rows.append({"encoder": encoder, "variant": name, "encoder_name": encoder_name, "attention": attention,
                      "os": output_stride,
-                     "mode": mode, "compile": mode == "compile", "params": count_params(models[name]),
+                     "mode": mode, "params": count_params(models[name]),
                      "gflops": gflops(models[name], setup.flops_size), "flops_size": setup.flops_size})
     times = time_models(models, setup, mode)
     for row in rows:

@@ -149,8 +149,7 @@ def format_table(results: dict[str, dict[str, list[float]]]) -> str:
              "|---|---:|---:|---:|---:|---:|---:|"]
     for backend, t in results.items():
         aa, ca = ratios(t)
-        torch_ops = (f"{statistics.median(t[CA_TORCH]) / statistics.median(t['plain']):.3f}x" if CA_TORCH in t
-                     else "n/a")
+        torch_ops = f"{ratio(t, CA_TORCH, 'plain'):.3f}x" if CA_TORCH in t else "n/a"
         lines.append(f"| {backend} | {spread(t['plain'])} | {spread(t[AA])} | {spread(t['ca'])} "
                      f"| {aa:.3f}x | {ca:.3f}x | {torch_ops} |")
     return "\n".join(lines)
@@ -225,11 +224,10 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.projections:
         t = projection_times(args.size, args.threads, args.repeats)
-        conv = statistics.median(t["conv"])
         print(f"16 pw-linear projections at {args.size}x{args.size}, {args.threads} threads, {args.repeats} "
               f"interleaved runs: conv {spread(t['conv'])} ms, conv again {spread(t[AA])} ms "
-              f"(A/A {statistics.median(t[AA]) / conv:.3f}x), fused with unit gates {spread(t['fused'])} ms "
-              f"({statistics.median(t['fused']) / conv:.3f}x conv)")
+              f"(A/A {ratio(t, AA, 'conv'):.3f}x), fused with unit gates {spread(t['fused'])} ms "
+              f"({ratio(t, 'fused', 'conv'):.3f}x conv)")
         return
     backends = BACKENDS if args.backend == "both" else (args.backend,)
     calibrate.reset()

@@ -51,11 +51,15 @@ class TrainState:
     world_size: int = 1  # processes sharing the global batch: resume needs the same sample order
 
 
-def autocast(device: torch.device, amp: str) -> ContextManager:
-    """Mixed precision for ``amp`` in {"none", "bf16", "fp16"} on ``device``."""
+def autocast(device: torch.device, amp: str, cache: bool = True) -> ContextManager:
+    """Mixed precision for ``amp`` in {"none", "bf16", "fp16"} on ``device``.
+
+    ``cache=False`` turns off autocast's weight-cast cache, which a CUDA graph capture must not
+    depend on (the cache is freed after each forward).
+    """
     if amp == "none":
         return nullcontext()
-    return torch.autocast(device.type, dtype=AMP_DTYPES[amp])
+    return torch.autocast(device.type, dtype=AMP_DTYPES[amp], cache_enabled=cache)
 
 
 def segmentation_loss(output: torch.Tensor | tuple[torch.Tensor, torch.Tensor], target: torch.Tensor,

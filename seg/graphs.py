@@ -9,19 +9,10 @@ GradScaler works unchanged. Shapes must stay fixed: training batches are (``drop
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import torch
 from torch import nn
 
-from seg.inference import AMP_DTYPES
-
-
-def _autocast(amp: str):
-    # a captured graph must not depend on autocast's weight-cast cache, which is freed after a forward
-    if amp == "none":
-        return nullcontext()
-    return torch.autocast("cuda", dtype=AMP_DTYPES[amp], cache_enabled=False)
+from seg.engine import autocast
 
 
 def graph_training(model: nn.Module, images: torch.Tensor, amp: str = "none") -> nn.Module:
@@ -36,7 +27,7 @@ def graph_training(model: nn.Module, images: torch.Tensor, amp: str = "none") ->
     model.train()
     saved = {name: b.clone() for name, b in model.named_buffers()}
     rng = torch.cuda.get_rng_state(images.device)  # the warm-up's dropout draws must not shift the run's
-    with _autocast(amp):
+    with autocast(images.device, amp, cache=False):
         graphed = torch.cuda.make_graphed_callables(model, (images,))
     with torch.no_grad():
         for name, b in graphed.named_buffers():
@@ -54,16 +45,16 @@ class GraphedInference:
     def __init__(self, model: nn.Module, images: torch.Tensor, amp: str = "none", warmup: int = 3) -> None:
         if images.device.type != "cuda":
             raise ValueError(f"CUDA graphs need CUDA tensors, got images on {images.device}")
-        self.model, self.amp = model.eval(), amp
+        self.model = model.eval()  # kept alive: the graph reads its parameters
         self.static_in = images.clone()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream), torch.no_grad(), _autocast(amp):
+        with torch.cuda.stream(stream), torch.no_grad(), autocast(images.device, amp, cache=False):
             for _ in range(warmup):  # lets cuDNN pick its algorithms before capture
                 model(self.static_in)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), torch.no_grad(), _autocast(amp):
+        with torch.cuda.graph(self.graph), torch.no_grad(), autocast(images.device, amp, cache=False):
             self.static_out = model(self.static_in)
 
     def __call__(self, images: torch.Tensor):

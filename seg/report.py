@@ -41,6 +41,7 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "camvid_gpu.yaml"
 # budget shares; compile gets what is left. Fused CA is graphed in a part of its own, so a capture
 # failure there cannot take the other rows with it.
 SHARES = {"eager": 0.14, "graphs": 0.10, "graphs_fused": 0.05, "ablation": 0.45, "cuda_tests": 0.12}
+PART_OF = {"eager": "cost", "graphs": "cost", "graphs_fused": "cost"}  # the other shares are parts themselves
 GRAPHED = ["plain A/A", "SE", "CBAM", "CA"]  # plain runs first by itself
 PARTS = ("cost", "ablation", "cuda_tests", "compile")
 RESERVE_S = 15.0  # kept back for writing the report
@@ -184,6 +185,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def cost_parts(args: argparse.Namespace, report: dict, work: Path, logs: Path, left) -> dict:
+    """Run the eager and CUDA-graph cost tables; returns ``{part: bench JSON or None}``."""
+    cost = {}
+    for part, mode, variants in (("eager", "eager", None), ("graphs", "graphs", GRAPHED),
+                                 ("graphs_fused", "graphs", ["CA fused"])):
+        if mode == "graphs" and args.device != "cuda":
+            report["parts"].append({"part": f"cost {part}", "status": "absent: CUDA graphs need a CUDA device"})
+            continue
+        out = work / f"cost_{part}.json"
+        report["parts"].append(run_part(f"cost {part}", bench_argv(args, mode, out, variants), left(SHARES[part]),
+                                        logs / f"cost_{part}.log"))
+        cost[part] = json.loads(out.read_text()) if out.is_file() else None
+    return cost
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # logs: what to read; work: the bench JSONs (also in report.json) and the run directories, kept
@@ -192,27 +208,19 @@ def main(argv: list[str] | None = None) -> int:
     logs.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     deadline = time.perf_counter() + args.budget
-    chosen = sum(v for k, v in SHARES.items() if k.split("_")[0] in ("eager", "graphs") and "cost" in args.parts
-                 or k in args.parts) or 1.0
-    scale = 1.0 / chosen if "compile" not in args.parts else 1.0  # compile takes what is left anyway
-    left = lambda share=1.0: min(share * scale * args.budget, deadline - time.perf_counter() - RESERVE_S)  # noqa: E731
+    # the chosen parts' shares grow to fill the budget; compile, when chosen, takes what is left anyway
+    chosen = sum(v for k, v in SHARES.items() if PART_OF.get(k, k) in args.parts) or 1.0
+    scale = 1.0 if "compile" in args.parts else 1.0 / chosen
+
+    def left(share: float = 1.0) -> float:
+        return min(share * scale * args.budget, deadline - time.perf_counter() - RESERVE_S)
+
     report = {"command": ["python", "-m", "seg.report", *(sys.argv[1:] if argv is None else argv)],
               "budget_s": args.budget, "smoke": args.smoke, "environment": environment(args.device), "parts": []}
-    cost = {}
-    for part, mode, variants in (("eager", "eager", None), ("graphs", "graphs", GRAPHED),
-                                 ("graphs_fused", "graphs", ["CA fused"])):
-        if "cost" not in args.parts:
-            break
-        if mode == "graphs" and args.device != "cuda":
-            report["parts"].append({"part": f"cost {part}", "status": "absent: CUDA graphs need a CUDA device"})
-            continue
-        out = work / f"cost_{part}.json"
-        report["parts"].append(run_part(f"cost {part}", bench_argv(args, mode, out, variants), left(SHARES[part]),
-                                        logs / f"cost_{part}.log"))
-        cost[part] = json.loads(out.read_text()) if out.is_file() else None
-    iters = args.ablation_iters or ablation_iters(cost.get("eager"), args.jobs, left(SHARES["ablation"]))
-    runs = work / "ablation"
+    cost = cost_parts(args, report, work, logs, left) if "cost" in args.parts else {}
     if "ablation" in args.parts:
+        iters = args.ablation_iters or ablation_iters(cost.get("eager"), args.jobs, left(SHARES["ablation"]))
+        runs = work / "ablation"
         report["parts"].append(run_part("ablation", ablation_argv(args, runs, iters), left(SHARES["ablation"]),
                                         logs / "ablation.log"))
         report["ablation"] = {**ablation_table(runs, args.seeds), "iters": "2 (--smoke)" if args.smoke else iters,
@@ -223,11 +231,9 @@ def main(argv: list[str] | None = None) -> int:
                                     left(SHARES["cuda_tests"]), logs / "pytest.log",
                                     # the CUDA tests need no CPU kernels; building them took 30 s of the part on an H200
                                     env={"SEG_CPU_KERNELS": "0"}))
-    if "compile" not in args.parts:
-        pass
-    elif args.smoke:
+    if "compile" in args.parts and args.smoke:
         report["parts"].append({"part": "cost compile", "status": "not run with --smoke: compiling takes minutes on a CPU"})
-    else:
+    elif "compile" in args.parts:
         out = work / "cost_compile.json"
         report["parts"].append(run_part("cost compile", bench_argv(args, "compile", out, ["CA"]), left(),
                                         logs / "cost_compile.log"))
@@ -237,7 +243,6 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "report.md").write_text(format_report(report, args.out))
     print((args.out / "report.md").read_text())
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -135,12 +135,13 @@ def check_start(run_dir: Path, cfg: Config, resume: bool, overwrite: bool = Fals
         if not last.is_file():
             raise _no_checkpoint(last)
         ckpt = load_checkpoint(last)
-        diff = changed_keys(stored_config(ckpt), config_to_dict(cfg))
+        stored = stored_config(ckpt)
+        diff = changed_keys(stored, config_to_dict(cfg))
         if diff:
             raise RunDirError(f"--resume: {last} was trained with a different config: {'; '.join(diff)}. "
                               f"Drop those overrides (or --config), or start a new run with another --out "
                               f"(keys that may change on resume: {', '.join(sorted(RESUMABLE_KEYS))})")
-        check_resume_shape(ckpt, cfg, world_size, last)
+        check_resume_shape(ckpt, stored["train"]["iters"], cfg, world_size, last)
         return ckpt
     if last.is_file() and not overwrite:
         raise RunDirError(f"{run_dir} already holds a run ({last}); continue it with --resume --out {run_dir}, "
@@ -148,15 +149,15 @@ def check_start(run_dir: Path, cfg: Config, resume: bool, overwrite: bool = Fals
     return None
 
 
-def check_resume_shape(ckpt: dict, cfg: Config, world_size: int, last: Path) -> None:
+def check_resume_shape(ckpt: dict, stored_iters: int, cfg: Config, world_size: int, last: Path) -> None:
     """Refuse a resume on another process count or with nothing left to train; say when the
-    schedule changes length."""
+    schedule (``stored_iters`` long) changes length."""
     stored_world = (ckpt.get("extra") or {}).get("world_size", 1)
     if stored_world != world_size:
         raise RunDirError(f"--resume: {last} was trained by {stored_world} process(es), this start has {world_size}; "
                           f"the sample order depends on it, so resume with {stored_world} "
                           f"(torchrun --nproc-per-node {stored_world}, or plain python for 1)")
-    stored_iters, iteration = stored_config(ckpt)["train"]["iters"], ckpt["iteration"]
+    iteration = ckpt["iteration"]
     if cfg.train.iters != stored_iters:
         if cfg.train.iters <= iteration:
             raise RunDirError(f"--resume: train.iters={cfg.train.iters} is at or below iteration {iteration}, where "
