@@ -1,4 +1,4 @@
-"""Score a checkpoint on a labelled split: the evaluation path ``eval_seg.py`` and ``seg.ablation`` share.
+"""Score a checkpoint on a labelled split: the evaluation path ``eval_seg.py`` and ``seg.tools.ablation`` share.
 
 Training's validation runs the same loop (:func:`seg.engine.evaluate`) with the same settings
 (:func:`seg.config.inference_settings`), so a checkpoint scored here reproduces the validation

@@ -1,11 +1,11 @@
-"""seg.ablation --smoke: two encoders x two seeds on the CPU, the table, and skipping finished runs."""
+"""seg.tools.ablation --smoke: two encoders x two seeds on the CPU, the table, and skipping finished runs."""
 
 import json
 from pathlib import Path
 
 import pytest
 
-from seg import ablation
+from seg.tools import ablation
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = [REPO / "configs" / "camvid_mobilenet_v2.yaml", REPO / "configs" / "camvid_mobilenet_v2_ca.yaml"]
@@ -75,7 +75,7 @@ def test_bad_override_is_one_clear_line(tmp_path, capsys):
 
 def test_cost_columns_count_the_model_the_run_trains():
     """Attention put into a timm encoder, and the aux head, are in the params and FLOPs."""
-    from seg.complexity import count_params
+    from seg.tools.complexity import count_params
     from seg.config import load_config
     from seg.models import model_from_config
 

@@ -13,12 +13,13 @@ from timm.layers import SEModule
 from timm.models._efficientnet_blocks import SqueezeExcite as TimmEffSE
 
 import train_seg
-from seg import attach_attention, bench
+from seg import attach_attention
 from seg.attach import UnsupportedEncoderError
 from seg.attention import ATTENTIONS, CoordAttention, SqueezeExcite
-from seg.complexity import count_params, timm_attention_table
+from seg.tools.complexity import count_params, timm_attention_table
 from seg.config import ConfigError, ModelConfig, load_config
 from seg.models import build_model, model_from_config
+from seg.tools import bench_models
 from seg.training import USER_ERRORS
 from seg.weights import load_encoder_weights
 
@@ -234,12 +235,12 @@ def test_timm_table_counts_agree_with_the_report():
 
 
 def test_bench_times_timm_variants_with_attention_attached():
-    setup = bench.BenchSetup(batch=2, size=SIZE, repeats=1, warmup=0, flops_size=SIZE)
-    rows = bench.bench_group("tu-efficientnet_b0", 16, setup, mode="eager")
+    setup = bench_models.BenchSetup(batch=2, size=SIZE, repeats=1, warmup=0, flops_size=SIZE)
+    rows = bench_models.bench_group("tu-efficientnet_b0", 16, setup, mode="eager")
     assert [(r["variant"], r["encoder_name"], r["attention"]) for r in rows] == [
-        (v, "tu-efficientnet_b0", k) for v, k in bench.VARIANTS.items()]
+        (name, "tu-efficientnet_b0", v.attention) for name, v in bench_models.VARIANTS.items()]
     assert all(r["train_ms"] > 0 and r["gflops"] > 0 for r in rows)
-    plain = bench.build_variant("tu-efficientnet_b0", 16, "none")
+    plain = bench_models.build_variant("tu-efficientnet_b0", 16, "none")
     assert rows[0]["params"] == count_params(plain) and _count(plain, TIMM_SE) == 0
 
 

@@ -6,7 +6,7 @@ from torch import nn
 
 from conftest import ca_with_bn_stats, shared_path
 from seg.attention import CBAM, CoordAttention, SqueezeExcite, make_attention
-from seg.complexity import count_params
+from seg.tools.complexity import count_params
 from seg.kernels import cpu
 from seg.kernels.fast import optimize_for_inference
 

@@ -1,27 +1,41 @@
-"""seg.bench on the CPU at a tiny size: table and JSON structure, baseline ratios, parameter counts."""
+"""seg.tools.bench on the CPU at tiny sizes: rows, table and JSON, ratios of medians (fake timings),
+the A/A warning, the variants, onnxruntime, and the projections scope. Real timings are not tested."""
 
 import json
 
 import pytest
+import torch
 
-from seg import bench
-from seg.complexity import count_flops, count_params
+from seg.export import export_onnx
+from seg.timing import interleaved
+from seg.tools import bench, bench_blocks, bench_models
+from seg.tools.bench_models import AA, CA_TORCH, NO_NCHWC
+from seg.tools.bench_runners import BenchSetup, ort_session
+from seg.tools.complexity import count_flops, count_params
+
+TINY = ["--device", "cpu", "--size", "64", "--repeats", "1", "--warmup", "0", "--threads", "1", "--flops-size", "64"]
+
+
+@pytest.fixture(autouse=True)
+def kernels_always(monkeypatch):
+    """No calibration may choose PyTorch's ops over the kernels behind these tests' backs."""
+    from seg.kernels import calibrate
+
+    monkeypatch.setattr(calibrate, "MODE", "1")
 
 
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
-    argv = ["--device", "cpu", "--batch", "2", "--size", "64", "--repeats", "1", "--warmup", "0", "--threads", "1",
-            "--encoders", "mobilenet_v2", "--os", "16", "--flops-size", "64", "--json", str(out)]
-    assert bench.main(argv) == 0
+    assert bench.main([*TINY, "--batch", "2", "--steps", "train", "infer", "--variants", "all", "--json", str(out)]) == 0
     return json.loads(out.read_text())
 
 
 def test_rows_cover_every_variant_with_plain_as_baseline(result):
     rows = result["rows"]
-    assert [r["variant"] for r in rows] == ["plain", bench.AA, "SE", "CBAM", "CA"]
+    assert [r["variant"] for r in rows] == ["plain", AA, "SE", "CBAM", "CA", CA_TORCH]
     assert [r["encoder_name"] for r in rows] == ["mobilenet_v2", "mobilenet_v2", "mobilenet_v2_se",
-                                                 "mobilenet_v2_cbam", "mobilenet_v2_ca"]
+                                                 "mobilenet_v2_cbam", "mobilenet_v2_ca", "mobilenet_v2_ca"]
     assert rows[0]["train_ratio"] == 1.0 and rows[0]["infer_ratio"] == 1.0
     for r in rows:
         assert r["train_ms"] > 0 and r["infer_ms"] > 0 and r["peak_mem_gib"] is None
@@ -32,40 +46,138 @@ def test_rows_cover_every_variant_with_plain_as_baseline(result):
 
 def test_params_and_flops_match_the_complexity_counters(result):
     for r in result["rows"]:
-        model = bench.build_variant(r["encoder_name"], r["os"])
+        model = bench_models.build_variant(r["encoder_name"], r["os"])
         assert r["params"] == count_params(model)
         assert r["gflops"] == pytest.approx(count_flops(model, (1, 3, 64, 64)) / 1e9)
-    # attention adds weights: every variant but the A/A copy is larger than plain
     plain, aa, *attended = result["rows"]
     assert aa["params"] == plain["params"] and all(r["params"] > plain["params"] for r in attended)
 
 
 def test_table_has_one_row_per_variant_and_the_header_names_the_setup(result):
-    table = bench.format_table(result)
-    lines = table.splitlines()
+    lines = bench.format_table(result).splitlines()
     assert "cpu, batch 2 at 64x64" in lines[0]
-    body = [line for line in lines if line.startswith("| mobilenet_v2")]
-    assert len(body) == 5 and body[0].split("|")[-3].strip() == "1.000"
-    assert all(line.split("|")[10].strip() == "n/a" for line in body)
+    body = [line.split("|")[1:-1] for line in lines if line.startswith("| mobilenet_v2")]
+    assert len(body) == 6 and body[0][-1].strip() == "1.000" and body[0][-2].strip() == "1.000"
+    assert all(len(cells[6].split(" / ")) == 3 for cells in body)  # min / median / max
+    assert all(cells[10].strip() == "n/a" for cells in body)  # peak memory: CUDA only
+
+
+def test_ratios_are_of_medians(monkeypatch):
+    # plain's medians 0.2 (train) and 0.1 (infer); the outliers 9.0 must not move them
+    fake = {"plain": ([0.2, 0.1, 9.0], [0.1, 0.1, 9.0]), AA: ([0.202, 0.2, 0.3], [0.1, 0.11, 0.09]),
+            "CA": ([0.21, 9.0, 0.2], [0.12, 0.13, 0.11])}
+    monkeypatch.setattr(bench_models, "interleaved", lambda calls, repeats, sync: {
+        (name, step): fake[name][step == "infer"] for name, step in calls})
+    setup = BenchSetup(batch=2, size=32, repeats=3, warmup=0)
+    rows = bench_models.bench_group("mobilenet_v2", 16, setup, "eager", bench_models.pick_variants(
+        {"eager": bench_models.VARIANTS}, [AA, "CA"])["eager"])
+    ratios = {r["variant"]: (r["train_ratio"], r["infer_ratio"]) for r in rows}
+    assert ratios[AA] == pytest.approx((1.01, 1.0)) and ratios["CA"] == pytest.approx((1.05, 1.2))
+    assert rows[2]["infer_samples_ms"] == pytest.approx([120, 130, 110])
+
+
+def _row(variant, train, infer):
+    return {"encoder": "e", "os": 16, "mode": "eager", "variant": variant, "train_ratio": train, "infer_ratio": infer}
+
+
+@pytest.mark.parametrize("aa, warned", [(1.0199, False), (0.9801, False), (1.0201, True), (0.9799, True)])
+def test_warns_only_when_aa_is_off_by_more_than_two_percent(aa, warned):
+    lines = bench.aa_warnings({"rows": [_row("plain", 1.0, 1.0), _row(AA, None, aa), _row("CA", None, 1.5)]})
+    assert bool(lines) == warned
+    if warned:
+        assert len(lines) == 1 and "e OS 16 eager infer" in lines[0] and "do not quote" in lines[0]
+
+
+def test_interleaving_runs_each_model_once_per_repeat_in_rotating_order():
+    calls = []
+    runners = {name: (lambda n=name: calls.append(n)) for name in ("a", "b", "c")}
+    times = interleaved(runners, repeats=3, warmup=2)
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3, "c": 3}
+    assert calls[6:] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+
+
+def test_aa_copy_has_plain_weights_but_is_a_separate_model():
+    models = bench_models.build_group("mobilenet_v2", 16, {"plain": bench_models.VARIANTS["plain"],
+                                                          AA: bench_models.VARIANTS[AA]}, "cpu")
+    plain, copy = models["plain"], models[AA]
+    assert plain is not copy
+    for (k, a), (_, b) in zip(plain.state_dict().items(), copy.state_dict().items()):
+        assert a.data_ptr() != b.data_ptr() and a.equal(b), k
+
+
+def test_cpu_defaults_time_inference_of_ca_with_and_without_its_kernels(monkeypatch, tmp_path):
+    from seg.kernels import cpu
+
+    used = []
+    real = cpu.kernels_for
+    # CA itself and the fused MobileNetV2 block both ask seg.kernels.fast
+    monkeypatch.setattr("seg.kernels.fast.cpu_kernels_for", lambda x: used.append(real(x) is not None) or real(x))
+    out = tmp_path / "b.json"
+    assert bench.main(["--device", "cpu", "--size", "32", "--repeats", "1", "--threads", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["plain", AA, "CA", CA_TORCH]
+    assert all(r["train_ms"] is None and r["infer_ms"] > 0 for r in rows) and rows[0]["encoder"] == "mobilenet_v2"
+    # 16 CA blocks per call, (3 warm-up + 1 timed) calls each of CA and CA_TORCH: CA gets the kernels
+    # once per block (the fused block); CA_TORCH is refused twice (the fused block, then CA itself)
+    assert sorted(used) == [False] * 128 + [True] * 64
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "train"], "--batch must be >= 2 to train"),
+    (["--size", "8"], "--size must be >= 32"),
+    (["--repeats", "0"], "--repeats must be >= 1"),
+    (["--variants", "CA fused"], "unknown variants \\['CA fused'\\]"),  # Triton cannot run on plain CPU tensors
+    (["--modes", "graphs"], "mode 'graphs' \\(CUDA graphs\\) needs --device cuda"),
+])
+def test_bad_requests_are_refused_in_one_line_before_any_work(argv, message):
+    with pytest.raises(SystemExit, match=message):
+        bench.main(["--device", "cpu", *argv])
 
 
 def test_bad_output_stride_is_refused():
     with pytest.raises(ValueError, match="output stride"):
-        bench.run_bench(bench.BenchSetup(), encoders=("mobilenet_v2",), output_strides=(32,))
+        bench_models.run_bench(BenchSetup(), encoders=("mobilenet_v2",), output_strides=(32,))
 
 
-@pytest.mark.parametrize("flag, value", [("--batch", "1"), ("--size", "8"), ("--repeats", "0")])
-def test_bad_sizes_are_refused_before_any_work(flag, value):
-    with pytest.raises(SystemExit, match=flag):
-        bench.main(["--device", "cpu", flag, value])
-
-
-def test_variants_pick_rows_with_plain_first_and_unknown_ones_are_refused(tmp_path):
+def test_variants_pick_rows_with_plain_first(tmp_path):
     out = tmp_path / "b.json"
-    argv = ["--device", "cpu", "--batch", "2", "--size", "64", "--repeats", "1", "--warmup", "0", "--threads", "1",
-            "--encoders", "mobilenet_v2", "--os", "16", "--flops-size", "64", "--json", str(out)]
-    assert bench.main([*argv, "--variants", "CA", bench.AA]) == 0
-    assert [r["variant"] for r in json.loads(out.read_text())["rows"]] == ["plain", "CA", bench.AA]
-    # "CA fused" needs the Triton kernels, which cannot run on plain CPU tensors
-    with pytest.raises(SystemExit, match="unknown variants \\['CA fused'\\]"):
-        bench.main([*argv, "--variants", bench.FUSED_CA])
+    assert bench.main([*TINY, "--encoders", "mobilenet_v2", "--variants", "CA", AA, "--json", str(out)]) == 0
+    assert [r["variant"] for r in json.loads(out.read_text())["rows"]] == ["plain", "CA", AA]
+
+
+@pytest.mark.parametrize("without_nchwc", [False, True])
+def test_ort_session_can_switch_the_nchwc_layout_off(tmp_path, without_nchwc):
+    import onnx
+
+    export_onnx(bench_models.build_variant("mobilenet_v2_ca", 16).eval(), tmp_path / "ca.onnx", 32, 32)
+    ort_session(tmp_path / "ca.onnx", 1, without_nchwc, optimized_path=tmp_path / "optimized.onnx")
+    ops = {node.op_type for node in onnx.load(tmp_path / "optimized.onnx").graph.node}
+    assert ("ReorderInput" in ops) != without_nchwc
+
+
+def test_both_backends_share_the_table_and_onnxruntime_adds_its_nchwc_twins(tmp_path):
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "b.json"
+    argv = ["--device", "cpu", "--size", "32", "--repeats", "1", "--warmup", "0", "--threads", "1",
+            "--backend", "both", "--ort-without-nchwc", "--json", str(out)]
+    assert bench.main(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["mode"], r["variant"]) for r in rows] == [
+        *(("eager", v) for v in ("plain", AA, "CA", CA_TORCH)),
+        *(("onnxruntime", v) for v in ("plain", "plain" + NO_NCHWC, AA, "CA", "CA" + NO_NCHWC))]
+    assert all(r["infer_ms"] > 0 and r["train_ms"] is None for r in rows)
+
+
+def test_projections_scope_times_what_computes_the_plain_projection(capsys):
+    assert len(bench_blocks._unit_gate_blocks(32)) == 16
+    times = bench_blocks.projection_times(size=32, threads=1, repeats=2)  # checks fused == conv before timing
+    assert set(times) == {"conv", bench_blocks.AA, "fused"} and all(len(v) == 2 and min(v) > 0 for v in times.values())
+    assert bench.main(["--scope", "projections", "--size", "32", "--repeats", "1", "--threads", "1"]) == 0
+    assert "16 pw-linear projections at 32x32, 1 threads" in capsys.readouterr().out
+
+
+def test_block_scope_needs_a_gpu_when_asked_for_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("this checks the refusal on a machine without CUDA")
+    with pytest.raises(SystemExit, match="--scope block needs a CUDA GPU"):
+        bench.main(["--device", "cuda", "--scope", "block"])

@@ -238,7 +238,7 @@ def test_slide_mode_alone_defaults_to_the_training_crop():
 
 @pytest.mark.parametrize("cpus, expected", [(1, 1), (2, 2), (16, 4)])
 def test_num_workers_default_fits_the_machine(cpus, expected, monkeypatch):
-    monkeypatch.setattr(seg.config, "available_cpus", lambda: cpus)
+    monkeypatch.setattr(seg.config.schema, "available_cpus", lambda: cpus)  # where the default is computed
     assert Config().data.num_workers == expected
     assert load_config(None, ["data.num_workers=3"]).data.num_workers == 3  # an explicit value stands
 

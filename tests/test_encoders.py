@@ -7,7 +7,7 @@ import torchvision
 from torch import nn
 
 from seg.attention import ATTENTIONS
-from seg.complexity import count_params
+from seg.tools.complexity import count_params
 from seg.encoders import register as registry
 
 SIZE = 64

@@ -202,17 +202,16 @@ def test_compiled_training_with_fused_ops_matches_eager():
 
 
 def test_gpu_bench_runs_its_tables_and_restores_the_tiles(monkeypatch, capsys):
-    # seg.kernels.bench is for GPUs; here it runs end to end on tiny CPU shapes, with a fake timer,
-    # so that its tables and its tile sweep cannot rot unnoticed between GPU sessions.
-    from seg.kernels import bench
+    # seg.tools.bench --scope block|tiles is for GPUs; here it runs end to end on tiny CPU shapes, with
+    # a fake do_bench, so that its tables and its tile sweep cannot rot unnoticed between GPU sessions.
+    from seg.tools import bench, bench_blocks
 
-    monkeypatch.setattr(bench, "DEVICE", "cpu")
-    monkeypatch.setattr(bench, "SHAPES", {"a": (2, 6, 5, 7)})
-    monkeypatch.setattr(bench, "TILES", [dict(MAX_TILE=8, MAX_ROWS=2), dict(MAX_TILE=64, MAX_ROWS=4)])
-    monkeypatch.setattr(bench.triton.testing, "do_bench", lambda fn, **kw: (fn(), 0.5)[1])
+    monkeypatch.setattr(bench_blocks, "SHAPES", {"a": (2, 6, 5, 7)})
+    monkeypatch.setattr(bench_blocks, "TILES", [dict(MAX_TILE=8, MAX_ROWS=2), dict(MAX_TILE=64, MAX_ROWS=4)])
+    monkeypatch.setattr(bench_blocks, "_ms", lambda fn, repeats: (fn(), 0.5)[1])
     defaults = (kernels.MAX_TILE, kernels.MAX_ROWS)
-    assert bench.main(["--repeats", "2"]) == 0
-    assert bench.main(["--tiles"]) == 0
+    assert bench.main(["--scope", "block", "--device", "cpu", "--repeats", "2"]) == 0
+    assert bench.main(["--scope", "tiles", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     kernel_lines = [line for line in out.splitlines() if line.startswith("| a (2, 6, 5, 7)")]
     assert len(kernel_lines) == 2 * 2 * 3  # dtypes x layouts x kernels

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from segmentation_models_pytorch.decoders.deeplabv3.decoder import ASPPSeparableConv
 
-from seg.complexity import count_flops, count_params
+from seg.tools.complexity import count_flops, count_params
 from seg.models import ARCHS, SegModel, build_model
 
 CLASSES = 5

@@ -1,4 +1,4 @@
-"""seg.report --smoke end to end on the CPU (so the GPU report cannot rot), and seg.ablation --jobs."""
+"""seg.tools.report --smoke end to end on the CPU (so the GPU report cannot rot), and seg.tools.ablation --jobs."""
 
 import json
 import os
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from seg import report
+from seg.tools import report
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,7 +53,7 @@ def _log_span(run_dir: Path) -> tuple[datetime, datetime]:
 
 
 def _ablation_argv(out: Path) -> list[str]:
-    return [sys.executable, "-m", "seg.ablation", "--configs", str(REPO / "configs" / "demo.yaml"), "--encoders",
+    return [sys.executable, "-m", "seg.tools.ablation", "--configs", str(REPO / "configs" / "demo.yaml"), "--encoders",
             "mobilenet_v2", "mobilenet_v2_ca", "--seeds", "0", "--jobs", "2", "--smoke", "--no-step-time",
             "--out", str(out), "train.iters=6", "train.eval_interval=2"]
 

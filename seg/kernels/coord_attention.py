@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 # Tile limits. Module-level so tests can shrink them to make C, H and W span several blocks.
-# MAX_TILE and MAX_ROWS from `python -m seg.kernels.bench --tiles` on an H200 (Triton 3.6): the
+# MAX_TILE and MAX_ROWS from `python -m seg.tools.bench --scope tiles` on an H200 (Triton 3.6): the
 # three kernels over the four block shapes, bf16, took 1.05 ms NCHW / 1.71 ms NHWC at 8192 / 32,
 # against 1.68 / 2.16 ms at the first guess, 4096 / 16.
 MAX_TILE = 8192  # elements per tile: BLOCK_C * ROWS * BLOCK_W

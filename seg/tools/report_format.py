@@ -1,4 +1,4 @@
-"""``report.md`` from ``seg.report``'s JSON: tables ready to paste into the README."""
+"""``report.md`` from ``seg.tools.report``'s JSON: tables ready to paste into the README."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def _pytest_summary(out: Path) -> str:
 
 def format_report(report: dict, out: Path) -> str:
     env = report["environment"]
-    lines = [f"# seg.report, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
+    lines = [f"# seg.tools.report, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
              "`" + " ".join(report["command"]) + "`", "", "## Environment", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in env.items()]
     lines += ["", "## Parts", "", "| part | status | seconds | log |", "|---|---|---:|---|"]

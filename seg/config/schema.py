@@ -1,23 +1,16 @@
-"""Typed run configuration: dataclass defaults, then one YAML file, then ``key=value`` overrides.
+"""What a run configuration is: its keys, types and defaults (the dataclasses), the rules its
+values must meet (:func:`validate`), and what it means for inference (:func:`inference_settings`).
 
-The dataclasses below are the single source of truth for every key and default. A YAML file
-holds only what differs from them (no ``_base_`` inheritance); overrides such as
-``optim.lr=0.02`` or ``model.encoder=mobilenet_v2_se`` are parsed with ``yaml.safe_load`` and
-checked against the field's type. Every user error raises :class:`ConfigError` naming the key.
+The dataclasses are the single source of truth for every key and default; reading and writing
+them is :mod:`seg.config.files`.
 """
 
 from __future__ import annotations
 
-import difflib
 import logging
 import os
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Literal, Optional, get_args, get_type_hints
-
-import yaml
-
-from seg.coerce import Mismatch, coerce, type_name
+from dataclasses import dataclass, field
+from typing import Literal, Optional, get_type_hints
 
 log = logging.getLogger(__name__)
 MAX_DEFAULT_WORKERS = 4
@@ -27,7 +20,6 @@ CONFIG_VERSION = 2
 # rebuild its weights' model. Keys added later (model.attention, ...) default to the old behaviour.
 MODEL_KEYS = ("data.num_classes", "model.arch", "model.encoder", "model.output_stride", "model.atrous_rates",
               "model.aspp_separable", "model.decoder_channels", "model.aux_loss")
-_WARNED: set[tuple[str, ...]] = set()  # unknown stored keys already warned about
 OUTPUT_STRIDE_PAD = 32  # eval images are padded to a multiple of the deepest stride, valid for every arch
 FROM_SCRATCH = ("", "none", "null")  # encoder_weights spellings that mean "random init"
 
@@ -164,71 +156,6 @@ RULES = [
 ]
 
 
-def _suggest(key: str) -> str:
-    """Hint naming the nearest valid key(s) for an unknown dotted ``key``."""
-    section, _, leaf = key.rpartition(".")
-    if not section:  # a top-level name: a misspelt section, or a field put outside its section
-        same_leaf = [k for k in FIELD_TYPES if k.endswith("." + leaf)]
-        close = same_leaf or difflib.get_close_matches(leaf, list(SECTIONS), n=1)
-        return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else f"; sections are {list(SECTIONS)}"
-    in_section = [k.split(".", 1)[1] for k in FIELD_TYPES if k.startswith(section + ".")]
-    # the exact name in another section beats a near spelling in this one: train.crop_size -> data.crop_size
-    close = [k for k in FIELD_TYPES if k.endswith("." + leaf)]
-    close = close or [f"{section}.{c}" for c in difflib.get_close_matches(leaf, in_section, n=1)]
-    close = close or difflib.get_close_matches(key, list(FIELD_TYPES), n=1)
-    if close:
-        return f"; did you mean {' or '.join(repr(c) for c in close)}?"
-    return f"; valid keys in '{section}': {in_section}"
-
-
-def _check(key: str, value: Any, source: str) -> Any:
-    tp = FIELD_TYPES[key]
-    try:
-        return coerce(value, tp)
-    except Mismatch:
-        raise ConfigError(
-            f"{source}: '{key}' expects {type_name(tp)}, got {value!r} ({type(value).__name__})") from None
-
-
-def _apply(cfg: Config, data: Any, source: str) -> None:
-    """Merge a ``{section: {key: value}}`` mapping into ``cfg`` in place, checking every key."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping of sections {list(SECTIONS)}, got {data!r}")
-    for section, values in data.items():
-        values = {} if values is None else values  # a section left empty in YAML, e.g. only comments
-        if section not in SECTIONS:
-            raise ConfigError(f"{source}: unknown key '{section}'{_suggest(str(section))}")
-        if not isinstance(values, dict):
-            raise ConfigError(f"{source}: '{section}' must be a mapping of keys, got {values!r}")
-        for name, value in values.items():
-            key = f"{section}.{name}"
-            if key not in FIELD_TYPES:
-                raise ConfigError(f"{source}: unknown key '{key}'{_suggest(key)}")
-            value = _check(key, value, source)
-            if key == "model.encoder_weights" and value is not None and value.strip().lower() in FROM_SCRATCH:
-                value = None  # YAML reads `none` as a string; it plainly means "no weights"
-            setattr(getattr(cfg, section), name, value)
-
-
-def _parse_override(text: str) -> dict:
-    """``a.b=value`` -> ``{"a": {"b": value}}``, with the value parsed as YAML."""
-    key, sep, raw = text.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        raise ConfigError(f"override {text!r} must look like key=value, e.g. optim.lr=0.02")
-    try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override {text!r}: value is not valid YAML: {e}") from None
-    # A string field keeps the text as typed: data.train_split=2012 means "2012", not the int 2012.
-    accepts_str = key in FIELD_TYPES and str in (FIELD_TYPES[key], *get_args(FIELD_TYPES[key]))
-    if accepts_str and value is not None and not isinstance(value, (str, list, dict)):
-        value = raw.strip()
-    for part in reversed(key.split(".")):
-        value = {part: value}
-    return value
-
-
 def validate(cfg: Config) -> None:
     """Check value ranges and cross-field rules that types alone cannot express."""
     for key, test, expected in RULES:
@@ -259,7 +186,7 @@ def inference_settings(cfg: Config) -> dict:
     """The keyword arguments of :func:`seg.inference.predict_labels` that ``cfg`` asks for.
 
     The one place a config becomes inference settings: training's validation, ``eval_seg.py``,
-    ``seg.ablation`` and TensorBoard's predictions all call it, so ``best.pt`` is chosen under
+    ``seg.tools.ablation`` and TensorBoard's predictions all call it, so ``best.pt`` is chosen under
     exactly the settings (TTA and precision included) that ``eval_seg.py`` reports by default.
     """
     e = cfg.eval
@@ -273,71 +200,3 @@ def eval_window(cfg: Config) -> dict:
     if cfg.eval.mode != "slide":
         return {"crop_size": None, "stride": None}
     return {"crop_size": cfg.eval.crop_size or cfg.data.crop_size, "stride": cfg.eval.stride}
-
-
-def load_config(path: str | Path | None, overrides: list[str] = (), base: Config | None = None) -> Config:
-    """Defaults (or ``base``, e.g. a run's stored config, changed in place), then the YAML file at
-    ``path`` (if any), then ``key=value`` overrides; validated."""
-    cfg = Config() if base is None else base
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        _apply(cfg, data or {}, str(path))
-    return apply_overrides(cfg, overrides)
-
-
-def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
-    """Apply ``key=value`` overrides to ``cfg`` in place, validate, and return it."""
-    for text in overrides:
-        _apply(cfg, _parse_override(text), f"override {text!r}")
-    validate(cfg)
-    return cfg
-
-
-def config_to_dict(cfg: Config) -> dict:
-    """Plain nested dict (tuples as lists): safe for YAML, JSON and ``torch.load(weights_only=True)``."""
-    def plain(v: Any) -> Any:
-        return [plain(x) for x in v] if isinstance(v, (list, tuple)) else v
-    return {s: {k: plain(v) for k, v in values.items()} for s, values in asdict(cfg).items()}
-
-
-def config_from_dict(d: dict, version: int = CONFIG_VERSION, source: str = "stored config") -> Config:
-    """Inverse of :func:`config_to_dict`, for a config stored by this or another version of the code.
-
-    Keys it lacks keep today's defaults; keys this code does not know (renamed or added since)
-    are dropped with one warning. Only a missing key of :data:`MODEL_KEYS` is refused, because
-    the stored weights could then be given the wrong model.
-    """
-    if not isinstance(d, dict):
-        raise ConfigError(f"{source}: expected a mapping of sections {list(SECTIONS)}, got {d!r}")
-    known, unknown = {}, []
-    for section, values in d.items():
-        if section not in SECTIONS or not isinstance(values, (dict, type(None))):
-            unknown.append(str(section))
-            continue
-        known[section] = {k: v for k, v in (values or {}).items() if f"{section}.{k}" in FIELD_TYPES}
-        unknown += [f"{section}.{k}" for k in (values or {}) if f"{section}.{k}" not in FIELD_TYPES]
-    missing = [key for key in MODEL_KEYS if key.split(".")[1] not in known.get(key.split(".")[0], {})]
-    if missing:
-        raise ConfigError(f"{source} (config version {version}) lacks {', '.join(missing)}, which decide the "
-                          f"model; pass the run's config file with --config")
-    if unknown and tuple(unknown) not in _WARNED:
-        _WARNED.add(tuple(unknown))  # resume and evaluation may read one checkpoint's config twice
-        log.warning("%s (config version %s; this code reads version %d): ignoring keys it does not know: %s",
-                    source, version, CONFIG_VERSION, ", ".join(unknown))
-    cfg = Config()
-    _apply(cfg, known, source)
-    validate(cfg)
-    return cfg
-
-
-def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the fully resolved config as YAML; :func:`load_config` reads it back unchanged."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

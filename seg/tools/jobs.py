@@ -1,6 +1,6 @@
 """Run commands as concurrent child processes, at most N at a time, each with its own log file.
 
-Used by ``seg.ablation --jobs N`` to train several runs at once (on one GPU, over several, or on
+Used by ``seg.tools.ablation --jobs N`` to train several runs at once (on one GPU, over several, or on
 CPU cores split between them). A child that fails does not stop the others; the caller gets every
 exit code. When the parent is stopped (Ctrl-C, a kill of its process group), no child outlives it.
 """

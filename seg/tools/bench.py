@@ -1,0 +1,178 @@
+"""What attention costs: ``python -m seg.tools.bench [--device cpu|cuda] [--backend pytorch|onnxruntime|both]``.
+
+``--scope model`` (the default) times DeepLabV3 (separable ASPP) with plain / SE / CBAM / CA on each
+encoder and output stride: parameters, GFLOPs (at ``--flops-size``), the training step (forward +
+backward + SGD step) and inference, as min / median / max over ``--repeats`` after ``--warmup``
+untimed calls, and every variant's ratio of medians to plain. "plain A/A", a second plain built
+apart, is the control: a run whose A/A is off 1.00 by more than 2% is flagged on stderr and must
+not be quoted. Extra variants where they can run: "CA fused" (the Triton kernels, CUDA), "CA lean
+eval" (CA's lean inference path where it is off by default), "CA without CPU kernels" (CPU: what
+CA costs on PyTorch's ops alone) and, with ``--ort-without-nchwc``, onnxruntime with its NCHWc
+layout off (docs/performance.md says why that layout makes CA dearer on onnxruntime).
+
+Defaults follow the device. CUDA: bf16 autocast, channels-last, batch 16 at 512, train and infer,
+eager and ``torch.compile``, both encoders at OS 16 and 8, every variant. CPU: fp32, batch 1 at
+512, inference only, MobileNetV2 at OS 16, plain / A/A / CA / CA without CPU kernels: the
+measurement docs/performance.md quotes. ``--scope block|tiles|projections`` time one CA block
+instead (``seg.tools.bench_blocks``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from seg.cli import HelpFormatter
+from seg.kernels import calibrate
+from seg.timing import noise_warning, ratio, spread
+from seg.tools import bench_blocks
+from seg.tools.bench_models import AA, ATROUS_RATES, CA_TORCH, ENCODERS, VARIANTS, run_bench
+from seg.tools.bench_runners import FLOPS_SIZE, STEPS, BenchSetup
+
+DEFAULTS = {
+    "cuda": dict(batch=16, size=512, amp="bf16", channels_last=True, compile="both", steps=STEPS,
+                 encoders=ENCODERS, os=(16, 8), variants=None),
+    "cpu": dict(batch=1, size=512, amp="none", channels_last=False, compile="off", steps=("infer",),
+                encoders=("mobilenet_v2",), os=(16,), variants=["plain", AA, "CA", CA_TORCH]),
+}
+SCOPES = ("model", "block", "tiles", "projections")
+COLUMNS = ("encoder", "variant", "OS", "mode", "params (M)", "GFLOPs", "train ms (min / med / max)",
+           "infer ms (min / med / max)", "train img/s", "infer img/s", "peak mem (GiB)", "train / plain",
+           "infer / plain")
+
+
+def _spread(samples_ms: list[float]) -> str:
+    return spread([v / 1e3 for v in samples_ms]) if samples_ms else "n/a"
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "n/a" if value is None else format(value, fmt)
+
+
+def format_table(result: dict) -> str:
+    """One markdown table of ``run_bench``'s rows, with a header line saying how it was measured."""
+    s = result["setup"]
+    header = (f"DeepLabV3 (separable ASPP), {s['device']}, batch {s['batch']} at {s['size']}x{s['size']}, "
+              f"amp {s['amp']}, channels_last {s['channels_last']}, {s['threads']} threads, {s['repeats']} "
+              f"interleaved repeats after {s['warmup']} warm-up; ratios are of medians; GFLOPs per image at "
+              f"{s['flops_size']}x{s['flops_size']}")
+    lines = [header, "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * 4 + "---:|" * (len(COLUMNS) - 4)]
+    for r in result["rows"]:
+        cells = (r["encoder"], r["variant"], r["os"], r["mode"], f"{r['params'] / 1e6:.2f}", f"{r['gflops']:.2f}",
+                 _spread(r["train_samples_ms"]), _spread(r["infer_samples_ms"]), _num(r["train_img_s"], ".1f"),
+                 _num(r["infer_img_s"], ".1f"), _num(r["peak_mem_gib"], ".2f"), _num(r["train_ratio"], ".3f"),
+                 _num(r["infer_ratio"], ".3f"))
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def aa_warnings(result: dict) -> list[str]:
+    """One line per group and step whose A/A ratio is off 1.00 by more than seg.timing's tolerance."""
+    lines = []
+    for r in result["rows"]:
+        for step in STEPS:
+            if r["variant"] == AA and r[f"{step}_ratio"] is not None:
+                label = f"{r['encoder']} OS {r['os']} {r['mode']} {step}"
+                if (line := noise_warning(label, r[f"{step}_ratio"])) is not None:
+                    lines.append(line)
+    return lines
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m seg.tools.bench", description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where to time")
+    p.add_argument("--backend", choices=["pytorch", "onnxruntime", "both"], default="pytorch",
+                   help="runtime(s) to time; onnxruntime: CPU inference of the exported models")
+    p.add_argument("--scope", choices=SCOPES, default="model", help="the whole model, or one CA block (see above)")
+    p.add_argument("--batch", type=int, help="default: 16 on CUDA, 1 on CPU")
+    p.add_argument("--size", type=int, help="input side (default: 512)")
+    p.add_argument("--steps", nargs="+", choices=STEPS, help="default: train and infer on CUDA, infer on CPU")
+    p.add_argument("--repeats", type=int, default=15, help="timed calls per model and step")
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls per model and step first")
+    p.add_argument("--encoders", nargs="+", help=f"backbones to time (default: {' '.join(ENCODERS)} on CUDA, "
+                   "mobilenet_v2 on CPU)")
+    p.add_argument("--os", type=int, nargs="+", choices=sorted(ATROUS_RATES),
+                   help="DeepLabV3 output strides (default: 16 8 on CUDA, 16 on CPU)")
+    p.add_argument("--compile", choices=["off", "on", "both"], help="default: both on CUDA, off on CPU")
+    p.add_argument("--modes", nargs="+", choices=["eager", "compile", "graphs"],
+                   help="PyTorch execution modes (overrides --compile); graphs = CUDA graphs, CUDA only "
+                        "(default: from --compile)")
+    p.add_argument("--threads", type=int, help="torch and onnxruntime CPU threads (default: torch's)")
+    p.add_argument("--flops-size", type=int, default=FLOPS_SIZE, help="input side the GFLOPs are counted at")
+    p.add_argument("--variants", nargs="+", metavar="NAME",
+                   help=f"'all' or some of {['plain', AA, *list(VARIANTS)[2:], 'CA fused', CA_TORCH]} "
+                        "(default: all that can run on CUDA; plain, A/A, CA, CA without CPU kernels on CPU)")
+    p.add_argument("--ort-without-nchwc", action="store_true",
+                   help="also time onnxruntime with its NCHWc layout off (plain and CA)")
+    p.add_argument("--json", type=Path, help="also write the rows and setup here (default: print only)")
+    return p.parse_args(argv)
+
+
+def setup_from_args(args: argparse.Namespace) -> tuple[BenchSetup, dict]:
+    """The measurement setup, and the device's defaults filled into ``args``' unset options."""
+    d = DEFAULTS["cuda" if args.device.startswith("cuda") else "cpu"]
+    steps = tuple(args.steps or d["steps"])
+    # batch 1 cannot train: the ASPP's pooled branch gives BatchNorm one value per channel
+    setup = BenchSetup(device=args.device, batch=args.batch or d["batch"], size=args.size or d["size"],
+                       repeats=args.repeats, warmup=args.warmup, amp=d["amp"], channels_last=d["channels_last"],
+                       flops_size=args.flops_size, threads=args.threads, steps=steps)
+    for key, least in (("batch", 2 if "train" in steps else 1), ("size", 32), ("repeats", 1), ("warmup", 0)):
+        value = getattr(setup, key)
+        if value < least:
+            why = " to train (pass --batch 2 or more)" if key == "batch" and least == 2 else ""
+            raise SystemExit(f"error: --{key} must be >= {least}{why}, got {value}")
+    return setup, d
+
+
+def bench_blocks_main(args: argparse.Namespace) -> int:
+    if args.scope == "projections":
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        size = args.size or 512
+        t = bench_blocks.projection_times(size, torch.get_num_threads(), args.repeats)
+        print(f"16 pw-linear projections at {size}x{size}, {torch.get_num_threads()} threads, {args.repeats} "
+              f"interleaved runs: conv {spread(t['conv'])} ms, conv again {spread(t[bench_blocks.AA])} ms "
+              f"(A/A {ratio(t, bench_blocks.AA, 'conv'):.3f}x), fused with unit gates {spread(t['fused'])} ms "
+              f"({ratio(t, 'fused', 'conv'):.3f}x conv)")
+        return 0
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"error: --scope {args.scope} needs a CUDA GPU")
+    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device
+    print(f"device: {name}, torch {torch.__version__}")
+    lines = bench_blocks.sweep_tiles(args.device) if args.scope == "tiles" else \
+        bench_blocks.block_tables(args.device, args.repeats)
+    print("\n".join(lines))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.scope != "model":
+        return bench_blocks_main(args)
+    setup, d = setup_from_args(args)
+    modes = {"off": ("eager",), "on": ("compile",), "both": ("eager", "compile")}[args.compile or d["compile"]]
+    modes = tuple(args.modes) if args.modes else modes
+    modes = {"pytorch": modes, "onnxruntime": ("onnxruntime",), "both": (*modes, "onnxruntime")}[args.backend]
+    calibrate.reset()  # which path each CA block shape takes on the CPU is decided afresh for this run
+    try:
+        result = run_bench(setup, tuple(args.encoders or d["encoders"]), tuple(args.os or d["os"]), modes,
+                           args.variants or d["variants"], args.ort_without_nchwc, strict=args.variants is not None)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    print(format_table(result))
+    if setup.device == "cpu" and "infer" in setup.steps and "eager" in modes:
+        print(calibrate.summary() + f" (SEG_CPU_KERNELS={calibrate.MODE})")
+    for line in aa_warnings(result):
+        print(line, file=sys.stderr)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
