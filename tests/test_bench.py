@@ -181,3 +181,20 @@ def test_block_scope_needs_a_gpu_when_asked_for_cuda():
         pytest.skip("this checks the refusal on a machine without CUDA")
     with pytest.raises(SystemExit, match="--scope block needs a CUDA GPU"):
         bench.main(["--device", "cuda", "--scope", "block"])
+
+
+def test_pipeline_scope_times_each_input_against_bare_decode_with_an_aa(capsys, tmp_path):
+    from seg.tools import bench_pipeline
+
+    results = bench_pipeline.pipeline_times(crop=32, repeats=2, sizes={"voc": (48, 40), "cityscapes": (64, 32)})
+    assert list(results) == ["VOC-sized 48x40 jpg", "Cityscapes-sized 64x32 png"]
+    assert [r["images"] for r in results.values()] == [16, 4]
+    for r in results.values():
+        assert set(r["seconds"]) == {"pipeline", "plain", "plain A/A"}
+        assert all(len(v) == 2 and min(v) > 0 for v in r["seconds"].values())
+    before = torch.get_num_threads()
+    assert bench.main(["--scope", "pipeline", "--repeats", "1", "--size", "64"]) == 0
+    assert torch.get_num_threads() == before  # the worker's single thread was this scope's only
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| VOC") or
+            line.startswith("| Cityscapes")]
+    assert len(rows) == 2 and all(len(row.strip("|").split("|")) == 6 for row in rows)

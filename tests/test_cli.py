@@ -61,7 +61,7 @@ CLIS = {
     "python -m seg.tools.complexity": lambda: importlib.import_module("seg.tools.complexity").main,
     "python -m seg.export": lambda: importlib.import_module("seg.export").main,
     **{f"python datasets/{name}.py": (lambda name=name: _script(name).main) for name in (
-        "check_dataset", "make_synthetic", "prepare_cityscapes", "prepare_voc_aug", "bench_pipeline")},
+        "check_dataset", "make_synthetic", "prepare_cityscapes", "prepare_voc_aug")},
 }
 
 
@@ -104,3 +104,10 @@ def test_an_old_tool_name_fails_in_one_line_naming_the_new_one(old):
     message = str(exit_.value.code)
     assert "\n" not in message and message.startswith(f"error: python -m {old} has moved") and MOVED[old] in message
     importlib.import_module(old)  # importing the old name is harmless: only running it fails
+
+
+def test_the_old_pipeline_script_fails_in_one_line_naming_the_new_command():
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(REPO / "datasets" / "bench_pipeline.py"), run_name="__main__")
+    message = str(exit_.value.code)
+    assert "\n" not in message and "python -m seg.tools.bench --scope pipeline" in message

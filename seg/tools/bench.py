@@ -14,13 +14,15 @@ Defaults follow the device. CUDA: bf16 autocast, channels-last, batch 16 at 512,
 eager and ``torch.compile``, both encoders at OS 16 and 8, every variant. CPU: fp32, batch 1 at
 512, inference only, MobileNetV2 at OS 16, plain / A/A / CA / CA without CPU kernels: the
 measurement docs/performance.md quotes. ``--scope block|tiles|projections`` time one CA block
-instead (``seg.tools.bench_blocks``).
+instead (``seg.tools.bench_blocks``), and ``--scope pipeline`` one loader worker's decode + augment
+per image (``seg.tools.bench_pipeline``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -29,7 +31,7 @@ import torch
 from seg.cli import HelpFormatter
 from seg.kernels import calibrate
 from seg.timing import noise_warning, ratio, spread
-from seg.tools import bench_blocks
+from seg.tools import bench_blocks, bench_pipeline
 from seg.tools.bench_models import AA, ATROUS_RATES, CA_TORCH, ENCODERS, VARIANTS, run_bench
 from seg.tools.bench_runners import FLOPS_SIZE, STEPS, BenchSetup
 
@@ -39,7 +41,7 @@ DEFAULTS = {
     "cpu": dict(batch=1, size=512, amp="none", channels_last=False, compile="off", steps=("infer",),
                 encoders=("mobilenet_v2",), os=(16,), variants=["plain", AA, "CA", CA_TORCH]),
 }
-SCOPES = ("model", "block", "tiles", "projections")
+SCOPES = ("model", "block", "tiles", "projections", "pipeline")
 COLUMNS = ("encoder", "variant", "OS", "mode", "params (M)", "GFLOPs", "train ms (min / med / max)",
            "infer ms (min / med / max)", "train img/s", "infer img/s", "peak mem (GiB)", "train / plain",
            "infer / plain")
@@ -89,7 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="runtime(s) to time; onnxruntime: CPU inference of the exported models")
     p.add_argument("--scope", choices=SCOPES, default="model", help="the whole model, or one CA block (see above)")
     p.add_argument("--batch", type=int, help="default: 16 on CUDA, 1 on CPU")
-    p.add_argument("--size", type=int, help="input side (default: 512)")
+    p.add_argument("--size", type=int, help="input side; --scope pipeline: the training crop (default: 512)")
     p.add_argument("--steps", nargs="+", choices=STEPS, help="default: train and infer on CUDA, infer on CPU")
     p.add_argument("--repeats", type=int, default=15, help="timed calls per model and step")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls per model and step first")
@@ -108,6 +110,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(default: all that can run on CUDA; plain, A/A, CA, CA without CPU kernels on CPU)")
     p.add_argument("--ort-without-nchwc", action="store_true",
                    help="also time onnxruntime with its NCHWc layout off (plain and CA)")
+    p.add_argument("--camvid", type=Path, help="--scope pipeline: also time this CamVid root's train split "
+                   "(default: temporary images only)")
     p.add_argument("--json", type=Path, help="also write the rows and setup here (default: print only)")
     return p.parse_args(argv)
 
@@ -128,7 +132,29 @@ def setup_from_args(args: argparse.Namespace) -> tuple[BenchSetup, dict]:
     return setup, d
 
 
-def bench_blocks_main(args: argparse.Namespace) -> int:
+def pipeline_table(args: argparse.Namespace) -> list[str]:
+    """Images/s per loader worker, the dataset layer against bare decode + the same ops, with A/A."""
+    crop = args.size or 512
+    results = bench_pipeline.pipeline_times(crop, args.repeats, args.camvid)
+    lines = [f"one worker (1 thread), crop {crop}, {args.repeats} interleaved passes per input; img/s of medians",
+             "", "| input | images | pipeline img/s | plain img/s | A/A | pipeline / plain time |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name, r in results.items():
+        t, n = r["seconds"], r["images"]
+        aa = ratio(t, bench_pipeline.AA, bench_pipeline.PLAIN)
+        lines.append(f"| {name} | {n} | {n / statistics.median(t[bench_pipeline.PIPELINE]):.1f} | "
+                     f"{n / statistics.median(t[bench_pipeline.PLAIN]):.1f} | {aa:.3f} | "
+                     f"{ratio(t, bench_pipeline.PIPELINE, bench_pipeline.PLAIN):.3f} |")
+        if (line := noise_warning(name, aa)) is not None:
+            print(line, file=sys.stderr)
+    return lines
+
+
+def other_scope(args: argparse.Namespace) -> int:
+    """Every --scope but "model": they print their own tables."""
+    if args.scope == "pipeline":
+        print("\n".join(pipeline_table(args)))
+        return 0
     if args.scope == "projections":
         if args.threads:
             torch.set_num_threads(args.threads)
@@ -152,7 +178,7 @@ def bench_blocks_main(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.scope != "model":
-        return bench_blocks_main(args)
+        return other_scope(args)
     setup, d = setup_from_args(args)
     modes = {"off": ("eager",), "on": ("compile",), "both": ("eager", "compile")}[args.compile or d["compile"]]
     modes = tuple(args.modes) if args.modes else modes
