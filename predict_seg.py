@@ -20,21 +20,19 @@ import sys
 import time
 from pathlib import Path
 
-import cv2
 import torch
 
 from seg.checkpoint import CheckpointError
 from seg.cli import HelpFormatter
 from seg.config import ConfigError
-from seg.data.base import DatasetError, read_image
-from seg.inputs import Input, InputError, Skipped, collect_inputs
-from seg.outputs import OVERLAY_ALPHA, VideoOverlayWriter, write_prediction
+from seg.inputs import InputError, Skipped, collect_inputs
+from seg.outputs import OVERLAY_ALPHA
+from seg.predict_files import Outputs, predict_images, predict_video
 from seg.predictor import Predictor
 from seg.progress import Progress
 from seg.runtime import OnnxModelError
 
 USER_ERRORS = (InputError, ConfigError, CheckpointError, FileNotFoundError, OnnxModelError)
-DEFAULT_FPS = 25.0  # for containers that do not record a frame rate
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,62 +85,6 @@ def build_predictor(args: argparse.Namespace) -> Predictor:
     return Predictor.from_checkpoint(args.checkpoint, device=args.device, **settings)
 
 
-def predict_images(predictor: Predictor, items: list[Input], args: argparse.Namespace,
-                   skipped: list[Skipped]) -> int:
-    """Write every image's outputs, ``--batch`` at a time; unreadable ones go to ``skipped``."""
-    progress = Progress(len(items), "images")
-    done = 0
-    for start in range(0, len(items), args.batch):
-        chunk, images = [], []
-        for item in items[start:start + args.batch]:
-            try:
-                images.append(read_image(item.path))
-                chunk.append(item)
-            except DatasetError as err:
-                skipped.append(progress.skip(item.path, str(err)))
-        for item, image, mask in zip(chunk, images, predictor.predict_batch(images)):
-            write_prediction(args.out / item.out, image, mask, predictor.palette, args.overlay_alpha)
-        done += len(chunk)
-        progress.update(len(items[start:start + args.batch]))
-    progress.close()
-    return done
-
-
-def predict_video(predictor: Predictor, item: Input, args: argparse.Namespace, skipped: list[Skipped]) -> int:
-    """Write ``<name>_overlay.mp4`` (and per-frame files with --save-frames); return the frame count."""
-    capture = cv2.VideoCapture(str(item.path))
-    if not capture.isOpened():
-        skipped.append(Progress.warn(item.path, "OpenCV cannot open it as a video"))
-        return 0
-    fps = capture.get(cv2.CAP_PROP_FPS) or DEFAULT_FPS
-    size = (int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)), int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT)))
-    writer = VideoOverlayWriter(args.out / f"{item.out}_overlay.mp4", fps, size, predictor.palette, args.overlay_alpha)
-    progress = Progress(int(capture.get(cv2.CAP_PROP_FRAME_COUNT)), f"frames of {item.path.name}")
-    try:
-        while True:
-            frames = []
-            while len(frames) < args.batch and (grabbed := capture.read())[0]:
-                frames.append(cv2.cvtColor(grabbed[1], cv2.COLOR_BGR2RGB))
-            if not frames:
-                break
-            for frame, mask in zip(frames, predictor.predict_batch(frames)):
-                if args.save_frames:
-                    base = args.out / item.out / f"{item.out.name}_{writer.frames:06d}"
-                    write_prediction(base, frame, mask, predictor.palette, args.overlay_alpha)
-                writer.write(frame, mask)
-            progress.update(len(frames))
-    except BaseException:
-        writer.close(keep=False)
-        raise
-    finally:
-        capture.release()
-        progress.close()
-    writer.close(keep=writer.frames > 0)
-    if not writer.frames:
-        skipped.append(Progress.warn(item.path, "no frame could be decoded"))
-    return writer.frames
-
-
 def summary(images: int, frames: int, skipped: list[Skipped], seconds: float, out: Path) -> str:
     done = f"{images} image(s)" + (f" and {frames} video frame(s)" if frames else "")
     lines = [f"predicted {done} in {seconds:.1f} s; outputs in {out}"]
@@ -166,8 +108,9 @@ def main(argv: list[str] | None = None) -> int:
         Progress.warn(entry.path, entry.reason)
     args.out.mkdir(parents=True, exist_ok=True)
     try:
-        images = predict_images(predictor, [i for i in items if not i.is_video], args, skipped)
-        frames = sum(predict_video(predictor, item, args, skipped) for item in items if item.is_video)
+        to = Outputs(args.out, args.batch, args.overlay_alpha, args.save_frames)
+        images = predict_images(predictor, [i for i in items if not i.is_video], to, skipped)
+        frames = sum(predict_video(predictor, item, to, skipped) for item in items if item.is_video)
     except OnnxModelError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
