@@ -199,7 +199,7 @@ def test_forward_project_equals_ca_then_conv(ext, shape, threads, relu6):
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        # inference mode, as in seg.cpu_bench: its worker threads are not, and must still write the output
+        # inference mode, as a caller may run it: its worker threads are not, and must still write the output
         with torch.inference_mode():
             x = x.clone()
             expected = torch.nn.functional.conv2d(CoordAttention.forward(block, x.clamp(0, 6) if relu6 else x), weight)
