@@ -117,13 +117,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def setup_from_args(args: argparse.Namespace) -> tuple[BenchSetup, dict]:
-    """The measurement setup, and the device's defaults filled into ``args``' unset options."""
+    """The measurement setup, and the device's defaults for the options it does not hold."""
     d = DEFAULTS["cuda" if args.device.startswith("cuda") else "cpu"]
     steps = tuple(args.steps or d["steps"])
-    # batch 1 cannot train: the ASPP's pooled branch gives BatchNorm one value per channel
     setup = BenchSetup(device=args.device, batch=args.batch or d["batch"], size=args.size or d["size"],
                        repeats=args.repeats, warmup=args.warmup, amp=d["amp"], channels_last=d["channels_last"],
                        flops_size=args.flops_size, threads=args.threads, steps=steps)
+    # batch 1 cannot train: the ASPP's pooled branch gives BatchNorm one value per channel
     for key, least in (("batch", 2 if "train" in steps else 1), ("size", 32), ("repeats", 1), ("warmup", 0)):
         value = getattr(setup, key)
         if value < least:
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: {err}") from None
     print(format_table(result))
     if setup.device == "cpu" and "infer" in setup.steps and "eager" in modes:
-        print(calibrate.summary() + f" (SEG_CPU_KERNELS={calibrate.MODE})")
+        print(f"{calibrate.summary()} at {setup.batch}x3x{setup.size}x{setup.size}, {torch.get_num_threads()} threads")
     for line in aa_warnings(result):
         print(line, file=sys.stderr)
     if args.json:

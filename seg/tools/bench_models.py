@@ -115,16 +115,21 @@ def time_models(models: dict[str, nn.Module], setup: BenchSetup, mode: str = "ea
     base = next(iter(runners))
     times = {}
     for name, runner in runners.items():
-        row = {"peak_mem_gib": runner.peak_gib, "warmup_s": first_s[name]}
+        times[name] = {"peak_mem_gib": runner.peak_gib, "warmup_s": first_s[name]}
         for step in STEPS:
-            samples = [t * 1e3 for t in seconds.get((name, step), [])]
-            ms = statistics.median(samples) if samples else None
-            base_ms = statistics.median(seconds[base, step]) * 1e3 if samples else None
-            row.update({f"{step}_ms": ms, f"{step}_samples_ms": samples,
-                        f"{step}_img_s": setup.batch * 1e3 / ms if samples else None,
-                        f"{step}_ratio": ms / base_ms if samples else None})
-        times[name] = row
+            own, baseline = seconds.get((name, step), []), seconds.get((base, step), [])
+            times[name].update(_step_entries(step, own, baseline, setup.batch))
     return times
+
+
+def _step_entries(step: str, seconds: list[float], base: list[float], batch: int) -> dict:
+    """``<step>_ms`` (the median), its samples, img/s and its ratio to the baseline's median; None
+    where the step was not timed."""
+    if not seconds:
+        return {f"{step}_ms": None, f"{step}_samples_ms": [], f"{step}_img_s": None, f"{step}_ratio": None}
+    ms = statistics.median(seconds) * 1e3
+    return {f"{step}_ms": ms, f"{step}_samples_ms": [t * 1e3 for t in seconds], f"{step}_img_s": batch * 1e3 / ms,
+            f"{step}_ratio": statistics.median(seconds) / statistics.median(base)}
 
 
 def build_group(encoder: str, output_stride: int, variants: dict[str, Variant], device: str) -> dict[str, nn.Module]:
