@@ -2,11 +2,9 @@
 (:mod:`seg.config.files`). Everything a caller needs is importable from ``seg.config``."""
 
 from seg.config.files import apply_overrides, config_from_dict, config_to_dict, load_config, save_config
-from seg.config.schema import (CONFIG_VERSION, MODEL_KEYS, OUTPUT_STRIDE_PAD, Config, ConfigError, DataConfig,
-                               EvalConfig, ModelConfig, OptimConfig, TrainConfig, available_cpus,
-                               default_num_workers, eval_window, inference_settings, validate)
+from seg.config.schema import (CONFIG_VERSION, MODEL_KEYS, Config, ConfigError, DataConfig, EvalConfig, ModelConfig,
+                               OptimConfig, TrainConfig, available_cpus, eval_window, inference_settings, validate)
 
-__all__ = ["CONFIG_VERSION", "MODEL_KEYS", "OUTPUT_STRIDE_PAD", "Config", "ConfigError", "DataConfig", "EvalConfig",
-           "ModelConfig", "OptimConfig", "TrainConfig", "apply_overrides", "available_cpus", "config_from_dict",
-           "config_to_dict", "default_num_workers", "eval_window", "inference_settings", "load_config",
-           "save_config", "validate"]
+__all__ = ["CONFIG_VERSION", "MODEL_KEYS", "Config", "ConfigError", "DataConfig", "EvalConfig", "ModelConfig",
+           "OptimConfig", "TrainConfig", "apply_overrides", "available_cpus", "config_from_dict", "config_to_dict",
+           "eval_window", "inference_settings", "load_config", "save_config", "validate"]

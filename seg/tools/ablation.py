@@ -27,19 +27,19 @@ from pathlib import Path
 import torch
 import yaml
 
-from seg.tools import bench_models
-from seg.tools.bench import DEFAULTS
-from seg.tools.bench_runners import FLOPS_SIZE, BenchSetup
 from seg.checkpoint import checkpoint_config, load_checkpoint
 from seg.cli import HelpFormatter, parse_with_overrides
-from seg.tools.complexity import count_params
 from seg.config import Config, ConfigError, available_cpus, config_to_dict, load_config, save_config
 from seg.data import make_synthetic
 from seg.distributed import DistInfo, setup_logging
 from seg.evaluation import model_from_checkpoint, score, val_dataset
 from seg.models import model_from_config
-from seg.tools.jobs import Job, run_jobs
 from seg.rundir import RunDirError
+from seg.tools import bench_models
+from seg.tools.bench import DEFAULTS
+from seg.tools.bench_runners import FLOPS_SIZE, BenchSetup
+from seg.tools.complexity import count_params
+from seg.tools.jobs import Job, run_jobs
 from seg.training import USER_ERRORS, resolve_device, run_training
 
 log = logging.getLogger(__name__)
@@ -223,7 +223,7 @@ def bench_setup(args: argparse.Namespace) -> tuple[BenchSetup | None, str]:
     elif torch.cuda.is_available():
         d = DEFAULTS["cuda"]
         setup = BenchSetup(device="cuda", batch=d["batch"], size=d["size"], amp=d["amp"],
-                                 channels_last=d["channels_last"])
+                           channels_last=d["channels_last"])
     else:
         setup = BenchSetup(**BENCH_CPU)
     return setup, (f"step = forward + backward + SGD step, median of {setup.repeats} on {setup.device}, "

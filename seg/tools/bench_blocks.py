@@ -24,12 +24,11 @@ import torch
 import torch.nn.functional as F
 
 from seg.attention import CoordAttention
-from seg.config import ModelConfig
 from seg.encoders.mobilenet_v2 import ATTENTION_SLOT, ExpandedConv
 from seg.kernels import cpu
 from seg.kernels.fast import optimize_for_inference, use_fused
-from seg.models import model_from_config
 from seg.timing import interleaved
+from seg.tools.bench_models import build_variant
 
 SHAPES = {"s2": (16, 96, 256, 256), "s4": (16, 144, 128, 128), "s8": (16, 192, 64, 64),
           "s16": (16, 960, 32, 32)}
@@ -127,7 +126,7 @@ def _unit_gate_blocks(size: int) -> list[tuple[torch.Tensor, list[torch.Tensor],
     ``size``, with CA's gates forced to exactly 1 (zero conv_h/conv_w weights, bias 100: sigmoid(100)
     is 1.0 in fp32), so that the fused call computes the plain model's projection plus CA's pooling."""
     torch.manual_seed(0)
-    model = optimize_for_inference(model_from_config(ModelConfig(encoder="mobilenet_v2_ca", output_stride=16), 21).eval())
+    model = optimize_for_inference(build_variant("mobilenet_v2_ca", 16).eval())
     inputs = []
     blocks = [m for m in model.modules() if isinstance(m, ExpandedConv)]
     hooks = [b[ATTENTION_SLOT].register_forward_pre_hook(lambda _m, args: inputs.append(args[0].clone()))

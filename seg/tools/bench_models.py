@@ -27,7 +27,6 @@ from seg.tools.complexity import count_flops_on_meta, count_params
 ENCODERS = ("mobilenet_v2", "resnet50")
 ATROUS_RATES = {16: (6, 12, 18), 8: (12, 24, 36)}  # the paper's DeepLabV3 rates per output stride
 NUM_CLASSES = 21
-MODES = ("eager", "compile", "graphs", "onnxruntime")
 AA = "plain A/A"
 FUSED_CA = "CA fused"
 LEAN_CA = "CA lean eval"
@@ -90,8 +89,9 @@ def time_models(models: dict[str, nn.Module], setup: BenchSetup, mode: str = "ea
                 variants: dict[str, Variant] | None = None) -> dict[str, dict]:
     """Median ms (and img/s, ratios, the samples) of each model's steps, timed interleaved.
 
-    ``mode`` is one of MODES; the first model is the baseline of the ``*_ratio`` entries; a step
-    not in ``setup.steps`` (onnxruntime: train) has ``None`` in its entries.
+    ``mode`` is "eager", "compile", "graphs" (CUDA graphs) or "onnxruntime"; the first model is the
+    baseline of the ``*_ratio`` entries; a step not timed (not in ``setup.steps``, or train on
+    onnxruntime) has ``None`` in its entries.
     """
     variants = variants or {}
     runners = {}
@@ -99,17 +99,17 @@ def time_models(models: dict[str, nn.Module], setup: BenchSetup, mode: str = "ea
         v = variants.get(name, Variant("none"))
         runners[name] = OrtRunner(model, setup, v.nchwc) if mode == "onnxruntime" else \
             Runner(model, setup, mode, v.cpu_kernels)
-    steps = [s for s in setup.steps if hasattr(next(iter(runners.values())), f"{s}_once")]
+    steps = [s for s in setup.steps if s in next(iter(runners.values())).calls]
     first_s = {}  # the warm-up's seconds: in "compile" mode, mostly compiling
     for name, runner in runners.items():
         start = time.perf_counter()
         for _ in range(setup.warmup):
             for step in steps:
-                getattr(runner, f"{step}_once")()
+                runner.calls[step]()
         synchronize(runner.device)
         first_s[name] = time.perf_counter() - start
         runner.measure_peak()
-    calls = {(name, step): getattr(runner, f"{step}_once") for name, runner in runners.items() for step in steps}
+    calls = {(name, step): runner.calls[step] for name, runner in runners.items() for step in steps}
     device = next(iter(runners.values())).device
     seconds = interleaved(calls, setup.repeats, sync=lambda: synchronize(device))
     base = next(iter(runners))

@@ -68,6 +68,7 @@ class Runner:
         classes = model.segmentation_head[0].out_channels  # smp's head: conv, upsampling, activation
         self.targets = torch.randint(0, classes, (setup.batch, setup.size, setup.size), generator=gen).to(self.device)
         self.peak_gib: float | None = None
+        self.calls = {"train": self.train_once, "infer": self.infer_once}  # what it can time, by step
 
     def train_once(self) -> None:
         self.step_model.train()
@@ -127,6 +128,7 @@ class OrtRunner:
             self.session = ort_session(path, torch.get_num_threads(), without_nchwc=not nchwc)
         self.image = np.random.default_rng(0).standard_normal((setup.batch, 3, setup.size, setup.size),
                                                               dtype=np.float32)
+        self.calls = {"infer": self.infer_once}
 
     def infer_once(self) -> None:
         self.session.run(None, {"image": self.image})
