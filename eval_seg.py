@@ -21,7 +21,7 @@ from seg.cli import HelpFormatter, parse_with_overrides
 from seg.config import ConfigError, apply_overrides, inference_settings, load_config
 from seg.data.loaders import ContiguousSampler
 from seg.distributed import cleanup, init_distributed, setup_logging
-from seg.evaluation import model_from_checkpoint, score, val_dataset
+from seg.evaluation import metrics_record, model_from_checkpoint, score, val_dataset
 from seg.outputs import write_prediction
 from seg.training import USER_ERRORS
 from seg.visualize import denormalize
@@ -94,8 +94,7 @@ def print_table(classes, metrics: dict, seconds: float, images: int) -> None:
 def json_report(args: argparse.Namespace, cfg, dataset, metrics: dict, seconds: float,
                 device: torch.device) -> dict:
     """The metrics, and enough about what was measured (checkpoint, data, inference) to tell two runs apart."""
-    report = {k: metrics[k] for k in ("miou", "iou", "pixel_acc", "mean_acc", "fwiou")}
-    report["iou"] = [None if v != v else v for v in report["iou"]]  # NaN is not JSON
+    report = metrics_record(metrics)
     settings = inference_settings(cfg)
     report.update(
         classes=list(dataset.classes), checkpoint=str(args.checkpoint.resolve()), dataset=cfg.data.name,

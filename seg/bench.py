@@ -1,4 +1,6 @@
-"""``python -m seg.bench`` has moved (see seg/tools/); this stub only says where, so the old command fails in one line."""
+"""``python -m seg.bench`` has moved (see seg/tools/): this stub makes the old command fail
+in one line that names the new one."""
 
 if __name__ == "__main__":
-    raise SystemExit("error: python -m seg.bench has moved: run python -m seg.tools.bench --device cuda")
+    raise SystemExit("error: python -m seg.bench has moved: run "
+                     "python -m seg.tools.bench --device cuda")

@@ -50,3 +50,10 @@ def score(model: nn.Module, dataset: SegmentationDataset, cfg: Config, device: t
     loader = build_loader(dataset, cfg.data.val_batch_size, train=False, num_workers=cfg.data.num_workers,
                           distributed=distributed)
     return evaluate(model, loader, cfg.data.num_classes, device=device, on_batch=on_batch, **inference_settings(cfg))
+
+
+def metrics_record(metrics: dict) -> dict:
+    """:func:`score`'s summary metrics as JSON takes them: a class absent from the split has IoU None."""
+    record = {k: metrics[k] for k in ("miou", "iou", "pixel_acc", "mean_acc", "fwiou")}
+    record["iou"] = [None if v != v else v for v in record["iou"]]  # NaN (never seen, never predicted) is not JSON
+    return record

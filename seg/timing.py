@@ -8,8 +8,10 @@ noise alone moves a ratio: a run whose A/A is off 1.00 by more than the toleranc
 
 from __future__ import annotations
 
+import platform
 import statistics
 import time
+from pathlib import Path
 from typing import Callable
 
 AA_TOLERANCE = 0.02  # |A/A - 1| above this: the run was too noisy to quote
@@ -34,6 +36,17 @@ def interleaved(runners: dict[str, Callable[[], object]], repeats: int, warmup: 
             sync()
             times[name].append(time.perf_counter() - start)
     return times
+
+
+def cpu_name() -> str:
+    """The CPU's model name as lscpu shows it: a CPU timing means little without it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def ratio(times: dict[str, list[float]], name: str, base: str) -> float:

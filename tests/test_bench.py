@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from seg.export import export_onnx
-from seg.timing import interleaved
+from seg.timing import cpu_name, interleaved
 from seg.tools import bench, bench_blocks, bench_models
 from seg.tools.bench_models import AA, CA_TORCH, NO_NCHWC
 from seg.tools.bench_runners import BenchSetup, ort_session
@@ -27,7 +27,8 @@ def kernels_always(monkeypatch):
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
-    assert bench.main([*TINY, "--batch", "2", "--steps", "train", "infer", "--variants", "all", "--json", str(out)]) == 0
+    argv = [*TINY, "--batch", "2", "--steps", "train", "infer", "--variants", "all", "--json", str(out)]
+    assert bench.main(argv) == 0
     return json.loads(out.read_text())
 
 
@@ -56,6 +57,7 @@ def test_params_and_flops_match_the_complexity_counters(result):
 def test_table_has_one_row_per_variant_and_the_header_names_the_setup(result):
     lines = bench.format_table(result).splitlines()
     assert "cpu, batch 2 at 64x64" in lines[0]
+    assert lines[0].endswith(f"CPU: {cpu_name()}") and result["setup"]["cpu"] == cpu_name()  # timings need it
     body = [line.split("|")[1:-1] for line in lines if line.startswith("| mobilenet_v2")]
     assert len(body) == 6 and body[0][-1].strip() == "1.000" and body[0][-2].strip() == "1.000"
     assert all(len(cells[6].split(" / ")) == 3 for cells in body)  # min / median / max

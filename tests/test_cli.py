@@ -92,9 +92,12 @@ def test_help_names_the_invocation_and_every_option_and_default(prog, monkeypatc
 
 
 # the tools' old names (before seg/tools/) -> what their one line must point to
-MOVED = {"seg.bench": "python -m seg.tools.bench --device cuda", "seg.cpu_bench": "python -m seg.tools.bench --device cpu",
-         "seg.kernels.bench": "python -m seg.tools.bench --scope block", "seg.report": "python -m seg.tools.report",
-         "seg.ablation": "python -m seg.tools.ablation", "seg.complexity": "python -m seg.tools.complexity"}
+MOVED = {"seg.bench": "python -m seg.tools.bench --device cuda",
+         "seg.cpu_bench": "python -m seg.tools.bench --device cpu",
+         "seg.kernels.bench": "python -m seg.tools.bench --scope block",
+         "seg.report": "python -m seg.tools.report",
+         "seg.ablation": "python -m seg.tools.ablation",
+         "seg.complexity": "python -m seg.tools.complexity"}
 
 
 @pytest.mark.parametrize("old", list(MOVED))

@@ -32,7 +32,7 @@ from seg.cli import HelpFormatter, parse_with_overrides
 from seg.config import Config, ConfigError, available_cpus, config_to_dict, load_config, save_config
 from seg.data import make_synthetic
 from seg.distributed import DistInfo, setup_logging
-from seg.evaluation import model_from_checkpoint, score, val_dataset
+from seg.evaluation import metrics_record, model_from_checkpoint, score, val_dataset
 from seg.models import model_from_config
 from seg.rundir import RunDirError
 from seg.tools import bench_models
@@ -44,7 +44,6 @@ from seg.training import USER_ERRORS, resolve_device, run_training
 
 log = logging.getLogger(__name__)
 FINAL = "final.json"
-METRIC_KEYS = ("miou", "pixel_acc", "mean_acc", "fwiou")
 BENCH_CPU = dict(batch=2, size=128, repeats=3, warmup=1)  # a CPU step at full size takes too long
 
 
@@ -120,10 +119,7 @@ def evaluate_checkpoint(path: Path, device: torch.device) -> dict:
     """Score a checkpoint with its stored config, as ``eval_seg.py`` does without options."""
     ckpt = load_checkpoint(path)
     cfg = checkpoint_config(ckpt, path)
-    metrics = score(model_from_checkpoint(ckpt, cfg, device), val_dataset(cfg), cfg, device)
-    result = {k: metrics[k] for k in METRIC_KEYS}
-    result["iou"] = [None if v != v else v for v in metrics["iou"]]  # NaN is not JSON
-    return result
+    return metrics_record(score(model_from_checkpoint(ckpt, cfg, device), val_dataset(cfg), cfg, device))
 
 
 def check_run_dir(run_dir: Path, cfg: Config) -> None:

@@ -61,7 +61,7 @@ def format_table(result: dict) -> str:
     header = (f"DeepLabV3 (separable ASPP), {s['device']}, batch {s['batch']} at {s['size']}x{s['size']}, "
               f"amp {s['amp']}, channels_last {s['channels_last']}, {s['threads']} threads, {s['repeats']} "
               f"interleaved repeats after {s['warmup']} warm-up; ratios are of medians; GFLOPs per image at "
-              f"{s['flops_size']}x{s['flops_size']}")
+              f"{s['flops_size']}x{s['flops_size']}; CPU: {s['cpu']}")
     lines = [header, "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * 4 + "---:|" * (len(COLUMNS) - 4)]
     for r in result["rows"]:
         cells = (r["encoder"], r["variant"], r["os"], r["mode"], f"{r['params'] / 1e6:.2f}", f"{r['gflops']:.2f}",

@@ -20,7 +20,7 @@ from seg.encoders.register import ENCODER_NAMES
 from seg.kernels import kernels_can_run
 from seg.kernels.fast import LEAN_EVAL_DEVICES, FastCoordAttention, optimize_for_inference
 from seg.models import build_model, set_fused_ca
-from seg.timing import interleaved
+from seg.timing import cpu_name, interleaved
 from seg.tools.bench_runners import STEPS, BenchSetup, OrtRunner, Runner, synchronize
 from seg.tools.complexity import count_flops_on_meta, count_params
 
@@ -206,4 +206,5 @@ def run_bench(setup: BenchSetup, encoders: tuple[str, ...] = ENCODERS, output_st
                 rows += bench_group(encoder, os_, setup, mode, variants)
                 if kind == "cuda":
                     torch.cuda.empty_cache()
-    return {"setup": {**asdict(setup), "torch": torch.__version__, "threads": torch.get_num_threads()}, "rows": rows}
+    return {"setup": {**asdict(setup), "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_name()},
+            "rows": rows}

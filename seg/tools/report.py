@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from seg.timing import cpu_name
 from seg.tools.report_format import format_report
 
 ENCODERS = {"plain": "mobilenet_v2", "SE": "mobilenet_v2_se", "CBAM": "mobilenet_v2_cbam", "CA": "mobilenet_v2_ca"}
@@ -67,17 +68,6 @@ def run_part(name: str, argv: list[str], seconds: float, log: Path, env: dict | 
             "log": f"{log.parent.name}/{log.name}"}
 
 
-def cpu_name() -> str:
-    """The CPU's model name as lscpu shows it (timings depend on it)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def environment(device: str) -> dict:
     env = {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
            "cpu": cpu_name(), "device": device}
@@ -106,8 +96,8 @@ def cuda_test_files() -> list[str]:
 def bench_argv(args: argparse.Namespace, mode: str, out: Path, variants: list[str] | None = None) -> list[str]:
     size = ["--batch", "2", "--size", "64", "--repeats", "2", "--warmup", "1"] if args.smoke else \
         ["--repeats", "15", "--warmup", "3"]
-    argv = [sys.executable, "-m", "seg.tools.bench", "--device", args.device, "--encoders", "mobilenet_v2", "--os", "16",
-            "--modes", mode, *size, "--json", str(out)]
+    argv = [sys.executable, "-m", "seg.tools.bench", "--device", args.device, "--encoders", "mobilenet_v2",
+            "--os", "16", "--modes", mode, *size, "--json", str(out)]
     return argv + ["--steps", "train", "infer", "--variants", *(variants or ["all"])]
 
 
