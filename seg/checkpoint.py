@@ -7,7 +7,6 @@ it without unpickling arbitrary objects; RNG states are converted to that form o
 from __future__ import annotations
 
 import io
-import os
 import pickle
 import random
 import sys
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from seg.atomic import write_atomic
 from seg.config import CONFIG_VERSION, Config, config_from_dict
 
 REQUIRED_KEYS = ("model", "optimizer", "scheduler", "scaler", "iteration", "best_miou", "config", "rng", "extra")
@@ -132,44 +132,6 @@ def save_checkpoint(
     buffer = io.BytesIO()
     torch.save(_canonical(payload), buffer)
     write_atomic(Path(path), buffer.getbuffer())
-
-
-def write_atomic(path: Path, data: bytes | memoryview) -> None:
-    """Replace ``path`` with ``data`` so that a crash at any moment leaves the old file or the new one.
-
-    The temporary file is ``.<name>.<pid>.tmp`` beside ``path``; one left by a killed process is
-    removed by :func:`seg.rundir.remove_stale_temps`. An ``OSError`` (a full disk) names ``path``.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # same directory, so os.replace is an atomic rename on one filesystem
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise OSError(err.errno, err.strerror, str(path)) from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    # fsync the directory too, or a power cut can lose the rename itself
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def write_all(fd: int, data: bytes | memoryview) -> None:
-    """``os.write`` until every byte is written (one call may write less)."""
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
 
 
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:

@@ -13,7 +13,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from seg.checkpoint import write_atomic
+from seg.atomic import write_atomic
 from seg.data.palette import colorize
 
 OVERLAY_ALPHA = 0.5  # image weight in the overlay: half image, half mask colours

@@ -32,8 +32,9 @@ from typing import Iterator
 
 import yaml
 
-from seg.checkpoint import checkpoint_config, load_checkpoint, write_all, write_atomic
-from seg.config import Config, ConfigError, config_from_dict, config_to_dict, load_config
+from seg.atomic import write_all, write_atomic
+from seg.checkpoint import checkpoint_config, load_checkpoint
+from seg.config import Config, ConfigError, config_from_dict, config_to_dict, load_config, save_config
 
 LAST, BEST, METRICS, CONFIG, LOCK = "last.pt", "best.pt", "metrics.jsonl", "config.yaml", ".lock"
 LOG = "train.log"
@@ -181,7 +182,7 @@ def begin_run(run_dir: Path, cfg: Config, resumed: dict | None) -> None:
     else:
         record = (resumed.get("extra") or {}).get("metrics")
         trim_metrics(run_dir / METRICS, resumed["iteration"], record)
-    write_atomic(run_dir / CONFIG, yaml.safe_dump(config_to_dict(cfg), sort_keys=False).encode())
+    save_config(cfg, run_dir / CONFIG)
 
 
 def remove_stale_temps(run_dir: Path) -> None:

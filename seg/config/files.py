@@ -16,6 +16,7 @@ from typing import Any, get_args
 
 import yaml
 
+from seg.atomic import write_atomic
 from seg.config.coerce import Mismatch, coerce, type_name
 from seg.config.schema import (CONFIG_VERSION, FIELD_TYPES, FROM_SCRATCH, MODEL_KEYS, SECTIONS, Config, ConfigError,
                                validate)
@@ -151,7 +152,5 @@ def config_from_dict(d: dict, version: int = CONFIG_VERSION, source: str = "stor
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the fully resolved config as YAML; :func:`load_config` reads it back unchanged."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    """Write the fully resolved config as YAML, atomically; :func:`load_config` reads it back unchanged."""
+    write_atomic(Path(path), yaml.safe_dump(config_to_dict(cfg), sort_keys=False).encode())

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from seg.atomic import write_atomic
 from seg.checkpoint import checkpoint_config, load_checkpoint
 from seg.cli import HelpFormatter, parse_with_overrides
 from seg.config import Config, ConfigError, available_cpus, config_to_dict, load_config, save_config
@@ -145,10 +146,7 @@ def train_one(cfg: Config, run_dir: Path) -> dict:
     run_training(cfg, run_dir, dist, resume=resume)
     device = resolve_device(cfg.train.device, dist)
     record = {"encoder": cfg.model.encoder, "seed": cfg.train.seed, **evaluate_checkpoint(run_dir / "best.pt", device)}
-    # written last: its presence is what marks the run as done
-    tmp = final.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    tmp.replace(final)
+    write_atomic(final, json.dumps(record, indent=2).encode())  # written last: it marks the run as done
     return record
 
 
