@@ -21,7 +21,8 @@ from seg.cli import HelpFormatter, parse_with_overrides
 from seg.config import ConfigError, apply_overrides, inference_settings, load_config
 from seg.data.loaders import ContiguousSampler
 from seg.distributed import cleanup, init_distributed, setup_logging
-from seg.evaluation import metrics_record, model_from_checkpoint, score, val_dataset
+from seg.evaluation import metrics_record, score, val_dataset
+from seg.models import model_from_checkpoint
 from seg.outputs import write_prediction
 from seg.training import USER_ERRORS
 from seg.visualize import denormalize

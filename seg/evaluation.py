@@ -7,20 +7,16 @@ that chose it.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Callable
 
 import torch
 from torch import nn
 
-from seg.checkpoint import load_model_weights
 from seg.config import Config, ConfigError, inference_settings
 from seg.data import build_dataset, build_eval_transform
 from seg.data.base import SegmentationDataset
 from seg.data.loaders import build_loader
 from seg.engine import evaluate
-from seg.kernels.fast import optimize_for_inference
-from seg.models import model_from_config
 
 
 def val_dataset(cfg: Config) -> SegmentationDataset:
@@ -30,14 +26,6 @@ def val_dataset(cfg: Config) -> SegmentationDataset:
         raise ConfigError(f"the model predicts {cfg.data.num_classes} classes but {cfg.data.root} "
                           f"holds {dataset.num_classes}")
     return dataset
-
-
-def model_from_checkpoint(ckpt: dict, cfg: Config, device: torch.device) -> nn.Module:
-    """The checkpoint's model in eval mode on ``device``, with CA's inference fast paths; the init
-    weights file is never read."""
-    model = model_from_config(replace(cfg.model, encoder_weights=None), cfg.data.num_classes)
-    load_model_weights(model, ckpt["model"])
-    return optimize_for_inference(model.to(device).eval())
 
 
 def score(model: nn.Module, dataset: SegmentationDataset, cfg: Config, device: torch.device, distributed: bool = False,

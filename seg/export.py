@@ -28,11 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seg.checkpoint import CheckpointError, checkpoint_config, load_checkpoint, load_model_weights
+from seg.checkpoint import CheckpointError, checkpoint_config, load_checkpoint
 from seg.config import Config, ConfigError
 from seg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from seg.kernels.fast import optimize_for_inference
-from seg.models import model_from_config
+from seg.models import model_from_checkpoint
 from seg.predictor import model_card
 from seg.runtime import write_model_card
 
@@ -66,16 +66,14 @@ class ExportCheck:
 
 
 def load_for_export(path: str | Path) -> tuple[nn.Module, Config]:
-    """The model and config stored in checkpoint ``path``, in eval mode on the CPU."""
+    """The model and config stored in checkpoint ``path``, in eval mode on the CPU, with CA's inference
+    fast paths (which :func:`export_onnx` would give it anyway)."""
     ckpt = load_checkpoint(path)
     try:
         cfg = checkpoint_config(ckpt, path)
     except ConfigError as e:
         raise ExportError(f"{path}: stored config is invalid: {e}") from e
-    cfg.model.encoder_weights = None  # the checkpoint holds every weight; never read the init file
-    model = model_from_config(cfg.model, cfg.data.num_classes)
-    load_model_weights(model, ckpt["model"])
-    return model.eval(), cfg
+    return model_from_checkpoint(ckpt, cfg, torch.device("cpu")), cfg
 
 
 class PadToStride(nn.Module):

@@ -10,6 +10,7 @@ into ``model.encoder``.
 
 import difflib
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import segmentation_models_pytorch as smp
@@ -21,8 +22,9 @@ from segmentation_models_pytorch.base.utils import is_torch_compiling
 from torch import nn
 
 from seg.attach import AttachReport, attach_attention
-from seg.config import ConfigError, ModelConfig
-from seg.kernels.fast import use_fused
+from seg.checkpoint import load_model_weights
+from seg.config import Config, ConfigError, ModelConfig
+from seg.kernels.fast import optimize_for_inference, use_fused
 import seg.encoders.register  # noqa: F401  (our encoder names must be in smp's table)
 
 log = logging.getLogger(__name__)
@@ -219,3 +221,11 @@ def set_fused_ca(model: nn.Module, enabled: bool) -> int:
     ``seg.kernels.kernels_can_run``), so this is safe to leave on for CPU runs.
     """
     return use_fused(model, enabled)
+
+
+def model_from_checkpoint(ckpt: dict, cfg: Config, device: torch.device) -> nn.Module:
+    """The checkpoint's model in eval mode on ``device``, with CA's inference fast paths; the init
+    weights file is never read."""
+    model = model_from_config(replace(cfg.model, encoder_weights=None), cfg.data.num_classes)
+    load_model_weights(model, ckpt["model"])
+    return optimize_for_inference(model.to(device).eval())

@@ -26,6 +26,7 @@ from seg.checkpoint import checkpoint_config, load_checkpoint
 from seg.config import Config, ConfigError, apply_overrides, eval_window, inference_settings
 from seg.data import DATASETS, IMAGENET_MEAN, IMAGENET_STD, build_eval_transform, voc_palette
 from seg.inference import MODES, predict_labels
+from seg.models import model_from_checkpoint
 
 MAX_CLASSES = 256  # masks are 8-bit
 
@@ -110,8 +111,6 @@ class Predictor:
                         **settings) -> "Predictor":
         """A predictor over checkpoint ``path`` and its stored config (plus config ``overrides`` such
         as ``"eval.crop_size=512"``); ``settings`` are ``mode``, ``scales``, ``flip``."""
-        from seg.evaluation import model_from_checkpoint  # the training stack, only when a checkpoint is used
-
         ckpt = load_checkpoint(path)
         cfg = apply_overrides(checkpoint_config(ckpt, path), list(overrides))
         dev = resolve_device(device)

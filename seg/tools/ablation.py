@@ -33,8 +33,8 @@ from seg.cli import HelpFormatter, parse_with_overrides
 from seg.config import Config, ConfigError, available_cpus, config_to_dict, load_config, save_config
 from seg.data import make_synthetic
 from seg.distributed import DistInfo, setup_logging
-from seg.evaluation import metrics_record, model_from_checkpoint, score, val_dataset
-from seg.models import model_from_config
+from seg.evaluation import metrics_record, score, val_dataset
+from seg.models import model_from_checkpoint, model_from_config
 from seg.rundir import RunDirError
 from seg.tools import bench_models
 from seg.tools.bench import DEFAULTS
