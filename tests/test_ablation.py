@@ -74,14 +74,17 @@ def test_bad_override_is_one_clear_line(tmp_path, capsys):
 
 
 def test_cost_columns_count_the_model_the_run_trains():
-    """Attention put into a timm encoder, and the aux head, are in the params and FLOPs."""
-    from seg.tools.complexity import count_params
+    """The aux head and attention put into a timm encoder are in the params: the aux head's count is
+    checked by hand, isolated by a pair of configs that differ in it alone."""
     from seg.config import load_config
-    from seg.models import model_from_config
 
-    cfg = load_config(None, ["model.encoder=tu-efficientnet_b0", "model.attention=ca", "model.aux_loss=true",
-                             "model.encoder_weights=none", "data.num_classes=5"])
-    cost = ablation.cost_of({"ca": cfg}, None)["ca"]
-    assert cost["params"] == count_params(model_from_config(cfg.model, 5))
-    plain = load_config(None, ["model.encoder=tu-efficientnet_b0", "model.encoder_weights=none", "data.num_classes=5"])
-    assert cost["params"] != ablation.cost_of({"plain": plain}, None)["plain"]["params"]
+    base = ["model.encoder=tu-efficientnet_b0", "model.encoder_weights=none", "data.num_classes=5"]
+    cfgs = {"plain": load_config(None, base), "aux": load_config(None, [*base, "model.aux_loss=true"]),
+            "ca+aux": load_config(None, [*base, "model.aux_loss=true", "model.attention=ca"])}
+    cost = ablation.cost_of(cfgs, None)
+    # EfficientNet-B0's stride-16 feature has 112 channels: 3x3 conv 112->28 (no bias), BN(28), 1x1 28->5 + bias
+    assert cost["aux"]["params"] - cost["plain"]["params"] == 112 * 28 * 9 + 2 * 28 + 28 * 5 + 5
+    assert cost["ca+aux"]["params"] > cost["aux"]["params"]
+    assert cost["ca+aux"]["gflops"] > cost["aux"]["gflops"] == cost["plain"]["gflops"]  # aux runs in train mode only
+
+

