@@ -153,6 +153,7 @@ def test_a_checkout_at_another_path_loads_the_cached_build(ext, tmp_path, monkey
     assert "compiling" not in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_build_killed_midway_is_redone_by_the_next_process(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     folder = cpu.build_dir()

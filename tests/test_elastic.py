@@ -21,6 +21,8 @@ import train_seg
 from seg.checkpoint import load_checkpoint
 from tests.test_kill_resume import ITERS, assert_same_as, error_line, run_args
 
+pytestmark = pytest.mark.slow  # torchrun jobs, killed and restarted
+
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "elastic_train.py"
 TIMEOUT_S = 30  # train.dist_timeout_s of every run here: their checkpoints hold it, so all must agree

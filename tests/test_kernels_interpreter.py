@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # reruns the Triton tests in a child under the interpreter
+
 pytest.importorskip("triton")
 
 REPO = Path(__file__).resolve().parents[1]

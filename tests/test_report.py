@@ -13,6 +13,8 @@ import pytest
 
 from seg.tools import report
 
+pytestmark = pytest.mark.slow  # the report's smoke run and the ablation's parallel jobs
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -153,6 +153,7 @@ def test_out_dir_holding_a_run_is_refused_without_resume(demo_run, data_root, ca
     assert "--resume" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_ranks_end_with_identical_parameters(tmp_path, data_root):
     script = tmp_path / "ddp_run.py"
     script.write_text(
