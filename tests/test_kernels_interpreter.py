@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_kernels_under_the_triton_interpreter(tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", "tests/test_kernels.py", "-q", "-p", "no:cacheprovider",
+    cmd = [sys.executable, "-m", "pytest", "tests/test_kernels.py", "-q", "-n", "0", "-p", "no:cacheprovider",
            "--basetemp", str(tmp_path / "child")]
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""

@@ -216,8 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         report["ablation"] = {**ablation_table(runs, args.seeds), "iters": "2 (--smoke)" if args.smoke else iters,
                               "jobs": args.jobs, "config": str(CONFIG.relative_to(CONFIG.parents[1]))}
     if "cuda_tests" in args.parts:
-        report["parts"].append(run_part("cuda tests", [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-p",
-                                                   "no:cacheprovider", "-rf", "-k", "not compiled", *cuda_test_files()],
+        report["parts"].append(run_part("cuda tests", [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-n", "0",
+                                                   "-p", "no:cacheprovider", "-rf", "-k", "not compiled", *cuda_test_files()],
                                     left(SHARES["cuda_tests"]), logs / "pytest.log",
                                     # the CUDA tests need no CPU kernels; building them took 30 s of the part on an H200
                                     env={"SEG_CPU_KERNELS": "0"}))
