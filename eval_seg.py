@@ -16,16 +16,17 @@ from pathlib import Path
 
 import torch
 
-from seg.checkpoint import checkpoint_config, load_checkpoint
-from seg.cli import HelpFormatter, parse_with_overrides
 from seg.config import ConfigError, apply_overrides, inference_settings, load_config
+from seg.config.cli import HelpFormatter, parse_with_overrides
 from seg.data.loaders import ContiguousSampler
-from seg.distributed import cleanup, init_distributed, setup_logging
-from seg.evaluation import metrics_record, score, val_dataset
-from seg.models import model_from_checkpoint
-from seg.outputs import write_prediction
-from seg.training import USER_ERRORS
-from seg.visualize import denormalize
+from seg.errors import USER_ERRORS, print_user_error
+from seg.evaluation.metrics import iou_table, metrics_record
+from seg.evaluation.scoring import score, val_dataset
+from seg.inference.outputs import write_prediction
+from seg.modeling.models import model_from_checkpoint
+from seg.runs.checkpoint import checkpoint_config, load_checkpoint
+from seg.utils.distributed import cleanup, init_distributed, setup_logging
+from seg.utils.visualize import denormalize
 
 log = logging.getLogger("eval_seg")
 
@@ -85,9 +86,7 @@ def saver(save_dir: Path, dataset, indices: list[int], batch_size: int):
 
 
 def print_table(classes, metrics: dict, seconds: float, images: int) -> None:
-    print("| class | IoU |\n|---|---:|")
-    for name, iou in zip(classes, metrics["iou"]):
-        print(f"| {name} | {'n/a' if iou != iou else f'{iou:.4f}'} |")
+    print(iou_table(classes, metrics["iou"]))
     print(f"mIoU {metrics['miou']:.4f} | pixel acc {metrics['pixel_acc']:.4f} | mean acc {metrics['mean_acc']:.4f} "
           f"| fwIoU {metrics['fwiou']:.4f} | {images} images in {seconds:.1f} s ({images / seconds:.2f} img/s)")
 
@@ -129,8 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.json.write_text(json.dumps(report, indent=2))
         return 0
     except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return print_user_error(err)
     finally:
         if dist is not None:
             cleanup()

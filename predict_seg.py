@@ -22,18 +22,16 @@ from pathlib import Path
 
 import torch
 
-from seg.checkpoint import CheckpointError
-from seg.cli import HelpFormatter
 from seg.config import ConfigError
-from seg.inputs import InputError, Skipped, collect_inputs
-from seg.outputs import OVERLAY_ALPHA
-from seg.predict_files import Outputs, predict_images, predict_video
-from seg.predictor import Predictor
-from seg.progress import Progress
-from seg.runtime import OnnxModelError
-
-USER_ERRORS = (InputError, ConfigError, CheckpointError, FileNotFoundError, OnnxModelError)
-
+from seg.config.cli import HelpFormatter
+from seg.errors import USER_ERRORS, print_user_error
+from seg.export.runtime import OnnxModelError
+from seg.inference.files import Outputs, predict_images, predict_video
+from seg.inference.inputs import InputError, Skipped, collect_inputs
+from seg.inference.outputs import OVERLAY_ALPHA
+from seg.inference.predictor import Predictor
+from seg.runs.checkpoint import CheckpointError
+from seg.utils.progress import Progress
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python predict_seg.py", description=__doc__, formatter_class=HelpFormatter)
@@ -102,8 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         items, skipped = collect_inputs(args.inputs)
         predictor = build_predictor(args)
     except USER_ERRORS as err:  # nothing has been written yet
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        return print_user_error(err)
     for entry in skipped:
         Progress.warn(entry.path, entry.reason)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -112,8 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         images = predict_images(predictor, [i for i in items if not i.is_video], to, skipped)
         frames = sum(predict_video(predictor, item, to, skipped) for item in items if item.is_video)
     except OnnxModelError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        return print_user_error(err)
     print(summary(images, frames, skipped, time.perf_counter() - start, args.out))
     return 2 if skipped else 0
 

@@ -12,18 +12,18 @@ a restarted group resumes RUN_DIR by itself (see docs/training.md, "Many GPUs an
 from __future__ import annotations
 
 import argparse
-import logging
 import json
+import logging
 import sys
-import time
 from pathlib import Path
 
-from seg.cli import HelpFormatter, parse_with_overrides
-from seg.config import ConfigError, load_config
-from seg.distributed import cleanup, init_distributed, is_peer_failure, max_restarts, setup_logging
-from seg.rundir import resume_config
-from seg.start import Resume, check_restartable, continues_run, resume_mode
-from seg.training import USER_ERRORS, run_training
+from seg.config.cli import HelpFormatter, parse_with_overrides
+from seg.engine.trainer import run_training
+from seg.errors import USER_ERRORS, print_user_error
+from seg.evaluation.metrics import iou_table
+from seg.runs.rundir import LAST, METRICS
+from seg.runs.start import plan_start
+from seg.utils.distributed import cleanup, init_distributed, is_peer_failure, setup_logging
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
 log = logging.getLogger("train_seg")
@@ -45,28 +45,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parse_with_overrides(parser, argv)
 
 
-def resolve_run_dir(out: Path | None, config_name: str, resume: Resume) -> Path:
-    """``--out``, or a new ``runs/<config>-<time>``; what a directory may hold is checked in seg.rundir."""
-    if out is not None:
-        return out
-    if resume:
-        flag = "--resume auto" if resume == "auto" else "--resume"
-        raise ConfigError(f"{flag} needs --out RUN_DIR pointing at the run to continue")
-    if max_restarts():  # a restarted group would otherwise start a new, time-stamped directory
-        raise ConfigError("torchrun --max-restarts needs --out RUN_DIR, so that a restarted group finds "
-                          "the run it continues")
-    return Path("runs") / f"{config_name}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
 def print_summary(run_dir: Path, best_miou: float) -> None:
     """The final table: per-class IoU of the best validation, read back from metrics.jsonl."""
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (run_dir / METRICS).read_text().splitlines()]
     best = max(records, key=lambda r: r["miou"])
     print(f"\nrun directory: {run_dir}")
     print(f"best val mIoU {best['miou']:.4f} at iteration {best['iter']} (last: {records[-1]['miou']:.4f})")
-    print("| class | IoU |\n|---|---:|")
-    for name, iou in zip(best["classes"], best["iou"]):
-        print(f"| {name} | {'n/a' if iou is None else f'{iou:.4f}'} |")
+    print(iou_table(best["classes"], best["iou"]))
 
 
 def peer_failure_message(err: RuntimeError, rank: int, run_dir: Path, timeout_s: float) -> str:
@@ -75,30 +60,23 @@ def peer_failure_message(err: RuntimeError, rank: int, run_dir: Path, timeout_s:
     said = said.split("] ", 1)[-1] if said.startswith("[") else said  # drop gloo's [source.cc:line]
     return (f"rank {rank} lost contact with another rank ({said}; collectives wait at most "
             f"train.dist_timeout_s={timeout_s} s); torchrun --max-restarts restarts the group, which resumes "
-            f"{run_dir / 'last.pt'}; by hand: torchrun ... train_seg.py --resume --out {run_dir}")
+            f"{run_dir / LAST}; by hand: torchrun ... train_seg.py --resume --out {run_dir}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     dist = None
     try:
-        setup_logging()  # seg.training adds RUN_DIR/train.log once the start is accepted
-        config = args.config or DEFAULT_CONFIG
-        check_restartable()
-        resume, overwrite = resume_mode(args.resume, args.overwrite)
-        run_dir = resolve_run_dir(args.out, config.stem, resume)
-        # a resume continues the stored config: only what this command typed may differ from it
-        cfg = (resume_config(run_dir, args.config, args.overrides) if continues_run(run_dir, resume)
-               else load_config(config, args.overrides))
+        setup_logging()  # seg.engine.trainer adds RUN_DIR/train.log once the start is accepted
+        plan = plan_start(args.out, args.config, args.overrides, args.resume, args.overwrite, DEFAULT_CONFIG)
+        run_dir, cfg = plan.run_dir, plan.config
         dist = init_distributed(cfg.train.dist_timeout_s)
-        state = run_training(cfg, run_dir, dist, resume=resume, overwrite=overwrite)
+        state = run_training(plan, dist)
         if dist.is_main:
             print_summary(run_dir, state.best_miou)
         return 0
-    except USER_ERRORS as err:
-        # user errors: one clear line, no traceback
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as err:  # one clear line, no traceback
+        return print_user_error(err)
     except RuntimeError as err:
         if dist is None or not dist.distributed or not is_peer_failure(err):
             raise

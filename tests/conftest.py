@@ -29,7 +29,7 @@ def pytest_collection_modifyitems(config, items):
 def ca_with_bn_stats(channels: int = 16, inplace: bool = False):
     """A CA block with its inference fast paths (seg.kernels.fast), in eval mode, whose BN is far
     from identity, so a wrong or stale BN fold shows."""
-    from seg.attention import CoordAttention
+    from seg.modeling.attention import CoordAttention
     from seg.kernels.fast import optimize_for_inference
 
     block = optimize_for_inference(CoordAttention(channels))

@@ -2,7 +2,7 @@
 
 ``ELASTIC_FAULT=RANK:ATTEMPT:N:ACTION`` makes rank RANK, in torchrun attempt ATTEMPT
 (TORCHELASTIC_RESTART_COUNT), SIGKILL (``kill``) or SIGSTOP (``stop``) itself when it enters its
-Nth validation. The fault wraps ``seg.training.evaluate``, which every rank calls, so production
+Nth validation. The fault wraps ``seg.engine.trainer.evaluate``, which every rank calls, so production
 code has no test hooks. ``ELASTIC_PIDS=DIR`` makes each rank write its pid to ``DIR/rank{R}.pid``
 and, just before a fault fires, the time to ``DIR/fault.time``.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-import seg.training
+import seg.engine.trainer
 import train_seg
 
 
@@ -23,7 +23,7 @@ def install_fault(spec: str, pids: Path | None) -> None:
     rank, attempt, nth, action = spec.split(":")
     if int(os.environ["RANK"]) != int(rank) or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) != int(attempt):
         return
-    real, calls = seg.training.evaluate, 0
+    real, calls = seg.engine.trainer.evaluate, 0
 
     def evaluate(*args, **kwargs):
         nonlocal calls
@@ -34,7 +34,7 @@ def install_fault(spec: str, pids: Path | None) -> None:
             os.kill(os.getpid(), signal.SIGKILL if action == "kill" else signal.SIGSTOP)
         return real(*args, **kwargs)
 
-    seg.training.evaluate = evaluate
+    seg.engine.trainer.evaluate = evaluate
 
 
 def main() -> int:

@@ -3,7 +3,7 @@
 Importing torch and smp takes seconds, so this process imports ``train_seg`` once and forks one
 child per run: each child is a real, separate process running the real entry point on real
 files, and the kernel's SIGKILL ends it. The faults wrap ``os.replace`` and ``os.write``, the two
-calls through which seg.checkpoint and seg.rundir change the run directory, so production code
+calls through which seg.runs.checkpoint and seg.runs.rundir change the run directory, so production code
 has no test hooks.
 
 Protocol, one JSON object per line: on stdin ``{"argv": [...], "fault": SPEC or null, "log": PATH}``
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-import seg.training
+import seg.engine.trainer
 import train_seg
 
 
@@ -67,14 +67,14 @@ def install_fault(spec: str) -> None:
 def rising_scores() -> None:
     """Validation's mIoU becomes n / (n + 1), n = the model's first BN step counter: strictly rising
     with every training step, and restored exactly by a resume (it is in the state dict)."""
-    real = seg.training.evaluate
+    real = seg.engine.trainer.evaluate
 
     def evaluate(model, *args, **kwargs):
         metrics = real(model, *args, **kwargs)
         steps = next(m.num_batches_tracked for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)).item()
         return {**metrics, "miou": steps / (steps + 1)}
 
-    seg.training.evaluate = evaluate
+    seg.engine.trainer.evaluate = evaluate
 
 
 def run_child(request: dict) -> None:

@@ -6,10 +6,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from seg.attention import CoordAttention
-from seg.engine import TrainState, train_step
+from seg.engine.loop import TrainState, train_step
 from seg.kernels.fast import use_fused
-from seg.models import build_model, set_fused_ca
+from seg.modeling.attention import CoordAttention
+from seg.modeling.models import build_model
 
 # Machine epsilon of each dtype: the unit the low-precision tolerances are written in.
 EPS = {torch.float32: 2**-23, torch.bfloat16: 2**-8, torch.float16: 2**-11}
@@ -88,7 +88,7 @@ def deeplab_ca(classes: int = 3) -> nn.Module:
 def train_losses(build: Callable[[], nn.Module], fused: bool, steps: int, *, size: int, batch: int,
                  lr: float = 0.05, device: str = "cpu", amp: str = "none", channels_last: bool = False,
                  bn_eval: bool = False, compile_backend: str | None = None) -> list[float]:
-    """Losses of ``steps`` SGD steps (through ``seg.engine.train_step``) on one fixed random batch.
+    """Losses of ``steps`` SGD steps (through ``seg.engine.loop.train_step``) on one fixed random batch.
 
     ``build`` must give a 3-class model.
 
@@ -98,7 +98,7 @@ def train_losses(build: Callable[[], nn.Module], fused: bool, steps: int, *, siz
     """
     torch.manual_seed(0)
     model = build()
-    set_fused_ca(model, fused)
+    use_fused(model, fused)
     fmt = memory_format(channels_last)
     model = model.to(device, memory_format=fmt).train(not bn_eval)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)

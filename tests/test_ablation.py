@@ -61,11 +61,14 @@ def test_rerun_skips_finished_runs(smoke, monkeypatch, capsys):
 def test_unfinished_run_resumes_from_last_checkpoint(smoke, monkeypatch):
     run = smoke / "camvid_mobilenet_v2" / "seed0"
     (run / ablation.FINAL).unlink()
-    calls = []
+    kept = {name: (run / name).stat().st_mtime_ns for name in ("last.pt", "best.pt", "metrics.jsonl")}
+    plans = []
     real = ablation.run_training
-    monkeypatch.setattr(ablation, "run_training", lambda *a, **k: calls.append(k) or real(*a, **k))
+    monkeypatch.setattr(ablation, "run_training", lambda plan, dist: plans.append(plan) or real(plan, dist))
     assert ablation.main(_argv(smoke, "--no-step-time")) == 0
-    assert calls == [{"resume": True}] and (run / ablation.FINAL).is_file()
+    assert [(p.run_dir, p.resume) for p in plans] == [(run, "auto")] and (run / ablation.FINAL).is_file()
+    # resumed at its last iteration: nothing retrained, nothing rewritten (a fresh start would have)
+    assert {name: (run / name).stat().st_mtime_ns for name in kept} == kept
 
 
 def test_bad_override_is_one_clear_line(tmp_path, capsys):

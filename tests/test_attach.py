@@ -1,4 +1,4 @@
-"""seg.attach: placement counts, hand-counted parameters, SE replaced not stacked, stage choice,
+"""seg.modeling.attach: placement counts, hand-counted parameters, SE replaced not stacked, stage choice,
 smp's encoder contract, DeepLabV3 training, mobilenet_v2 + CA == mobilenet_v2_ca, timm weights."""
 
 import logging
@@ -14,14 +14,14 @@ from timm.models._efficientnet_blocks import SqueezeExcite as TimmEffSE
 
 import train_seg
 from seg import attach_attention
-from seg.attach import UnsupportedEncoderError
-from seg.attention import ATTENTIONS, CoordAttention, SqueezeExcite
-from seg.tools.complexity import count_params, timm_attention_table
 from seg.config import ConfigError, ModelConfig, load_config
-from seg.models import build_model, model_from_config
+from seg.errors import USER_ERRORS
+from seg.modeling.attach import UnsupportedEncoderError
+from seg.modeling.attention import ATTENTIONS, CoordAttention, SqueezeExcite
+from seg.modeling.models import build_model, model_from_config
+from seg.modeling.weights import load_encoder_weights
 from seg.tools import bench_models
-from seg.training import USER_ERRORS
-from seg.weights import load_encoder_weights
+from seg.tools.complexity import count_params, timm_attention_table
 
 SIZE = 64
 # encoder: (blocks with a slot, of which timm built with an SE), counted from the architectures:

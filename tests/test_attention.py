@@ -5,10 +5,10 @@ import torch
 from torch import nn
 
 from conftest import ca_with_bn_stats, shared_path
-from seg.attention import CBAM, CoordAttention, SqueezeExcite, make_attention
-from seg.tools.complexity import count_params
 from seg.kernels import cpu
 from seg.kernels.fast import optimize_for_inference
+from seg.modeling.attention import CBAM, CoordAttention, SqueezeExcite, make_attention
+from seg.tools.complexity import count_params
 
 FIXTURE = ("fixtures", "official_ca", "coordatt_block.pt")
 
@@ -278,7 +278,7 @@ def test_fold_cached_under_inference_mode_serves_no_grad_calls(ca_path):
 @pytest.mark.parametrize("encoder", ["mobilenet_v2_ca", "resnet50_ca"])
 def test_hooks_on_a_ca_block_see_what_the_reference_sees(encoder):
     """At inference CA may gate its input in place; a hook must still be shown the ungated input."""
-    from seg.encoders import register  # noqa: F401  (our names in smp)
+    from seg.modeling.encoders import register  # noqa: F401  (our names in smp)
     import segmentation_models_pytorch as smp
 
     torch.manual_seed(0)

@@ -6,12 +6,12 @@ import json
 import pytest
 import torch
 
-from seg.export import export_onnx
-from seg.timing import cpu_name, interleaved
+from seg.export.onnx import export_onnx
 from seg.tools import bench, bench_blocks, bench_models
 from seg.tools.bench_models import AA, CA_TORCH, NO_NCHWC
 from seg.tools.bench_runners import BenchSetup, ort_session
 from seg.tools.complexity import count_flops
+from seg.tools.timing import cpu_name, interleaved
 
 TINY = ["--device", "cpu", "--size", "64", "--repeats", "1", "--warmup", "0", "--threads", "1", "--flops-size", "64"]
 

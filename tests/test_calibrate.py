@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from conftest import ca_with_bn_stats
-from seg.attention import CoordAttention
 from seg.kernels import calibrate, cpu
 from seg.kernels.fast import optimize_for_inference
+from seg.modeling.attention import CoordAttention
 
 
 @pytest.fixture()
@@ -102,7 +102,7 @@ def test_always_and_never(monkeypatch, ext):
 def test_mobilenet_v2_ca_blocks_calibrate_and_equal_the_kernel_free_model(ext):
     import segmentation_models_pytorch as smp
 
-    import seg.models  # noqa: F401  (registers our encoders)
+    import seg.modeling.models  # noqa: F401  (registers our encoders)
 
     torch.manual_seed(0)
     encoder = optimize_for_inference(smp.encoders.get_encoder("mobilenet_v2_ca", in_channels=3, depth=5,

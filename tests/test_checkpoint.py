@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-import seg.checkpoint as ckpt_mod
-from seg.checkpoint import (CheckpointError, capture_rng, load_checkpoint, load_model_weights, restore_rng,
-                            save_checkpoint, unwrap_model)
 from seg.config import Config, config_to_dict
+import seg.runs.checkpoint as ckpt_mod
+from seg.runs.checkpoint import (CheckpointError, capture_rng, load_checkpoint, load_model_weights, restore_rng,
+                            save_checkpoint, unwrap_model)
 
 
 def tiny_model(out_channels: int = 4) -> nn.Module:

@@ -4,7 +4,6 @@
 import argparse
 import importlib
 import importlib.util
-import runpy
 from pathlib import Path
 
 import pytest
@@ -59,7 +58,7 @@ CLIS = {
     "python -m seg.tools.ablation": lambda: ablation.main,
     "python -m seg.tools.report": lambda: importlib.import_module("seg.tools.report").main,
     "python -m seg.tools.complexity": lambda: importlib.import_module("seg.tools.complexity").main,
-    "python -m seg.export": lambda: importlib.import_module("seg.export").main,
+    "python -m seg.export": lambda: importlib.import_module("seg.export.onnx").main,
     **{f"python datasets/{name}.py": (lambda name=name: _script(name).main) for name in (
         "check_dataset", "make_synthetic", "prepare_cityscapes", "prepare_voc_aug")},
 }
@@ -89,28 +88,3 @@ def test_help_names_the_invocation_and_every_option_and_default(prog, monkeypatc
         flag = action.nargs == 0 and action.default is False  # store_true: off unless given
         if not (flag or action.required or "(required)" in action.help):
             assert "default" in formatter._get_help_string(action), f"{prog}: {name} does not say its default"
-
-
-# the tools' old names (before seg/tools/) -> what their one line must point to
-MOVED = {"seg.bench": "python -m seg.tools.bench --device cuda",
-         "seg.cpu_bench": "python -m seg.tools.bench --device cpu",
-         "seg.kernels.bench": "python -m seg.tools.bench --scope block",
-         "seg.report": "python -m seg.tools.report",
-         "seg.ablation": "python -m seg.tools.ablation",
-         "seg.complexity": "python -m seg.tools.complexity"}
-
-
-@pytest.mark.parametrize("old", list(MOVED))
-def test_an_old_tool_name_fails_in_one_line_naming_the_new_one(old):
-    with pytest.raises(SystemExit) as exit_:
-        runpy.run_module(old, run_name="__main__")
-    message = str(exit_.value.code)
-    assert "\n" not in message and message.startswith(f"error: python -m {old} has moved") and MOVED[old] in message
-    importlib.import_module(old)  # importing the old name is harmless: only running it fails
-
-
-def test_the_old_pipeline_script_fails_in_one_line_naming_the_new_command():
-    with pytest.raises(SystemExit) as exit_:
-        runpy.run_path(str(REPO / "datasets" / "bench_pipeline.py"), run_name="__main__")
-    message = str(exit_.value.code)
-    assert "\n" not in message and "python -m seg.tools.bench --scope pipeline" in message

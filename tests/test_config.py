@@ -9,7 +9,7 @@ import yaml
 
 import seg.config
 from seg.config import Config, ConfigError, config_from_dict, config_to_dict, eval_window, load_config, save_config
-from seg.optim import DEFAULT_WEIGHT_DECAY
+from seg.engine.optim import DEFAULT_WEIGHT_DECAY
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SHIPPED = sorted(CONFIGS.glob("*.yaml"))

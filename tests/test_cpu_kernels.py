@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from conftest import ca_with_bn_stats
-from seg.attention import CoordAttention
-from seg.encoders.mobilenet_v2 import ExpandedConv
 from seg.kernels import cpu
 from seg.kernels.fast import optimize_for_inference
+from seg.modeling.attention import CoordAttention
+from seg.modeling.encoders.mobilenet_v2 import ExpandedConv
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,7 @@ from cityscapesscripts.helpers.labels import id2label, trainId2label
 from PIL import Image
 
 from seg.data.camvid import CamVid
-from seg.data.cityscapes import CITYSCAPES_CLASSES, TRAIN_ID_LUT, Cityscapes
+from seg.data.cityscapes import CITYSCAPES_CLASSES, Cityscapes, TRAIN_ID_LUT
 from seg.data.voc import VOCSegmentation
 from tests.conftest import shared_path
 

@@ -11,9 +11,10 @@ import torch
 import torch.multiprocessing as mp
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from seg import distributed as sd
 from seg.data import ContiguousSampler
-from seg.metrics import IGNORE_INDEX, ConfusionMatrix
+from seg.data.palette import IGNORE_INDEX
+from seg.evaluation.metrics import ConfusionMatrix
+from seg.utils import distributed as sd
 
 NUM_CLASSES = 5
 NUM_SAMPLES = 7  # odd on purpose: a padding sampler would count one sample twice

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import train_seg
-from seg.checkpoint import load_checkpoint
+from seg.runs.checkpoint import load_checkpoint
 from tests.test_kill_resume import ITERS, assert_same_as, error_line, run_args
 
 pytestmark = pytest.mark.slow  # torchrun jobs, killed and restarted

@@ -6,9 +6,9 @@ import torch
 import torchvision
 from torch import nn
 
-from seg.attention import ATTENTIONS
+from seg.modeling.attention import ATTENTIONS
+from seg.modeling.encoders import register as registry
 from seg.tools.complexity import count_params
-from seg.encoders import register as registry
 
 SIZE = 64
 

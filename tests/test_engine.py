@@ -11,8 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-import seg.engine as engine
-from seg.engine import TrainState, train
+import seg.engine.loop as engine
+from seg.engine.loop import TrainState, train
+from seg.utils.progress import show_progress_bar
 
 LINE = re.compile(r"iter (\d+)/(\d+): loss (\S+), lr (\S+), (\S+) img/s")
 
@@ -31,7 +32,7 @@ def _batches():
 
 def test_plain_line_every_log_interval_with_loss_lr_and_rate(caplog):
     state, logged = _state(), []
-    with caplog.at_level(logging.INFO, logger="seg.engine"):
+    with caplog.at_level(logging.INFO, logger="seg.engine.loop"):
         train(state, _batches(), total_iters=5, device=torch.device("cpu"), log_interval=2, eval_interval=100,
               on_log=lambda it, scalars: logged.append((it, scalars)))
     lines = [LINE.fullmatch(r.getMessage()) for r in caplog.records]
@@ -95,7 +96,7 @@ def test_logged_rate_leaves_out_a_validation_inside_the_window(monkeypatch, capl
     def validate(state):
         clock[0] += 100.0
 
-    with caplog.at_level(logging.INFO, logger="seg.engine"):
+    with caplog.at_level(logging.INFO, logger="seg.engine.loop"):
         train(_state(), batches(), total_iters=4, device=torch.device("cpu"), log_interval=4, eval_interval=2,
               on_eval=validate)
     (line,) = [LINE.fullmatch(r.getMessage()) for r in caplog.records]
@@ -104,9 +105,9 @@ def test_logged_rate_leaves_out_a_validation_inside_the_window(monkeypatch, capl
 
 def test_bar_only_on_a_terminal(monkeypatch):
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
-    assert not engine.show_progress_bar()
+    assert not show_progress_bar()
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
-    assert engine.show_progress_bar()
+    assert show_progress_bar()
 
 
 class _NanAt(nn.Module):

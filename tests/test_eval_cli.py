@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import eval_seg
-from seg.checkpoint import save_checkpoint
 from seg.config import config_to_dict, load_config
-from seg.models import model_from_config
+from seg.modeling.models import model_from_config
+from seg.runs.checkpoint import save_checkpoint
 
 
 @pytest.fixture(scope="module")

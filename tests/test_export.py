@@ -5,10 +5,10 @@ import onnx
 import pytest
 import torch
 
-import seg.export as export
-from seg.checkpoint import save_checkpoint
 from seg.config import Config, config_to_dict
-from seg.models import model_from_config
+import seg.export.onnx as export
+from seg.modeling.models import model_from_config
+from seg.runs.checkpoint import save_checkpoint
 
 HEIGHT, WIDTH = 64, 96
 ENCODERS = ["mobilenet_v2", "mobilenet_v2_se", "mobilenet_v2_cbam", "mobilenet_v2_ca"]
@@ -75,7 +75,7 @@ def test_default_size_is_crop_rounded_to_stride(tmp_path):
 def test_size_not_multiple_of_stride_names_nearest(tmp_path, capsys):
     out = tmp_path / "model.onnx"
     argv = ["--checkpoint", str(_checkpoint(tmp_path)), "--out", str(out), "--height", "70", "--width", "96"]
-    assert export.main(argv) == 1
+    assert export.main(argv) == 2
     err = capsys.readouterr().err
     assert "height 70" in err and "stride 16" in err and "--height 64 --width 96" in err
     assert not out.exists()
@@ -83,21 +83,21 @@ def test_size_not_multiple_of_stride_names_nearest(tmp_path, capsys):
 
 def test_missing_checkpoint_is_named(tmp_path, capsys):
     missing = tmp_path / "nope.pt"
-    assert export.main(["--checkpoint", str(missing), "--out", str(tmp_path / "m.onnx")]) == 1
+    assert export.main(["--checkpoint", str(missing), "--out", str(tmp_path / "m.onnx")]) == 2
     assert str(missing) in capsys.readouterr().err
 
 
 def test_corrupt_checkpoint_is_named(tmp_path, capsys):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    assert export.main(["--checkpoint", str(bad), "--out", str(tmp_path / "m.onnx")]) == 1
+    assert export.main(["--checkpoint", str(bad), "--out", str(tmp_path / "m.onnx")]) == 2
     err = capsys.readouterr().err
     assert str(bad) in err and "corrupt" in err
 
 
 def test_missing_output_folder(tmp_path, capsys):
     out = tmp_path / "no_such_dir" / "m.onnx"
-    assert export.main(["--checkpoint", str(tmp_path / "any.pt"), "--out", str(out)]) == 1
+    assert export.main(["--checkpoint", str(tmp_path / "any.pt"), "--out", str(out)]) == 2
     assert "output folder does not exist" in capsys.readouterr().err
 
 
@@ -112,7 +112,7 @@ def test_disagreeing_runtime_is_refused_and_file_deleted(tmp_path, capsys, monke
     monkeypatch.setattr(export, "run_onnx", shifted)
     out = tmp_path / "model.onnx"
     argv = ["--checkpoint", str(_checkpoint(tmp_path)), "--out", str(out), "--height", "32", "--width", "32"]
-    assert export.main(argv) == 1
+    assert export.main(argv) == 2
     err = capsys.readouterr().err
     assert "disagrees" in err and "deleted" in err
     assert not out.exists()
@@ -132,7 +132,7 @@ def test_threads_flag_or_the_checkpoints_train_threads(tmp_path, monkeypatch, fl
         raise export.ExportError("stopped before exporting")
 
     monkeypatch.setattr(export, "export_onnx", stop)
-    assert export.main(["--checkpoint", str(path), "--out", str(tmp_path / "m.onnx"), *flag]) == 1
+    assert export.main(["--checkpoint", str(path), "--out", str(tmp_path / "m.onnx"), *flag]) == 2
     assert threads == expected
 
 

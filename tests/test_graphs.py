@@ -1,11 +1,12 @@
-"""CUDA graphs (train.cuda_graphs, seg.graphs) and compile modes: refusals on CPU, equality on a GPU."""
+"""CUDA graphs (train.cuda_graphs, seg.engine.graphs) and compile modes: refusals on CPU, equality on a GPU."""
 
 import pytest
 import torch
 
 import train_seg
 from seg.config import ConfigError, load_config
-from seg.models import build_model, set_fused_ca
+from seg.kernels.fast import use_fused
+from seg.modeling.models import build_model
 
 TINY = ["data.synthetic_train_images=4", "data.synthetic_val_images=2", "data.synthetic_image_size=64",
         "data.crop_size=64", "data.batch_size=2", "data.val_batch_size=2", "data.num_workers=0", "train.iters=2",
@@ -43,8 +44,8 @@ def test_compile_mode_reaches_torch_compile(tmp_path, monkeypatch):
 
 
 def _train_steps(model, graphed: bool, steps: int = 3):
-    from seg.engine import TrainState, train_step
-    from seg.graphs import graph_training
+    from seg.engine.loop import TrainState, train_step
+    from seg.engine.graphs import graph_training
 
     gen = torch.Generator().manual_seed(1)
     batches = [(torch.randn(4, 3, 64, 64, generator=gen).cuda(), torch.randint(0, 5, (4, 64, 64), generator=gen).cuda())
@@ -85,7 +86,7 @@ def test_graphed_steps_equal_eager_steps(encoder, fused):
         for m in model.modules():
             if isinstance(m, torch.nn.Dropout):
                 m.p = 0.0
-        set_fused_ca(model, fused)
+        use_fused(model, fused)
         runs.append(_train_steps(model, graphed))
     control, graph = _max_diffs(runs[0], runs[1]), _max_diffs(runs[0], runs[2])
     worse = {k: (graph[k], control[k]) for k in graph if graph[k] > 4 * control[k] + 1e-5}
@@ -94,7 +95,7 @@ def test_graphed_steps_equal_eager_steps(encoder, fused):
 
 @pytest.mark.cuda
 def test_graphed_inference_equals_eager_and_takes_new_inputs():
-    from seg.graphs import GraphedInference
+    from seg.engine.graphs import GraphedInference
 
     torch.manual_seed(0)
     model = build_model("deeplabv3", "mobilenet_v2_ca", 5, decoder_channels=32).cuda().eval()

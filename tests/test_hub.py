@@ -9,15 +9,15 @@ import segmentation_models_pytorch as smp
 import torch
 
 import seg
-from seg.models import build_model
+from seg.modeling.models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 RELOAD = """
 import sys
 from pathlib import Path
 import numpy as np, torch
-import segmentation_models_pytorch as smp
 import seg  # the one line that teaches smp our encoders, SegModel and attached attention
+import segmentation_models_pytorch as smp
 torch.set_num_threads(1)
 for folder in sys.argv[1:]:
     model = smp.from_pretrained(folder).eval()

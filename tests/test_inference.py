@@ -7,7 +7,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from seg.inference import predict, predict_labels
+from seg.inference.tta import predict, predict_labels
 
 
 class TinyNet(nn.Module):

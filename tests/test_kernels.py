@@ -22,12 +22,13 @@ pytest.importorskip("triton")
 import seg.kernels  # noqa: E402
 from kernel_cases import (  # noqa: E402
     EPS, assert_fused_as_accurate, deeplab_ca, fused_reference_exact, memory_format, tiny_ca_net, train_losses)
-from seg.attention import CoordAttention  # noqa: E402
 from seg.config import ModelConfig  # noqa: E402
 from seg.kernels import coord_attention as kernels  # noqa: E402
 from seg.kernels import ops  # noqa: E402
 from seg.kernels.fast import use_fused  # noqa: E402
-from seg.models import model_from_config, set_fused_ca  # noqa: E402
+from seg.kernels.fast import use_fused  # noqa: E402
+from seg.modeling.attention import CoordAttention  # noqa: E402
+from seg.modeling.models import model_from_config  # noqa: E402
 
 SHAPES = {"odd": (2, 5, 5, 7), "1xW": (2, 5, 1, 9), "Hx1": (2, 5, 9, 1), "batch1": (1, 5, 6, 3)}
 
@@ -185,7 +186,7 @@ def test_deeplab_with_all_16_blocks_fused_gives_reference_gradients():
     # The real encoder (its strides, dilation, channels_last). BN frozen: see train_losses.
     reference = deeplab_ca().eval().to(memory_format=torch.channels_last)
     fused = copy.deepcopy(reference)
-    assert set_fused_ca(fused, True) == 16
+    assert use_fused(fused, True) == 16
     images = torch.randn(1, 3, 32, 32).to(memory_format=torch.channels_last)
     targets = images.argmax(1)
     for model in (reference, fused):
@@ -215,7 +216,7 @@ def test_gpu_bench_runs_its_tables_and_restores_the_tiles(monkeypatch, capsys):
     out = capsys.readouterr().out
     kernel_lines = [line for line in out.splitlines() if line.startswith("| a (2, 6, 5, 7)")]
     assert len(kernel_lines) == 2 * 2 * 3  # dtypes x layouts x kernels
-    # the block rows come from seg.timing's harness (real CPU times), the kernel rows from the fake do_bench
+    # the block rows come from seg.tools.timing's harness (real CPU times), the kernel rows from the fake do_bench
     assert re.search(r"\| a \| fwd\+bwd( \| \d+\.\d{3}){5} \|", out), out
     assert "| 8 | 2 |" in out and "| 64 | 4 |" in out
     assert (kernels.MAX_TILE, kernels.MAX_ROWS) == defaults

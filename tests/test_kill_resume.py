@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from seg.checkpoint import load_checkpoint
+from seg.runs.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow  # real SIGKILLs at every commit point, then resumes
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from seg.metrics import IGNORE_INDEX, ConfusionMatrix
+from seg.evaluation.metrics import ConfusionMatrix, IGNORE_INDEX
 from tests.conftest import shared_path
 
 

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 from segmentation_models_pytorch.decoders.deeplabv3.decoder import ASPPSeparableConv
 
+from seg.modeling.models import ARCHS, SegModel, build_model
 from seg.tools.complexity import count_flops, count_params
-from seg.models import ARCHS, SegModel, build_model
 
 CLASSES = 5
 SIZE = 64
@@ -113,7 +113,7 @@ def test_count_flops_restores_train_mode():
 
 def test_missing_encoder_weights_say_how_to_train_from_scratch(tmp_path):
     from seg.config import load_config
-    from seg.models import model_from_config
+    from seg.modeling.models import model_from_config
 
     missing = tmp_path / "mbv2_ca.pth"
     cfg = load_config(None, [f"model.encoder_weights={missing}", "model.decoder_channels=16"])

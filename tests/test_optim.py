@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from seg.optim import DEFAULT_WEIGHT_DECAY, build_optimizer
+from seg.engine.optim import DEFAULT_WEIGHT_DECAY, build_optimizer
 
 
 def _decays(optimizer) -> set[float]:

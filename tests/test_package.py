@@ -40,7 +40,7 @@ def wheel(tmp_path_factory) -> Path:
 def test_the_wheel_holds_the_library_its_tools_and_the_kernel_source(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     expected = {"seg/__init__.py", "seg/config/schema.py", "seg/tools/bench.py", "seg/tools/report.py",
-                "seg/kernels/ca_cpu.cpp", "seg/encoders/register.py"}
+                "seg/kernels/ca_cpu.cpp", "seg/modeling/encoders/register.py"}
     assert expected <= names, sorted(expected - names)
     packaged = {n for n in names if n.endswith(".py")}
     in_tree = {p.relative_to(ROOT).as_posix() for p in (ROOT / "seg").rglob("*.py")}

@@ -10,13 +10,13 @@ import torch
 
 import eval_seg
 import predict_seg
-import seg.export as export
+import seg.export.onnx as export
 import train_seg
 from seg import Predictor
-from seg.checkpoint import checkpoint_config, load_checkpoint
 from seg.data import IMAGENET_MEAN, IMAGENET_STD, build_dataset
 from seg.data.synthetic import SYNTHETIC_CLASSES, SYNTHETIC_PALETTE
-from seg.runtime import read_model_card
+from seg.export.runtime import read_model_card
+from seg.runs.checkpoint import checkpoint_config, load_checkpoint
 
 SIZE = 40  # not a multiple of the model's stride: padding and cropping back are exercised
 
@@ -200,7 +200,7 @@ def test_user_errors_are_one_line_and_write_nothing(run, tmp_path, capsys, case)
     else:
         ckpt = str(tmp_path / "nope.pt")
     code, _, err = _predict(["--checkpoint", ckpt, *inputs, "--out", str(out)], capsys)
-    assert code == 1 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
 
 

@@ -24,8 +24,8 @@ from unittest import mock
 import pytest
 from torch.distributed.run import get_args_parser as torchrun_parser
 
-from seg.cli import OVERRIDE
 from seg.config import load_config
+from seg.config.cli import OVERRIDE
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 import train_seg
-from seg.checkpoint import load_checkpoint
 from seg.config import Config, config_to_dict
-from seg.rundir import RunDirError, changed_keys, locked, trim_metrics
+from seg.runs.checkpoint import load_checkpoint
+from seg.runs.rundir import RunDirError, changed_keys, locked, trim_metrics
 
 ITERS = 2
 
@@ -156,8 +156,8 @@ def test_batch_not_divisible_by_processes_is_a_config_error(tiny_synthetic):
     import torch
 
     from seg.config import ConfigError, load_config
-    from seg.distributed import DistInfo
-    from seg.training import build_loaders
+    from seg.utils.distributed import DistInfo
+    from seg.engine.trainer import build_loaders
 
     cfg = load_config(None, run_args(tiny_synthetic, "data.batch_size=100"))
     three_ranks = DistInfo(rank=0, local_rank=0, world_size=3, device=torch.device("cpu"), is_main=True)
@@ -167,7 +167,7 @@ def test_batch_not_divisible_by_processes_is_a_config_error(tiny_synthetic):
 
 def test_resume_on_another_process_count_is_refused(finished, tiny_synthetic):
     from seg.config import load_config
-    from seg.rundir import check_start
+    from seg.runs.rundir import check_start
 
     assert load_checkpoint(finished / "last.pt")["extra"]["world_size"] == 1
     with pytest.raises(RunDirError, match=r"trained by 1 process\(es\), this start has 2.*resume with 1"):

@@ -11,9 +11,10 @@ import torch
 
 from seg.config import load_config
 from seg.data import SyntheticSegmentation, voc_palette
-from seg.distributed import DistInfo
-from seg.rundir import LAST
-from seg.training import run_training
+from seg.engine.trainer import run_training
+from seg.runs.rundir import LAST
+from seg.runs.start import StartPlan
+from seg.utils.distributed import DistInfo
 
 SMALL_CROP = 64  # a multiple of output strides 8, 16 and 32
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -39,8 +40,8 @@ def test_shipped_config_trains_one_step_and_validates(path, tmp_path, monkeypatc
     classes = [f"class{i}" for i in range(cfg.data.num_classes)]
     monkeypatch.setattr(SyntheticSegmentation, "classes", tuple(classes))
     monkeypatch.setattr(SyntheticSegmentation, "palette", voc_palette(len(classes)))
-    state = run_training(cfg, tmp_path / "run", DistInfo(rank=0, local_rank=0, world_size=1,
-                                                         device=torch.device("cpu"), is_main=True))
+    state = run_training(StartPlan(tmp_path / "run", cfg), DistInfo(rank=0, local_rank=0, world_size=1,
+                                                                    device=torch.device("cpu"), is_main=True))
     shipped = load_config(path, [])  # what shapes the model and the update is the recipe's own
     assert cfg.model == replace(shipped.model, encoder_weights=None)
     assert replace(cfg.optim, warmup_iters=shipped.optim.warmup_iters) == shipped.optim

@@ -12,10 +12,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import eval_seg
 import train_seg
-from seg.checkpoint import load_checkpoint
 from seg.config import load_config
-from seg.distributed import DistInfo
-from seg.training import run_training
+from seg.engine.trainer import run_training
+from seg.runs.checkpoint import load_checkpoint
+from seg.runs.start import StartPlan
+from seg.utils.distributed import DistInfo
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -98,13 +99,13 @@ def test_resume_continues_exactly(tmp_path, data_root):
     single = DistInfo(0, 0, 1, torch.device("cpu"), True)
     straight_cfg = load_config(None, tiny_overrides(data_root, iters=6))
     straight_cfg.train.eval_interval = 3
-    straight = run_training(straight_cfg, _mk(tmp_path / "a"), single)
+    straight = run_training(StartPlan(_mk(tmp_path / "a"), straight_cfg), single)
     # stop after 3 iterations: the checkpoint written at iteration 3 is what --resume reads
     stopped = load_config(None, tiny_overrides(data_root, iters=6))
     stopped.train.eval_interval = 3
     run_dir = _mk(tmp_path / "b")
     _run_until(stopped, run_dir, single, stop_at=3)
-    resumed = run_training(stopped, run_dir, single, resume=True)
+    resumed = run_training(StartPlan(run_dir, stopped, resume=True), single)
     for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
 
@@ -119,7 +120,7 @@ def _run_until(cfg, run_dir, dist, stop_at):
     class Stop(Exception):
         pass
 
-    import seg.training as training
+    import seg.engine.trainer as training
 
     original = training.save_state
 
@@ -131,7 +132,7 @@ def _run_until(cfg, run_dir, dist, stop_at):
     training.save_state = save_then_stop
     try:
         with pytest.raises(Stop):
-            run_training(cfg, run_dir, dist)
+            run_training(StartPlan(run_dir, cfg), dist)
     finally:
         training.save_state = original
 
@@ -158,11 +159,11 @@ def test_ddp_two_cpu_ranks_end_with_identical_parameters(tmp_path, data_root):
     script = tmp_path / "ddp_run.py"
     script.write_text(
         "import sys, torch\n"
-        "from seg.config import load_config\nfrom seg.distributed import init_distributed, cleanup\n"
-        "from seg.training import run_training\n"
+        "from seg.config import load_config\nfrom seg.utils.distributed import init_distributed, cleanup\n"
+        "from seg.engine.trainer import run_training\nfrom seg.runs.start import StartPlan\n"
         "cfg = load_config(None, sys.argv[2:])\ndist = init_distributed()\n"
         "out = __import__('pathlib').Path(sys.argv[1])\n"
-        "state = run_training(cfg, out, dist)\n"
+        "state = run_training(StartPlan(out, cfg), dist)\n"
         "torch.save(dict(state.model.module.named_parameters()), out / f'rank{dist.rank}.pt')\ncleanup()\n"
     )
     # 2 per rank: without SyncBatchNorm (CPU) the ASPP's pooled BN needs two samples per process
@@ -181,7 +182,7 @@ def test_validation_uses_the_eval_settings_eval_seg_reproduces(tmp_path, data_ro
     """A TTA recipe: validation runs under the scales, flip and precision eval_seg.py then reports,
     and eval_seg.py scores best.pt exactly as validation did. That these settings change a
     prediction is proven on constructed models in test_inference.py, not on what 4 random steps learned."""
-    from seg import training
+    from seg.engine import trainer as training
 
     seen = []
     real_evaluate = training.evaluate

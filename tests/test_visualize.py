@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from seg.models import build_model
-from seg.visualize import (HEATMAP_ALPHA, LEGEND_ROW_PX, LEGEND_WIDTH_PX, SEPARATOR_PX, ca_overlays,
+from seg.modeling.models import build_model
+from seg.utils.visualize import (HEATMAP_ALPHA, LEGEND_ROW_PX, LEGEND_WIDTH_PX, SEPARATOR_PX, ca_overlays,
                            compute_ca_maps, heatmap, legend, pick_ca_blocks, put_label, spread_indices)
 
 

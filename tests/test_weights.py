@@ -12,8 +12,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 import seg  # noqa: F401  (registers our encoders in smp)
-from seg import weights
-from seg.weights import load_encoder_weights, resolve_weights
+from seg.modeling import weights
+from seg.modeling.weights import load_encoder_weights, resolve_weights
 from tests.conftest import shared_path
 
 FIXTURE_DIR = ("fixtures", "official_ca")

@@ -16,10 +16,10 @@ from typing import Any, get_args
 
 import yaml
 
-from seg.atomic import write_atomic
 from seg.config.coerce import Mismatch, coerce, type_name
 from seg.config.schema import (CONFIG_VERSION, FIELD_TYPES, FROM_SCRATCH, MODEL_KEYS, SECTIONS, Config, ConfigError,
                                validate)
+from seg.utils.atomic import write_atomic
 
 log = logging.getLogger(__name__)
 _WARNED: set[tuple[str, ...]] = set()  # unknown stored keys already warned about
@@ -102,7 +102,14 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: Config
             data = yaml.safe_load(path.read_text())
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        _apply(cfg, data or {}, str(path))
+        data = data or {}
+        if isinstance(data, dict) and "config_version" in data:  # a run's config.yaml, reused as an experiment
+            data = dict(data)
+            version = data.pop("config_version")
+            if not isinstance(version, int) or version > CONFIG_VERSION:
+                raise ConfigError(f"{path}: config_version {version!r} is not one this code reads "
+                                  f"(it reads up to {CONFIG_VERSION})")
+        _apply(cfg, data, str(path))
     return apply_overrides(cfg, overrides)
 
 
@@ -130,6 +137,9 @@ def config_from_dict(d: dict, version: int = CONFIG_VERSION, source: str = "stor
     """
     if not isinstance(d, dict):
         raise ConfigError(f"{source}: expected a mapping of sections {list(SECTIONS)}, got {d!r}")
+    if "config_version" in d:  # a config.yaml states its own version
+        d = dict(d)
+        version = d.pop("config_version")
     known, unknown = {}, []
     for section, values in d.items():
         if section not in SECTIONS or not isinstance(values, (dict, type(None))):
@@ -152,5 +162,7 @@ def config_from_dict(d: dict, version: int = CONFIG_VERSION, source: str = "stor
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the fully resolved config as YAML, atomically; :func:`load_config` reads it back unchanged."""
-    write_atomic(Path(path), yaml.safe_dump(config_to_dict(cfg), sort_keys=False).encode())
+    """Write the fully resolved config as YAML, atomically, with the ``config_version`` whose rules
+    read it back (as a checkpoint stores it); :func:`load_config` reads it back unchanged."""
+    stored = {"config_version": CONFIG_VERSION, **config_to_dict(cfg)}
+    write_atomic(Path(path), yaml.safe_dump(stored, sort_keys=False).encode())

@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal, Optional, get_type_hints
 
+from seg.errors import UserError
+
 log = logging.getLogger(__name__)
 MAX_DEFAULT_WORKERS = 4
 # Bumped when a key is renamed or removed; stored in every checkpoint beside its config.
@@ -24,7 +26,7 @@ OUTPUT_STRIDE_PAD = 32  # eval images are padded to a multiple of the deepest st
 FROM_SCRATCH = ("", "none", "null")  # encoder_weights spellings that mean "random init"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file, override or stored config dict that does not fit the schema."""
 
 
@@ -73,7 +75,7 @@ class ModelConfig:
     # fused CA kernels on CUDA: off by default, slower than the reference in eager mode on an H200,
     # but faster under train.cuda_graphs (1.16x against 1.38x plain; docs/performance.md)
     fused_ca: bool = False
-    # Attention put into the encoder's blocks by seg.attach (None: leave the encoder as built;
+    # Attention put into the encoder's blocks by seg.modeling.attach (None: leave the encoder as built;
     # "none": empty the slots, e.g. remove EfficientNet's SE). attention_stages: deepest N stages only.
     attention: Optional[Literal["none", "ca", "se", "cbam"]] = None
     attention_stages: Optional[int] = None
@@ -84,7 +86,7 @@ class OptimConfig:
     name: Literal["sgd", "adamw"] = "sgd"
     lr: float = 0.007
     momentum: float = 0.9  # SGD only: AdamW uses its betas, and a changed value draws a warning
-    weight_decay: Optional[float] = None  # None: seg.optim.DEFAULT_WEIGHT_DECAY (4e-5 SGD, 1e-2 AdamW)
+    weight_decay: Optional[float] = None  # None: seg.engine.optim.DEFAULT_WEIGHT_DECAY (4e-5 SGD, 1e-2 AdamW)
     encoder_lr_mult: float = 1.0
     warmup_iters: int = 0
     poly_power: float = 0.9
@@ -183,7 +185,7 @@ def validate(cfg: Config) -> None:
 
 
 def inference_settings(cfg: Config) -> dict:
-    """The keyword arguments of :func:`seg.inference.predict_labels` that ``cfg`` asks for.
+    """The keyword arguments of :func:`seg.inference.tta.predict_labels` that ``cfg`` asks for.
 
     The one place a config becomes inference settings: training's validation, ``eval_seg.py``,
     ``seg.tools.ablation`` and TensorBoard's predictions all call it, so ``best.pt`` is chosen under
@@ -195,7 +197,7 @@ def inference_settings(cfg: Config) -> dict:
 
 
 def eval_window(cfg: Config) -> dict:
-    """``crop_size``/``stride`` for :func:`seg.inference.predict_labels`: in slide mode the window is
+    """``crop_size``/``stride`` for :func:`seg.inference.tta.predict_labels`: in slide mode the window is
     eval.crop_size, else the training crop, and a stride of None means 2/3 of the window."""
     if cfg.eval.mode != "slide":
         return {"crop_size": None, "stride": None}

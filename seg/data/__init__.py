@@ -8,7 +8,7 @@ Datasets take ``(root, split, transform=None)`` and yield (HxWx3 uint8 RGB, HxW 
 from seg.data.base import DatasetError, SegmentationDataset
 from seg.data.camvid import CamVid
 from seg.data.cityscapes import Cityscapes, label_ids_to_train_ids
-from seg.data.loaders import DATASETS, ContiguousSampler, build_dataset, build_loader
+from seg.data.loaders import ContiguousSampler, DATASETS, build_dataset, build_loader
 from seg.data.palette import IGNORE_INDEX, colorize, voc_palette
 from seg.data.synthetic import SyntheticSegmentation, make_synthetic
 from seg.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, PairTransform, build_eval_transform,

@@ -15,12 +15,13 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from seg.data.palette import IGNORE_INDEX
+from seg.errors import UserError
 
 TransformFn = Callable[[np.ndarray, np.ndarray], tuple]
 MAX_LISTED = 5  # how many offending files an error message names
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A dataset file or layout is not what the reader expects."""
 
 

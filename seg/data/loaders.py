@@ -18,8 +18,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from seg.data.base import DatasetError, SegmentationDataset, TransformFn
 from seg.data.camvid import CamVid
 from seg.data.cityscapes import Cityscapes
-from seg.data.synthetic import SyntheticSegmentation
 from seg.data.sampling import ResumableSampler, SeededDataset, seeded_generator
+from seg.data.synthetic import SyntheticSegmentation
 from seg.data.voc import VOCSegmentation
 
 DATASETS: dict[str, type[SegmentationDataset]] = {

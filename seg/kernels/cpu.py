@@ -20,7 +20,7 @@ from typing import Iterator
 
 import torch
 
-from seg.atomic import write_atomic
+from seg.utils.atomic import write_atomic
 
 log = logging.getLogger(__name__)
 

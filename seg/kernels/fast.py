@@ -1,6 +1,6 @@
 """Faster implementations of ``CoordAttention`` and of MobileNetV2's CA block, swapped in by explicit calls.
 
-``seg.attention.CoordAttention`` is the paper's block and nothing else. The fast paths live here,
+``seg.modeling.attention.CoordAttention`` is the paper's block and nothing else. The fast paths live here,
 as subclasses that compute the same function with the same state dict, and a model gets them the
 way ``torch.ao.quantization.fuse_modules`` rewrites one, by a call that swaps the modules' classes:
 
@@ -9,7 +9,7 @@ way ``torch.ao.quantization.fuse_modules`` rewrites one, by a call that swaps th
   MobileNetV2's depthwise ReLU6 + CA + projection run as one C++ call. Evaluation, prediction,
   export and the benchmarks apply it; training and anything with grad run the reference.
 - :func:`use_fused`: the Triton kernels (``seg.kernels.ops``) pool and gate on CUDA
-  (``model.fused_ca``, ``seg.models.set_fused_ca``).
+  (``model.fused_ca``, ``seg.kernels.fast.use_fused``).
 
 Each is proven equal to the reference in tests/test_fast.py, tests/test_cpu_kernels.py and tests/test_kernels.py.
 """
@@ -22,11 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seg.attention import CoordAttention
-from seg.encoders.mobilenet_v2 import ATTENTION_SLOT, ExpandedConv
 from seg.kernels import kernels_can_run
 from seg.kernels.calibrate import prefers_kernel
 from seg.kernels.cpu import kernels_for as cpu_kernels_for
+from seg.modeling.attention import CoordAttention
+from seg.modeling.encoders.mobilenet_v2 import ATTENTION_SLOT, ExpandedConv
 
 # Devices where inference takes the lean path rather than the reference ops. It was built for
 # CPUs; on an H200 it was no faster than the reference (docs/performance.md), so CUDA runs the reference.
@@ -58,7 +58,7 @@ class FastCoordAttention(CoordAttention):
             return self._forward_fused(x)
         if (self.training or torch.is_grad_enabled() or has_forward_hooks(self.children())
                 or x.device.type not in self.lean_eval_devices):
-            # hooks on the sub-layers (e.g. seg.visualize's gate maps on conv_h/conv_w) must see them run
+            # hooks on the sub-layers (e.g. seg.utils.visualize's gate maps on conv_h/conv_w) must see them run
             return super().forward(x)
         # A hook on this block is handed x: gating x in place would show it the gated map.
         return self._forward_inference(x, self.inplace and not has_forward_hooks([self]))
@@ -86,7 +86,7 @@ class FastCoordAttention(CoordAttention):
         Elsewhere, BN is folded into conv1, and conv1 runs on each strip separately (it acts per
         position, and BN at eval per channel), so there is no cat or split; the 1x1 convs are
         matmuls on (N, C, L) strips with in-place bias adds and activations. Inside MobileNetV2,
-        ``seg.encoders.mobilenet_v2.ExpandedConv`` goes further and fuses CA into its neighbours.
+        ``seg.modeling.encoders.mobilenet_v2.ExpandedConv`` goes further and fuses CA into its neighbours.
         """
         kernels = cpu_kernels_for(x)
         if kernels is not None:

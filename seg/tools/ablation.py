@@ -25,23 +25,25 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-import yaml
 
-from seg.atomic import write_atomic
-from seg.checkpoint import checkpoint_config, load_checkpoint
-from seg.cli import HelpFormatter, parse_with_overrides
-from seg.config import Config, ConfigError, available_cpus, config_to_dict, load_config, save_config
+from seg.config import Config, ConfigError, available_cpus, config_from_dict, config_to_dict, load_config
+from seg.config.cli import HelpFormatter, parse_with_overrides
 from seg.data import make_synthetic
-from seg.distributed import DistInfo, setup_logging
-from seg.evaluation import metrics_record, score, val_dataset
-from seg.models import model_from_checkpoint, model_from_config
-from seg.rundir import RunDirError
+from seg.engine.trainer import run_training
+from seg.errors import USER_ERRORS, print_user_error
+from seg.evaluation.metrics import metrics_record
+from seg.evaluation.scoring import score, val_dataset
+from seg.modeling.models import model_from_checkpoint, model_from_config
+from seg.runs.checkpoint import checkpoint_config, load_checkpoint
+from seg.runs.rundir import BEST, RunDirError
+from seg.runs.start import StartPlan
 from seg.tools import bench_models
 from seg.tools.bench import DEFAULTS
-from seg.tools.bench_runners import FLOPS_SIZE, BenchSetup
+from seg.tools.bench_runners import BenchSetup, FLOPS_SIZE
 from seg.tools.complexity import count_params
 from seg.tools.jobs import Job, run_jobs
-from seg.training import USER_ERRORS, resolve_device, run_training
+from seg.utils.atomic import write_atomic
+from seg.utils.distributed import DistInfo, resolve_device, setup_logging
 
 log = logging.getLogger(__name__)
 FINAL = "final.json"
@@ -79,17 +81,19 @@ def plan_runs(args: argparse.Namespace, overrides: list[str]) -> dict[str, dict[
 def run_parallel(runs: dict[Path, Config], jobs: int, gpus: list[str]) -> None:
     """Train ``runs`` (run directory -> config) ``jobs`` at a time, each in its own process.
 
-    A run directory's ``config.yaml`` is written here first; the child reads it back (``--run``).
+    Each child gets its config as JSON on its command line (``--run DIR --run-config JSON``); the
+    run directory is written only by the child's own start, under its lock.
     """
     threads = max(1, available_cpus() // jobs)  # CPU runs share the cores instead of each taking all
     children = []
     for i, (run_dir, cfg) in enumerate(runs.items()):
         if (run_dir / FINAL).is_file():
             continue
-        check_run_dir(run_dir, cfg)
         env = {"CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]} if gpus else {}
+        run_dir.mkdir(parents=True, exist_ok=True)  # for job.log; an empty directory is no run
         children.append(Job(str(run_dir), [sys.executable, "-m", "seg.tools.ablation", "--run", str(run_dir),
-                                           "--threads", str(threads)], run_dir / "job.log", env))
+                                           "--run-config", json.dumps(config_to_dict(cfg)), "--threads", str(threads)],
+                            run_dir / "job.log", env))
     failed = [job for job in run_jobs(children, jobs) if job.returncode != 0]
     if failed:
         raise RunDirError(f"{len(failed)} of {len(children)} runs failed: " +
@@ -102,17 +106,16 @@ def make_synthetic_for(cfg: Config) -> None:
                    size=d.synthetic_image_size, seed=0)
 
 
-def run_child(run_dir: Path, threads: int) -> int:
-    """One run of ``--jobs``: train (or resume) the config saved in ``run_dir`` and score it."""
+def run_child(run_dir: Path, config: str, threads: int) -> int:
+    """One run of ``--jobs``: train (or resume) ``config`` (JSON) in ``run_dir`` and score it."""
     setup_logging()
     try:
-        cfg = load_config(run_dir / "config.yaml")
+        cfg = config_from_dict(json.loads(config), source="--run-config")
         if cfg.train.threads is None:
             torch.set_num_threads(threads)
         train_one(cfg, run_dir)
     except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return print_user_error(err)
     return 0
 
 
@@ -123,29 +126,18 @@ def evaluate_checkpoint(path: Path, device: torch.device) -> dict:
     return metrics_record(score(model_from_checkpoint(ckpt, cfg, device), val_dataset(cfg), cfg, device))
 
 
-def check_run_dir(run_dir: Path, cfg: Config) -> None:
-    """Make ``run_dir`` hold ``cfg``'s ``config.yaml``; refuse one that holds another run's."""
-    saved = run_dir / "config.yaml"
-    if saved.is_file() and yaml.safe_load(saved.read_text()) != config_to_dict(cfg):
-        raise ConfigError(f"{run_dir} holds a run with a different config ({saved}); use another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, saved)
-
-
 def train_one(cfg: Config, run_dir: Path) -> dict:
     """Train (or resume, or skip) one run and return its ``final.json`` record."""
     final = run_dir / FINAL
     if final.is_file():
         log.info("%s is finished; skipping", run_dir)
         return json.loads(final.read_text())
-    check_run_dir(run_dir, cfg)
-    auto = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dist = DistInfo(rank=0, local_rank=0, world_size=1, device=auto, is_main=True)
-    resume = (run_dir / "last.pt").is_file()
-    log.info("%s %s", "resuming" if resume else "training", run_dir)
-    run_training(cfg, run_dir, dist, resume=resume)
+    dist = DistInfo(rank=0, local_rank=0, world_size=1, device=resolve_device("auto"), is_main=True)
+    # an interrupted run continues (a different config in its last.pt is refused); a new one starts
+    log.info("training %s (resuming its last.pt if there is one)", run_dir)
+    run_training(StartPlan(run_dir, cfg, resume="auto"), dist)
     device = resolve_device(cfg.train.device, dist)
-    record = {"encoder": cfg.model.encoder, "seed": cfg.train.seed, **evaluate_checkpoint(run_dir / "best.pt", device)}
+    record = {"encoder": cfg.model.encoder, "seed": cfg.train.seed, **evaluate_checkpoint(run_dir / BEST, device)}
     write_atomic(final, json.dumps(record, indent=2).encode())  # written last: it marks the run as done
     return record
 
@@ -197,6 +189,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gpus", help="with --jobs: comma-separated GPU indices to spread the runs over "
                    "(default: the visible ones, all runs sharing them)")
     p.add_argument("--run", type=Path, help=argparse.SUPPRESS)  # a --jobs child: train this run directory
+    p.add_argument("--run-config", help=argparse.SUPPRESS)  # ... with this config (JSON)
     p.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds trained per config")
     p.add_argument("--out", type=Path, default=Path("runs/ablation"), help="runs go to OUT/<config>/seed<N>")
@@ -227,7 +220,7 @@ def bench_setup(args: argparse.Namespace) -> tuple[BenchSetup | None, str]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.run is not None:
-        return run_child(args.run, args.threads)
+        return run_child(args.run, args.run_config, args.threads)
     if not args.configs:
         print("error: --configs is required", file=sys.stderr)
         return 2
@@ -245,8 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         records = {name: [train_one(cfg, args.out / name / f"seed{seed}") for seed, cfg in by_seed.items()]
                    for name, by_seed in cfgs.items()}
     except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return print_user_error(err)
     setup, note = bench_setup(args)
     rows = summarize(records, cost_of({name: by_seed[args.seeds[0]] for name, by_seed in cfgs.items()}, setup))
     print(format_table(rows, note))

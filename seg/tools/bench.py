@@ -28,12 +28,12 @@ from pathlib import Path
 
 import torch
 
-from seg.cli import HelpFormatter
+from seg.config.cli import HelpFormatter
 from seg.kernels import calibrate
-from seg.timing import noise_warning, ratio, spread
 from seg.tools import bench_blocks, bench_pipeline
 from seg.tools.bench_models import AA, ATROUS_RATES, CA_TORCH, ENCODERS, VARIANTS, run_bench
-from seg.tools.bench_runners import FLOPS_SIZE, STEPS, BenchSetup
+from seg.tools.bench_runners import BenchSetup, FLOPS_SIZE, STEPS
+from seg.tools.timing import noise_warning, ratio, spread
 
 DEFAULTS = {
     "cuda": dict(batch=16, size=512, amp="bf16", channels_last=True, compile="both", steps=STEPS,
@@ -73,7 +73,7 @@ def format_table(result: dict) -> str:
 
 
 def aa_warnings(result: dict) -> list[str]:
-    """One line per group and step whose A/A ratio is off 1.00 by more than seg.timing's tolerance."""
+    """One line per group and step whose A/A ratio is off 1.00 by more than seg.tools.timing's tolerance."""
     lines = []
     for r in result["rows"]:
         for step in STEPS:

@@ -11,7 +11,7 @@
   the fused MobileNetV2 block's C++ call with CA's gates forced to 1.
 
 The kernels alone are medians of ``triton.testing.do_bench`` (which flushes L2 between calls); the
-rest is timed by :mod:`seg.timing`.
+rest is timed by :mod:`seg.tools.timing`.
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from seg.attention import CoordAttention
-from seg.encoders.mobilenet_v2 import ATTENTION_SLOT, ExpandedConv
 from seg.kernels import cpu
 from seg.kernels.fast import optimize_for_inference, use_fused
-from seg.timing import interleaved
+from seg.modeling.attention import CoordAttention
+from seg.modeling.encoders.mobilenet_v2 import ATTENTION_SLOT, ExpandedConv
 from seg.tools.bench_models import build_variant
+from seg.tools.timing import interleaved
 
 SHAPES = {"s2": (16, 96, 256, 256), "s4": (16, 144, 128, 128), "s8": (16, 192, 64, 64),
           "s16": (16, 960, 32, 32)}

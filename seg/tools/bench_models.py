@@ -1,6 +1,6 @@
 """Whole-model timing for ``python -m seg.tools.bench``: DeepLabV3 with each attention, on PyTorch
 (eager, ``torch.compile`` or CUDA graphs) or onnxruntime, every variant of a group timed in turn
-within each repeat by :mod:`seg.timing`.
+within each repeat by :mod:`seg.tools.timing`.
 
 A *group* is one encoder at one output stride in one mode; its first variant, plain, is the
 baseline of every ratio, and "plain A/A", a second plain built apart, is the control that shows
@@ -16,13 +16,13 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from seg.encoders.register import ENCODER_NAMES
 from seg.kernels import kernels_can_run
-from seg.kernels.fast import LEAN_EVAL_DEVICES, FastCoordAttention, optimize_for_inference
-from seg.models import build_model, set_fused_ca
-from seg.timing import cpu_name, interleaved
-from seg.tools.bench_runners import STEPS, BenchSetup, OrtRunner, Runner, synchronize
+from seg.kernels.fast import FastCoordAttention, LEAN_EVAL_DEVICES, optimize_for_inference, use_fused
+from seg.modeling.encoders.register import ENCODER_NAMES
+from seg.modeling.models import build_model
+from seg.tools.bench_runners import BenchSetup, OrtRunner, Runner, STEPS, synchronize
 from seg.tools.complexity import count_flops_on_meta, count_params
+from seg.tools.timing import cpu_name, interleaved
 
 ENCODERS = ("mobilenet_v2", "resnet50")
 ATROUS_RATES = {16: (6, 12, 18), 8: (12, 24, 36)}  # the paper's DeepLabV3 rates per output stride
@@ -69,7 +69,7 @@ def available_variants(device: str, mode: str, ort_without_nchwc: bool = False) 
 
 def variant_encoder(encoder: str, kind: str) -> tuple[str, str | None]:
     """Our named encoder for ``kind`` where there is one (``mobilenet_v2_ca``), else ``encoder`` with
-    ``kind`` attached by ``seg.attach`` (any ``tu-`` timm backbone; "none" strips its own SE)."""
+    ``kind`` attached by ``seg.modeling.attach`` (any ``tu-`` timm backbone; "none" strips its own SE)."""
     named = f"{encoder}_{kind}"
     return (named, None) if named in ENCODER_NAMES else (encoder, kind)
 
@@ -139,7 +139,7 @@ def build_group(encoder: str, output_stride: int, variants: dict[str, Variant], 
         torch.manual_seed(0)
         encoder_name, attention = variant_encoder(encoder, v.attention)
         models[name] = build_variant(encoder_name, output_stride, attention)
-        set_fused_ca(models[name], v.fused)
+        use_fused(models[name], v.fused)
         if v.lean:
             for block in optimize_for_inference(models[name]).modules():
                 if isinstance(block, FastCoordAttention):

@@ -4,7 +4,7 @@ per training image (decode + augment + to-tensor, one process, one thread), with
 Inputs: VOC-sized (500x375 JPEG) and Cityscapes-sized (2048x1024 PNG) temporary images, and a real
 CamVid root's train split when one is given. Against each dataset "plain" runs bare OpenCV reads and
 the same albumentations ops, to show what the dataset layer adds; a second plain is the A/A control.
-One call is one pass over the dataset's images, timed in turn by :mod:`seg.timing`.
+One call is one pass over the dataset's images, timed in turn by :mod:`seg.tools.timing`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from seg.data.cityscapes import Cityscapes
 from seg.data.palette import save_index_png
 from seg.data.transforms import build_train_transform
 from seg.data.voc import VOCSegmentation
-from seg.timing import interleaved
+from seg.tools.timing import interleaved
 
 PIPELINE, PLAIN, AA = "pipeline", "plain", "plain A/A"
 

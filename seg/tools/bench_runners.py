@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from seg.engine import TrainState, autocast, train_step
-from seg.export import export_onnx
-from seg.graphs import GraphedInference, graph_training
+from seg.engine.graphs import GraphedInference, graph_training
+from seg.engine.loop import TrainState, autocast, train_step
+from seg.export.onnx import export_onnx
 from seg.kernels import cpu
 from seg.kernels.fast import optimize_for_inference
 

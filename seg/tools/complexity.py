@@ -45,7 +45,7 @@ def count_flops_on_meta(model: nn.Module, input_size: tuple[int, ...]) -> int:
 
 
 def _deeplab(encoder: str, num_classes: int, attention: str | None = None) -> nn.Module:
-    from seg.models import build_model  # the tables need smp models; the counters do not
+    from seg.modeling.models import build_model  # the tables need smp models; the counters do not
 
     return build_model("deeplabv3", encoder, num_classes, output_stride=16, decoder_atrous_rates=(6, 12, 18),
                        aspp_separable=True, attention=attention)

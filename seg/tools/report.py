@@ -34,8 +34,9 @@ from pathlib import Path
 
 import torch
 
-from seg.timing import cpu_name
+from seg.runs.rundir import METRICS
 from seg.tools.report_format import format_report
+from seg.tools.timing import cpu_name
 
 ENCODERS = {"plain": "mobilenet_v2", "SE": "mobilenet_v2_se", "CBAM": "mobilenet_v2_cbam", "CA": "mobilenet_v2_ca"}
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "camvid_gpu.yaml"
@@ -127,7 +128,7 @@ def ablation_table(out: Path, seeds: list[int]) -> dict:
     for variant, encoder in ENCODERS.items():
         runs = []
         for seed in seeds:
-            metrics = out / f"{CONFIG.stem}-{encoder}" / f"seed{seed}" / "metrics.jsonl"
+            metrics = out / f"{CONFIG.stem}-{encoder}" / f"seed{seed}" / METRICS
             records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
             if records:
                 best = max(records, key=lambda r: r["miou"])
@@ -143,7 +144,7 @@ def ablation_table(out: Path, seeds: list[int]) -> dict:
     classes = []
     for encoder in ENCODERS.values():
         for seed in seeds:
-            metrics = out / f"{CONFIG.stem}-{encoder}" / f"seed{seed}" / "metrics.jsonl"
+            metrics = out / f"{CONFIG.stem}-{encoder}" / f"seed{seed}" / METRICS
             if metrics.is_file() and metrics.read_text().strip():
                 classes = json.loads(metrics.read_text().splitlines()[0]).get("classes", [])
                 break

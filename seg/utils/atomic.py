@@ -1,0 +1,48 @@
+"""Files replaced whole: a crash at any moment leaves the old file or the new one, never a mix.
+
+Checkpoints, run configs, metrics logs, the kernels' build stamp and prediction outputs are all
+written through :func:`write_atomic`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def write_atomic(path: Path, data: bytes | memoryview) -> None:
+    """Replace ``path`` with ``data`` so that a crash at any moment leaves the old file or the new one.
+
+    The temporary file is ``.<name>.<pid>.tmp`` beside ``path``; one left by a killed process is
+    removed by :func:`seg.runs.rundir.remove_stale_temps`. An ``OSError`` (a full disk) names ``path``.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # same directory, so os.replace is an atomic rename on one filesystem
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise OSError(err.errno, err.strerror, str(path)) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    # fsync the directory too, or a power cut can lose the rename itself
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def write_all(fd: int, data: bytes | memoryview) -> None:
+    """``os.write`` until every byte is written (one call may write less)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
