@@ -17,7 +17,7 @@ import logging
 import sys
 from pathlib import Path
 
-from seg.config.cli import HelpFormatter, parse_with_overrides
+from seg.config.cli import HelpFormatter, add_start_arguments, parse_with_overrides
 from seg.engine.trainer import run_training
 from seg.errors import USER_ERRORS, print_user_error
 from seg.evaluation.metrics import iou_table
@@ -31,17 +31,7 @@ log = logging.getLogger("train_seg")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python train_seg.py", description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--config", type=Path, help="YAML experiment (default: configs/demo.yaml; with --resume: "
-                        "the run's stored config.yaml, and a file given here is compared with it like overrides)")
-    parser.add_argument("--out", type=Path, metavar="RUN_DIR", help="run directory (default: runs/<config>-<time>)")
-    start = parser.add_mutually_exclusive_group()
-    start.add_argument("--resume", nargs="?", const=True, default=False, choices=["auto"], metavar="auto",
-                       help="continue the run in RUN_DIR from its last.pt and stored config.yaml; 'auto': "
-                       "only if RUN_DIR holds a last.pt, else start afresh (the default under a torchrun restart)")
-    start.add_argument("--overwrite", action="store_true", help="discard the run in RUN_DIR and start afresh "
-                       "(default: off)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides such as optim.lr=0.02, anywhere on the line (default: none)")
+    add_start_arguments(parser, "configs/demo.yaml")
     return parse_with_overrides(parser, argv)
 
 

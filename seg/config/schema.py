@@ -42,7 +42,8 @@ def default_num_workers() -> int:
 
 @dataclass
 class DataConfig:
-    name: Literal["synthetic", "voc", "cityscapes", "camvid"] = "synthetic"
+    # imagefolder / synthetic_classes: classification sets, for encoder pretraining (seg.tools.pretrain) only
+    name: Literal["synthetic", "voc", "cityscapes", "camvid", "imagefolder", "synthetic_classes"] = "synthetic"
     root: str = "data"
     train_split: str = "train"
     val_split: str = "val"
@@ -89,6 +90,7 @@ class OptimConfig:
     weight_decay: Optional[float] = None  # None: seg.engine.optim.DEFAULT_WEIGHT_DECAY (4e-5 SGD, 1e-2 AdamW)
     encoder_lr_mult: float = 1.0
     warmup_iters: int = 0
+    schedule: Literal["poly", "cosine"] = "poly"  # cosine: timm's CosineLRScheduler, by iteration
     poly_power: float = 0.9
     grad_clip: Optional[float] = None
 
@@ -125,12 +127,24 @@ class EvalConfig:
 
 
 @dataclass
+class PretrainConfig:
+    """Encoder pretraining on a classification set (``python -m seg.tools.pretrain``); segmentation ignores it."""
+
+    dropout: float = 0.2  # before the linear classifier, as in MobileNetV2
+    label_smoothing: float = 0.0  # the CA paper's recipe uses none
+    # plain weights (torchvision layout) to start an attention encoder from, its blocks set to an exact
+    # identity (seg.modeling.warm_start); None: model.encoder_weights as for segmentation, or scratch
+    warm_start: Optional[str] = None
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
 
 SECTIONS = get_type_hints(Config)  # section name -> its dataclass
@@ -148,6 +162,8 @@ RULES = [
     ("data.scale_range", lambda v: 0 < v[0] <= v[1], "(min, max) with 0 < min <= max"),
     ("model.atrous_rates", lambda v: all(r > 0 for r in v), "positive dilation rates"),
     ("optim.grad_clip", lambda v: v is None or v > 0, "None or > 0"),
+    ("pretrain.dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("pretrain.label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("optim.weight_decay", lambda v: v is None or v >= 0, "None or >= 0"),
     ("train.threads", lambda v: v is None or v > 0, "None or > 0"),
     ("train.dist_timeout_s", lambda v: v > 0, "> 0"),

@@ -28,6 +28,7 @@ from seg.utils.distributed import get_world_size
 from seg.utils.progress import show_progress_bar
 
 log = logging.getLogger(__name__)
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (model output, targets) -> scalar loss
 
 
 class NonFiniteLossError(UserError, RuntimeError):
@@ -69,14 +70,16 @@ def segmentation_loss(output: torch.Tensor | tuple[torch.Tensor, torch.Tensor], 
 
 
 def train_step(state: TrainState, images: torch.Tensor, targets: torch.Tensor, *, amp: str,
-               aux_weight: float, grad_clip: float | None) -> torch.Tensor:
+               aux_weight: float, grad_clip: float | None, loss_fn: LossFn | None = None) -> torch.Tensor:
     """One optimisation step; returns the loss, detached and still on the device.
 
+    ``loss_fn(output, targets)`` replaces the segmentation loss (pretraining's classification loss).
     Reading the loss on the host would wait for the GPU every step, so :func:`train` reads a
     whole logging window at once and checks it there (:func:`host_losses`).
     """
     with autocast(images.device, amp):
-        loss = segmentation_loss(state.model(images), targets, aux_weight)
+        output = state.model(images)
+        loss = segmentation_loss(output, targets, aux_weight) if loss_fn is None else loss_fn(output, targets)
     state.optimizer.zero_grad(set_to_none=True)
     state.scaler.scale(loss).backward()
     if grad_clip is not None:
@@ -102,7 +105,7 @@ def host_losses(losses: list[torch.Tensor], last_iteration: int) -> list[float]:
 
 def train(state: TrainState, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], *, total_iters: int,
           device: torch.device, amp: str = "none", channels_last: bool = False, aux_weight: float = 0.0,
-          grad_clip: float | None = None, log_interval: int = 50, eval_interval: int = 1000,
+          grad_clip: float | None = None, loss_fn: LossFn | None = None, log_interval: int = 50, eval_interval: int = 1000,
           on_log: Callable[[int, dict[str, float]], None] = lambda it, scalars: None,
           on_eval: Callable[[TrainState], None] = lambda state: None) -> None:
     """Train from ``state.iteration`` to ``total_iters``, calling ``on_eval`` every ``eval_interval``.
@@ -122,7 +125,8 @@ def train(state: TrainState, batches: Iterator[tuple[torch.Tensor, torch.Tensor]
             images, targets = next(batches)
             images = images.to(device, non_blocking=True, memory_format=memory_format)
             targets = targets.to(device, non_blocking=True)
-            loss = train_step(state, images, targets, amp=amp, aux_weight=aux_weight, grad_clip=grad_clip)
+            loss = train_step(state, images, targets, amp=amp, aux_weight=aux_weight, grad_clip=grad_clip,
+                              loss_fn=loss_fn)
             state.iteration += 1
             bar.update(1)
             window_losses.append(loss)

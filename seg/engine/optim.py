@@ -1,9 +1,10 @@
-"""Optimiser and learning-rate schedule: SGD or AdamW, poly decay with linear warmup, per iteration."""
+"""Optimiser and learning-rate schedule: SGD or AdamW; poly decay with linear warmup, or timm's cosine, per iteration."""
 
 from __future__ import annotations
 
 from torch import nn
 from torch.optim import SGD, AdamW, Optimizer
+from timm.scheduler import create_scheduler_v2
 from torch.optim.lr_scheduler import LambdaLR
 
 WARMUP_START_FACTOR = 0.1
@@ -61,6 +62,32 @@ def poly_warmup_factor(iteration: int, total: int, warmup: int = 0, power: float
     return max(0.0, 1.0 - iteration / total) ** power
 
 
-def build_scheduler(optimizer: Optimizer, total_iters: int, warmup_iters: int = 0, power: float = 0.9) -> LambdaLR:
-    """Poly schedule with linear warmup; call ``step()`` once per iteration."""
+class CosineByIteration:
+    """timm's cosine schedule (linear warmup from 0.1x, then cosine to 0) stepped once per iteration,
+    behind the ``step()`` / ``state_dict()`` face of ``LambdaLR`` that the loop and checkpoints use."""
+
+    def __init__(self, optimizer: Optimizer, total_iters: int, warmup_iters: int = 0) -> None:
+        base_lr = optimizer.param_groups[0]["lr"]
+        self.scheduler, _ = create_scheduler_v2(
+            optimizer, sched="cosine", num_epochs=total_iters, warmup_epochs=warmup_iters,
+            warmup_lr=WARMUP_START_FACTOR * base_lr, min_lr=0.0, step_on_epochs=False, updates_per_epoch=1)
+        self.updates = 0
+
+    def step(self) -> None:
+        self.updates += 1
+        self.scheduler.step_update(self.updates)
+
+    def state_dict(self) -> dict:
+        return {"updates": self.updates}  # the schedule is a function of the count; the rest is config
+
+    def load_state_dict(self, state: dict) -> None:
+        self.updates = state["updates"]
+        self.scheduler.step_update(self.updates)
+
+
+def build_scheduler(optimizer: Optimizer, total_iters: int, warmup_iters: int = 0, power: float = 0.9,
+                    schedule: str = "poly") -> LambdaLR | CosineByIteration:
+    """Poly (or cosine) schedule with linear warmup; call ``step()`` once per iteration."""
+    if schedule == "cosine":
+        return CosineByIteration(optimizer, total_iters, warmup_iters)
     return LambdaLR(optimizer, lambda it: poly_warmup_factor(it, total_iters, warmup_iters, power))

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import random
-from contextlib import ExitStack, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,7 @@ from seg.kernels.fast import optimize_for_inference
 from seg.modeling.models import model_from_config
 from seg.runs.checkpoint import CheckpointError, load_model_weights, restore_rng, save_checkpoint, unwrap_model
 from seg.runs.rundir import BEST, LAST, LOG, RunDirError, append_metrics, begin_run, log_to_file
-from seg.runs.start import StartPlan, decide_start
+from seg.runs.start import StartPlan, started
 from seg.runs.tracking import Tracker
 from seg.utils.distributed import DistInfo, barrier, resolve_device
 from seg.utils.visualize import spread_indices
@@ -82,7 +82,7 @@ def build_state(cfg: Config, num_classes: int, device: torch.device, world_size:
     o = cfg.optim
     optimizer = build_optimizer(model, o.name, o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
                                 encoder_lr_mult=o.encoder_lr_mult)
-    scheduler = build_scheduler(optimizer, cfg.train.iters, o.warmup_iters, o.poly_power)
+    scheduler = build_scheduler(optimizer, cfg.train.iters, o.warmup_iters, o.poly_power, o.schedule)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
     return TrainState(model, optimizer, scheduler, scaler, world_size=world_size)
 
@@ -163,16 +163,21 @@ def run_training(plan: StartPlan, dist: DistInfo) -> TrainState:
     matches it (``"auto"``: only if there is one). Rank 0 decides and every rank follows
     (:mod:`seg.runs.start`).
     """
-    with ExitStack() as stack:
-        resumed = decide_start(stack, plan, dist)
+    with started(plan, dist) as resumed:
         return _train(plan.config, plan.run_dir, dist, resumed)
 
 
-def _train(cfg: Config, run_dir: Path, dist: DistInfo, resumed: dict | None) -> TrainState:
+def prepare_process(cfg: Config, dist: DistInfo) -> torch.device:
+    """This process's device, CPU threads and seeds for a run of ``cfg``; returns the device."""
     device = resolve_device(cfg.train.device, dist)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     seed_everything(cfg.train.seed)
+    return device
+
+
+def _train(cfg: Config, run_dir: Path, dist: DistInfo, resumed: dict | None) -> TrainState:
+    device = prepare_process(cfg, dist)
     train_set, val_set = build_datasets(cfg, dist)
     train_loader, val_loader = build_loaders(cfg, train_set, val_set, dist)
     state = build_state(cfg, train_set.num_classes, device, dist.world_size)

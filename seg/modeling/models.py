@@ -214,6 +214,13 @@ def model_from_config(cfg: ModelConfig, num_classes: int) -> SegModel:
     return model
 
 
+def encoder_from_config(cfg: ModelConfig) -> nn.Module:
+    """The encoder ``cfg`` describes (attention and init weights included), undilated (output stride 32)
+    and without a decoder: what ``seg.tools.pretrain`` trains. FPN builds its encoder at stride 32,
+    so this is that encoder, taken out of the model."""
+    return model_from_config(replace(cfg, arch="fpn", aux_loss=False), num_classes=1).encoder
+
+
 def model_from_checkpoint(ckpt: dict, cfg: Config, device: torch.device) -> nn.Module:
     """The checkpoint's model in eval mode on ``device``, with CA's inference fast paths; the init
     weights file is never read."""

@@ -85,7 +85,7 @@ def load_encoder_weights(encoder: nn.Module, path: str | Path, *, min_fraction: 
     ``min_fraction`` of the encoder's elements match: that is the wrong file, not a partial load.
     """
     path = Path(path)
-    source = _read_state_dict(path)
+    source = read_state_dict(path)
     target = encoder.state_dict()
     layout = detect_layout(source)
     report, loaded = _match(source, target, _key_map(layout, source, target), path, layout)
@@ -130,7 +130,7 @@ def detect_layout(state_dict: dict[str, torch.Tensor]) -> str:
     return "as-is"
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of a checkpoint file, unwrapped from training containers and DDP prefixes."""
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")

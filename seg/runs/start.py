@@ -19,10 +19,10 @@ from __future__ import annotations
 import logging
 import os
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Union
+from typing import Iterator, Literal, Union
 
 import torch
 
@@ -139,3 +139,11 @@ def decide_start(stack: ExitStack, plan: StartPlan, dist: DistInfo) -> dict | No
     if refusal is not None:
         raise refusal
     return resumed
+
+
+@contextmanager
+def started(plan: StartPlan, dist: DistInfo) -> Iterator[dict | None]:
+    """Decide the start (:func:`decide_start`) and hold the run directory's lock inside the block;
+    yields ``last.pt`` to resume from, or None for a fresh start."""
+    with ExitStack() as stack:
+        yield decide_start(stack, plan, dist)

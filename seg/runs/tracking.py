@@ -33,18 +33,18 @@ class Tracker:
     Args:
         run_dir: the run directory (event files go here).
         classes: class names, for per-class IoU tags.
-        palette: RGB colour per class, for the mask images.
+        palette: RGB colour per class, for the mask images (None: a run without masks, e.g. pretraining).
         purge_step: on resume, the first iteration to redo; TensorBoard hides events logged at or
             after it by the interrupted attempt.
     """
 
-    def __init__(self, run_dir: Path, classes: Sequence[str], palette: np.ndarray,
+    def __init__(self, run_dir: Path, classes: Sequence[str], palette: np.ndarray | None,
                  purge_step: int | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.classes = list(classes)
         self.palette = palette
         self.writer = SummaryWriter(str(self.run_dir), purge_step=purge_step) if is_main() else None
-        if self.writer is not None and purge_step is None:  # once per run: GT and prediction colours need it
+        if self.writer is not None and purge_step is None and palette is not None:  # once per run: the mask colours
             self.writer.add_image("legend", legend(self.classes, palette), 0, dataformats="HWC")
 
     def scalars(self, iteration: int, values: dict[str, float]) -> None:

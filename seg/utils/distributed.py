@@ -10,9 +10,11 @@ import logging
 import os
 import re
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -76,6 +78,16 @@ def init_distributed(timeout_s: float | None = None) -> DistInfo:
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timeout,
                                 store=attempt_store(rank, world_size, timeout))
     return DistInfo(rank, local_rank, world_size, device, is_main=rank == 0)
+
+
+@contextmanager
+def process_group(timeout_s: float | None = None) -> Iterator[DistInfo]:
+    """:func:`init_distributed` for the block, then :func:`cleanup`, however the block ends."""
+    info = init_distributed(timeout_s)
+    try:
+        yield info
+    finally:
+        cleanup()
 
 
 def attempt_store(rank: int, world_size: int, timeout: timedelta | None) -> dist.Store | None:
