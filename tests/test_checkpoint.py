@@ -209,3 +209,14 @@ def test_load_model_weights_into_a_wrapped_model():
     load_model_weights(nn.DataParallel(target), source.state_dict())
     for k, v in source.state_dict().items():
         assert torch.equal(v, target.state_dict()[k])
+
+
+def test_weights_only_checkpoint_drops_every_resume_state(tmp_path):
+    model, optimizer, scheduler, scaler = training_state()
+    save(tmp_path / "full.pt", model, optimizer, scheduler, scaler)
+    save(tmp_path / "best.pt", model, optimizer, scheduler, scaler, resumable=False)
+    best = load_checkpoint(tmp_path / "best.pt")
+    assert [best[k] for k in ("optimizer", "scheduler", "scaler", "rng")] == [None] * 4
+    assert best["model"].keys() == model.state_dict().keys() and best["iteration"] == 7
+    # no momentum buffers (as large as the weights) and no RNG state
+    assert (tmp_path / "best.pt").stat().st_size < 0.75 * (tmp_path / "full.pt").stat().st_size

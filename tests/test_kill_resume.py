@@ -160,3 +160,18 @@ def test_disk_full_keeps_last_checkpoint_and_resume_recovers(forker, tiny_synthe
     outcome, log = forker.run(["--out", out, "--resume", *run_args(tiny_synthetic)])
     assert outcome["exit"] == 0, log
     assert_same_as(out, reference)
+
+
+def test_disk_full_before_the_first_checkpoint_says_rerun_and_the_rerun_works(forker, tiny_synthetic, reference,
+                                                                                tmp_path):
+    """best.pt of the first validation is written, last.pt is not: nothing to resume, so the message
+    says to run the same command again, and that command is not refused."""
+    out = tmp_path / "run"
+    outcome, log = forker.run(["--out", out, *run_args(tiny_synthetic)], fault="write:last.pt:1:enospc")
+    assert outcome["exit"] == 2
+    line = error_line(log)
+    assert "no checkpoint was saved yet; free space, then run the same command again" in line and "--resume" not in line
+    assert (out / "best.pt").is_file() and not (out / "last.pt").exists()
+    outcome, log = forker.run(["--out", out, *run_args(tiny_synthetic)])
+    assert outcome["exit"] == 0, log
+    assert_same_as(out, reference)

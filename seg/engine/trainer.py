@@ -88,10 +88,21 @@ def build_state(cfg: Config, num_classes: int, device: torch.device, world_size:
 
 
 def save_state(path: Path, state: TrainState, cfg: Config, record: dict | None = None) -> None:
-    """Checkpoint ``state``; ``record`` is the validation's metrics line, kept so resume can restore it."""
+    """Checkpoint ``state`` to resume from; ``record`` is the validation's metrics line, kept so resume can restore it."""
+    _save(path, state, cfg, record, resumable=True)
+
+
+def save_best(path: Path, state: TrainState, cfg: Config, record: dict | None = None) -> None:
+    """Save the model, config and metrics of ``state`` without its optimizer, scheduler, scaler or
+    RNG state: resume reads last.pt, so best.pt keeps only what eval, predict, export and the hub read."""
+    _save(path, state, cfg, record, resumable=False)
+
+
+def _save(path: Path, state: TrainState, cfg: Config, record: dict | None, resumable: bool) -> None:
     save_checkpoint(path, model=unwrap_model(state.model), optimizer=state.optimizer, scheduler=state.scheduler,
                     scaler=state.scaler, iteration=state.iteration, best_miou=state.best_miou,
-                    config=config_to_dict(cfg), extra={"metrics": record, "world_size": state.world_size})
+                    config=config_to_dict(cfg), extra={"metrics": record, "world_size": state.world_size},
+                    resumable=resumable)
 
 
 def resume_state(ckpt: dict, state: TrainState) -> None:
@@ -138,20 +149,25 @@ def commit_validation(run_dir: Path, state: TrainState, cfg: Config, record: dic
                       saved_iteration: int | None) -> None:
     """Save one validation in the order :mod:`seg.runs.rundir` relies on: best.pt, last.pt, metrics line.
 
-    A failed write (a full disk) becomes a one-line RunDirError saying which checkpoint is intact.
+    A failed write (a full disk) becomes a one-line RunDirError saying which checkpoint is intact
+    and how to go on: ``--resume`` where a last.pt exists; otherwise the same command again, since a
+    start that never committed a validation leaves nothing a rerun is refused for
+    (:func:`seg.runs.rundir.check_start`).
     """
     try:
         if is_best:
-            save_state(run_dir / BEST, state, cfg, record)
+            save_best(run_dir / BEST, state, cfg, record)
         save_state(run_dir / LAST, state, cfg, record)
         saved_iteration = state.iteration
         append_metrics(run_dir, record)
     except OSError as err:
-        intact = (f"{run_dir / LAST} at iteration {saved_iteration} is intact" if saved_iteration is not None
-                  else "no checkpoint was saved yet")
         what = f"{err.strerror} writing {err.filename}" if err.filename else str(err)
-        raise RunDirError(f"{what[:1].lower()}{what[1:]}; {intact}; free space, then continue with "
-                          f"--resume --out {run_dir}") from None
+        if saved_iteration is not None:
+            way_on = (f"{run_dir / LAST} at iteration {saved_iteration} is intact; free space, then continue "
+                      f"with --resume --out {run_dir}")
+        else:
+            way_on = "no checkpoint was saved yet; free space, then run the same command again"
+        raise RunDirError(f"{what[:1].lower()}{what[1:]}; {way_on}") from None
 
 
 def run_training(plan: StartPlan, dist: DistInfo) -> TrainState:

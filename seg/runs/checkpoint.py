@@ -109,22 +109,29 @@ def save_checkpoint(
     best_miou: float,
     config: dict,
     extra: Optional[dict] = None,
+    resumable: bool = True,
 ) -> None:
-    """Write a resumable checkpoint atomically: a crash mid-write leaves any previous file at ``path`` intact.
+    """Write a checkpoint atomically: a crash mid-write leaves any previous file at ``path`` intact.
 
     The model's state is taken from inside DDP / ``torch.compile`` wrappers, so its keys carry no
     ``module.`` / ``_orig_mod.`` prefix. ``config`` should be ``config_to_dict(cfg)``.
+    ``resumable=False`` writes a weights checkpoint (a run's ``best.pt``): the optimizer, scheduler,
+    scaler and RNG states are stored as None, since only resume reads them; evaluation, prediction,
+    export and the hub read the model, config and metrics alone.
     """
+    def state(part: Any) -> Optional[dict]:
+        return part.state_dict() if resumable and part is not None else None
+
     payload = {
         "model": unwrap_model(model).state_dict(),
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "scaler": scaler.state_dict() if scaler is not None else None,
+        "optimizer": state(optimizer),
+        "scheduler": state(scheduler),
+        "scaler": state(scaler),
         "iteration": int(iteration),
         "best_miou": float(best_miou),
         "config": config,
         "config_version": CONFIG_VERSION,
-        "rng": capture_rng(),
+        "rng": capture_rng() if resumable else None,
         "extra": extra,
     }
     _check_plain(payload, "checkpoint")

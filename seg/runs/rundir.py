@@ -17,6 +17,13 @@ from ``last.pt`` is exact, so it rewrites a ``best.pt`` that got ahead with the 
 Nothing is written until a start has passed every check (``check_start`` here, then data and
 model in ``seg.engine.trainer``); ``begin_run`` is the first write. So a refused or failed start
 leaves the directory as it was.
+
+A directory holding any of ``last.pt``, ``best.pt``, ``metrics.jsonl`` or TensorBoard events holds
+a run, and a fresh start empties it only with ``--overwrite``. The one exception is what a fresh
+start left that died before it committed its first validation (:func:`uncommitted_attempt`): no
+``last.pt``, no metrics line, and at most the ``best.pt`` of that first validation. The rerun that
+fixes its cause may reuse the directory. Temp files are removed only under the names the run's own
+atomic writes use, never a user's ``.notes.tmp``.
 """
 
 from __future__ import annotations
@@ -34,8 +41,8 @@ import yaml
 
 from seg.config import Config, ConfigError, config_from_dict, config_to_dict, load_config, save_config
 from seg.errors import UserError
-from seg.runs.checkpoint import checkpoint_config, load_checkpoint
-from seg.utils.atomic import write_all, write_atomic
+from seg.runs.checkpoint import CheckpointError, checkpoint_config, load_checkpoint
+from seg.utils.atomic import temps_of, write_all, write_atomic
 
 LAST, BEST, METRICS, CONFIG, LOCK = "last.pt", "best.pt", "metrics.jsonl", "config.yaml", ".lock"
 LOG = "train.log"
@@ -129,14 +136,18 @@ def check_start(run_dir: Path, cfg: Config, resume: bool, overwrite: bool = Fals
     A resume must run on as many processes as the run did (``world_size``): each process's share
     of the global batch, and so the sample order, depends on it.
 
-    Only ``last.pt`` makes a directory a run to protect: a start that failed before its first
-    checkpoint left nothing worth keeping, so the corrected rerun may reuse the directory.
+    A fresh start without ``overwrite`` is refused where :func:`run_files` finds a run, unless they
+    are an :func:`uncommitted_attempt`'s: a start that died before its first checkpoint left nothing
+    worth keeping, so the corrected rerun may reuse the directory.
     """
     last = run_dir / LAST
     if resume:
         if not last.is_file():
             raise _no_checkpoint(last)
         ckpt = load_checkpoint(last)
+        if ckpt["optimizer"] is None or ckpt["rng"] is None:
+            raise RunDirError(f"--resume: {last} holds weights only (a best.pt?), no optimizer or RNG state to "
+                              "continue from; start a new run with another --out")
         stored = stored_config(ckpt)
         diff = changed_keys(stored, config_to_dict(cfg))
         if diff:
@@ -145,10 +156,43 @@ def check_start(run_dir: Path, cfg: Config, resume: bool, overwrite: bool = Fals
                               f"(keys that may change on resume: {', '.join(sorted(RESUMABLE_KEYS))})")
         check_resume_shape(ckpt, stored["train"]["iters"], cfg, world_size, last)
         return ckpt
-    if last.is_file() and not overwrite:
-        raise RunDirError(f"{run_dir} already holds a run ({last}); continue it with --resume --out {run_dir}, "
-                          "choose another --out, or pass --overwrite to discard it")
+    found = [] if overwrite else run_files(run_dir)
+    if found and not uncommitted_attempt(run_dir):
+        names = ", ".join(path.name for path in found)
+        if last.is_file():
+            raise RunDirError(f"{run_dir} already holds a run ({names}); continue it with --resume --out {run_dir}, "
+                              "choose another --out, or pass --overwrite to discard it")
+        raise RunDirError(f"{run_dir} holds a run's files ({names}) but no {LAST} to resume; choose another --out, "
+                          "or pass --overwrite to discard them")
     return None
+
+
+def run_files(run_dir: Path) -> list[Path]:
+    """The files in ``run_dir`` that make it hold a run: checkpoints, the metrics log and TensorBoard
+    events. ``config.yaml`` and ``train.log`` do not count: every start that got past its checks writes them."""
+    return [path for path in (run_dir / LAST, run_dir / BEST, run_dir / METRICS) if path.is_file()] + \
+        sorted(run_dir.glob(EVENTS_GLOB))
+
+
+def uncommitted_attempt(run_dir: Path) -> bool:
+    """Whether ``run_dir``'s run files are only what a fresh start left that died before committing
+    its first validation: no ``last.pt``, no metrics line, and ``best.pt`` (if any) saved at the
+    first validation of its own config, as the commit order (best.pt first) leaves it.
+
+    A best.pt of a later validation, or one that cannot be read, is a run's and kept.
+    """
+    metrics, best = run_dir / METRICS, run_dir / BEST
+    if (run_dir / LAST).is_file() or (metrics.is_file() and metrics.stat().st_size > 0):
+        return False
+    if not best.is_file():
+        return True
+    try:
+        ckpt = load_checkpoint(best)
+        train = checkpoint_config(ckpt, best).train
+    except (CheckpointError, ConfigError):
+        return False
+    # seg.engine.loop.train validates every eval_interval iterations and at the last one
+    return ckpt["iteration"] == min(train.eval_interval, train.iters)
 
 
 def check_resume_shape(ckpt: dict, stored_iters: int, cfg: Config, world_size: int, last: Path) -> None:
@@ -187,8 +231,9 @@ def begin_run(run_dir: Path, cfg: Config, resumed: dict | None) -> None:
 
 
 def remove_stale_temps(run_dir: Path) -> None:
-    """Delete ``.*.tmp`` files: under the lock, only a killed writer can have left them."""
-    for tmp in run_dir.glob(".*.tmp"):
+    """Delete the temp files of the run's own atomic writes (checkpoints, metrics log, config): under
+    the lock, only a killed writer can have left them. Any other ``.*.tmp`` is not the run's to delete."""
+    for tmp in [tmp for name in (LAST, BEST, METRICS, CONFIG) for tmp in temps_of(run_dir / name)]:
         logging.getLogger(__name__).info("removing %s, left by an interrupted write", tmp)
         tmp.unlink(missing_ok=True)
 

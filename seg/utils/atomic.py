@@ -6,6 +6,7 @@ written through :func:`write_atomic`.
 
 from __future__ import annotations
 
+import glob
 import os
 from pathlib import Path
 
@@ -13,12 +14,12 @@ from pathlib import Path
 def write_atomic(path: Path, data: bytes | memoryview) -> None:
     """Replace ``path`` with ``data`` so that a crash at any moment leaves the old file or the new one.
 
-    The temporary file is ``.<name>.<pid>.tmp`` beside ``path``; one left by a killed process is
+    The temporary file is :func:`temp_path` beside ``path``; one left by a killed process is
     removed by :func:`seg.runs.rundir.remove_stale_temps`. An ``OSError`` (a full disk) names ``path``.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     # same directory, so os.replace is an atomic rename on one filesystem
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temp_path(path, os.getpid())
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
@@ -39,6 +40,19 @@ def write_atomic(path: Path, data: bytes | memoryview) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def temp_path(path: Path, pid: int) -> Path:
+    """The temporary file process ``pid`` writes ``path`` through: ``.<name>.<pid>.tmp`` beside it."""
+    return path.with_name(f".{path.name}.{pid}.tmp")
+
+
+def temps_of(path: Path) -> list[Path]:
+    """Temporary files :func:`write_atomic` of any process has left for ``path``, and no other file:
+    a user's ``.notes.tmp`` beside it is not one."""
+    prefix = f".{path.name}."
+    return sorted(tmp for tmp in path.parent.glob(f"{glob.escape(prefix)}*.tmp")
+                  if tmp.name[len(prefix):-len(".tmp")].isdigit())
 
 
 def write_all(fd: int, data: bytes | memoryview) -> None:
