@@ -22,7 +22,7 @@ from seg.data.loaders import ContiguousSampler
 from seg.errors import USER_ERRORS, print_user_error
 from seg.evaluation.metrics import iou_table, metrics_record
 from seg.evaluation.scoring import score, val_dataset
-from seg.inference.outputs import write_prediction
+from seg.inference.outputs import OutputError, check_out_folder, make_out_folder, write_prediction
 from seg.modeling.models import model_from_checkpoint
 from seg.runs.checkpoint import checkpoint_config, load_checkpoint
 from seg.utils.distributed import cleanup, init_distributed, setup_logging
@@ -75,7 +75,7 @@ def saver(save_dir: Path, dataset, indices: list[int], batch_size: int):
     """An ``on_batch`` callback writing, per image, <name>.png (8-bit class indices, the format benchmark
     servers and scorers take; 255 is reserved for ignore and never predicted), <name>_color.png and
     <name>_overlay.jpg."""
-    save_dir.mkdir(parents=True, exist_ok=True)
+    make_out_folder(save_dir, "--save-dir")
 
     def on_batch(batch_index: int, images, targets, predictions) -> None:
         for offset, pred in enumerate(predictions):
@@ -83,6 +83,17 @@ def saver(save_dir: Path, dataset, indices: list[int], batch_size: int):
             write_prediction(save_dir / name, denormalize(images[offset]), pred.cpu().numpy(), dataset.palette)
 
     return on_batch
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Refuse, before the checkpoint is even loaded, outputs that could not be written at the end."""
+    if args.save_dir is not None:
+        check_out_folder(args.save_dir, "--save-dir")
+    if args.json is not None:
+        if args.json.is_dir():
+            raise OutputError(f"--json {args.json} is a folder; expected the JSON file to write")
+        if not args.json.parent.is_dir():
+            raise OutputError(f"--json {args.json}: folder {args.json.parent} does not exist")
 
 
 def print_table(classes, metrics: dict, seconds: float, images: int) -> None:
@@ -109,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     dist = None
     try:
+        check_outputs(args)
         ckpt = load_checkpoint(args.checkpoint)
         cfg = resolve_config(args, ckpt)
         if cfg.train.threads:

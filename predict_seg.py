@@ -8,9 +8,11 @@ Per video: <name>_overlay.mp4 (same size and frame rate) and, with --save-frames
 files in <name>/. Inference settings, classes and palette come from the checkpoint (or the ONNX
 file's metadata); the flags below override the settings.
 
-Exit status: 0 when every input was predicted; 2 when some were skipped (each named in a warning
-line and counted in the summary); 1 on a user error (missing input, empty folder, bad checkpoint),
-in which case nothing is written.
+Exit status: 0 when every input was predicted; 2 when some were skipped (unreadable, empty,
+truncated or too large images, and inputs whose outputs would overwrite an earlier input's: each
+named in a warning line and counted in the summary); 2 on a user error (missing input, empty
+folder, bad checkpoint or ONNX metadata, an --out that is a file, read-only, or inside an input
+folder), printed as one ``error:`` line, in which case nothing is written.
 """
 
 from __future__ import annotations
@@ -24,13 +26,13 @@ import torch
 
 from seg.config import ConfigError
 from seg.config.cli import HelpFormatter
+from seg.data.base import MAX_PIXELS, PIL_MAX_PIXELS
 from seg.errors import USER_ERRORS, print_user_error
 from seg.export.runtime import OnnxModelError
 from seg.inference.files import Outputs, predict_images, predict_video
-from seg.inference.inputs import InputError, Skipped, collect_inputs
-from seg.inference.outputs import OVERLAY_ALPHA
+from seg.inference.inputs import Skipped, collect_inputs
+from seg.inference.outputs import OVERLAY_ALPHA, OutputError, check_out_folder, make_out_folder
 from seg.inference.predictor import Predictor
-from seg.runs.checkpoint import CheckpointError
 from seg.utils.progress import Progress
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, help="checkpoint written by train_seg.py (e.g. RUN/best.pt)")
     p.add_argument("--onnx", type=Path, help="run this model from `python -m seg.export` with onnxruntime (CPU) "
                    "instead of PyTorch; settings, classes and palette come from its metadata")
-    p.add_argument("--out", type=Path, required=True, help="output folder (created; must not be a file)")
+    p.add_argument("--out", type=Path, required=True, help="output folder (created; not a file, and not where an "
+                   "input would read the outputs back: inside an input folder or matched by an input pattern)")
     p.add_argument("--mode", choices=["whole", "slide"], help="whole image or sliding window (default: the "
                    "checkpoint's eval.mode; slide uses its eval.crop_size, else the training crop)")
     p.add_argument("--scales", type=float, nargs="+", help="multi-scale inference, e.g. 0.75 1.0 1.25 "
@@ -56,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"weight of the image in overlays, 0..1 (default {OVERLAY_ALPHA})")
     p.add_argument("--save-frames", action="store_true", help="for videos, also write every frame's "
                    "class-index, colour and overlay images into <name>/")
+    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
+                   help=f"skip images (and videos) of more pixels, judged from the file's header before decoding, "
+                        f"so a small file that claims a huge size cannot exhaust memory (default PIL's "
+                        f"{MAX_PIXELS:,}; at most {PIL_MAX_PIXELS:,})")
     return p
 
 
@@ -70,8 +77,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise ConfigError("--batch and --threads must be >= 1")
     if not 0.0 <= args.overlay_alpha <= 1.0:
         raise ConfigError(f"--overlay-alpha must be within 0..1, got {args.overlay_alpha}")
-    if args.out.exists() and not args.out.is_dir():
-        raise InputError(f"--out {args.out} is a file, not a folder")
+    if not 0 < args.max_pixels <= PIL_MAX_PIXELS:
+        raise ConfigError(f"--max-pixels must be within 1..{PIL_MAX_PIXELS:,} (PIL opens no larger image), "
+                          f"got {args.max_pixels}")
+    check_out_folder(args.out, "--out")
 
 
 def build_predictor(args: argparse.Namespace) -> Predictor:
@@ -97,19 +106,21 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         check_args(args)
-        items, skipped = collect_inputs(args.inputs)
+        items, skipped = collect_inputs(args.inputs, args.out, args.save_frames)
         predictor = build_predictor(args)
+        make_out_folder(args.out, "--out")  # the first thing written
     except USER_ERRORS as err:  # nothing has been written yet
         return print_user_error(err)
     for entry in skipped:
         Progress.warn(entry.path, entry.reason)
-    args.out.mkdir(parents=True, exist_ok=True)
     try:
-        to = Outputs(args.out, args.batch, args.overlay_alpha, args.save_frames)
+        to = Outputs(args.out, args.batch, args.overlay_alpha, args.save_frames, args.max_pixels)
         images = predict_images(predictor, [i for i in items if not i.is_video], to, skipped)
         frames = sum(predict_video(predictor, item, to, skipped) for item in items if item.is_video)
     except OnnxModelError as err:
         return print_user_error(err)
+    except OSError as err:  # a full disk, or --out made read-only meanwhile
+        return print_user_error(OutputError(f"cannot write under --out {args.out}: {err}"))
     print(summary(images, frames, skipped, time.perf_counter() - start, args.out))
     return 2 if skipped else 0
 

@@ -5,7 +5,8 @@ mismatches, label values out of range, and listed or orphan files that are missi
 
 Every sample is read exactly as training reads it (through ``seg.data``), so a dataset that
 passes here will not stop a run halfway. Prints one line per problem, then a summary; the exit
-status is 1 when anything is wrong.
+status is 1 when anything is wrong. A split that is absent, or whose labels are withheld (a
+benchmark's test split), is a note, not a problem, unless no split at all is there.
 """
 
 import argparse
@@ -16,7 +17,11 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+from seg.config import available_cpus  # noqa: E402
 from seg.data import DATASETS, DatasetError, build_dataset  # noqa: E402
+from seg.data.base import SplitMissing  # noqa: E402
+
+DEFAULT_WORKERS = 4
 
 DEFAULT_SPLITS = {"voc": ["train", "val"], "cityscapes": ["train", "val"], "camvid": ["train", "val", "test"],
                   "synthetic": ["train", "val"]}
@@ -39,18 +44,21 @@ class ProblemPerSample(Dataset):
         return ""
 
 
-def check_split(name: str, root: Path, split: str, workers: int) -> tuple[int, list[str]]:
-    """(samples read, problems) for one split; a split that cannot even be listed is one problem."""
+def check_split(name: str, root: Path, split: str, workers: int) -> tuple[int, list[str], list[str]]:
+    """(samples read, problems, notes) for one split; a split that cannot even be listed is one problem,
+    one that is not there (or has no labels) one note."""
     try:
         dataset = build_dataset(name, root, split)
+    except SplitMissing as err:
+        return 0, [], [f"{split}: {str(err).splitlines()[0]}"]  # the expected layout follows; once is enough
     except (DatasetError, FileNotFoundError) as err:
-        return 0, [f"{split}: {err}"]
+        return 0, [f"{split}: {err}"], []
     # batch_size=None hands items over one by one; workers read in parallel
     loader = DataLoader(ProblemPerSample(dataset), batch_size=None, num_workers=workers)
     # the bar only on a terminal: redrawn into a pipe or log file it is hundreds of lines of noise
     bar = tqdm(loader, desc=split, total=len(dataset), dynamic_ncols=True, disable=not sys.stderr.isatty())
     problems = [problem for problem in bar if problem]
-    return len(dataset), problems
+    return len(dataset), problems, []
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,16 +67,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", required=True, choices=sorted(DATASETS), help="which dataset's layout to read")
     parser.add_argument("--root", type=Path, required=True, help="the dataset's folder, as data.root in a config")
     parser.add_argument("--splits", nargs="+", help="default: the dataset's usual splits")
-    parser.add_argument("--workers", type=int, default=4, help="reader processes (0: read in this process; default: 4)")
+    parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
+                        help=f"reader processes, at most the available CPUs (0: read in this process; "
+                             f"default: {DEFAULT_WORKERS})")
     args = parser.parse_args(argv)
-    checked, problems = 0, []
-    for split in args.splits or DEFAULT_SPLITS[args.name]:
-        count, found = check_split(args.name, args.root, split, args.workers)
+    workers = max(0, min(args.workers, available_cpus()))  # more readers than CPUs only contend
+    splits = args.splits or DEFAULT_SPLITS[args.name]
+    checked, problems, notes = 0, [], []
+    for split in splits:
+        count, found, noted = check_split(args.name, args.root, split, workers)
         checked += count
         problems += found
+        notes += noted
+    if len(notes) == len(splits):
+        problems.append(f"none of the splits {splits} is there")
+    for note in notes:
+        print(f"note: {note}")
     for problem in problems:
         print(f"problem: {problem}")
-    print(f"{args.name} at {args.root}: {checked} samples checked, {len(problems)} problem(s)")
+    noted = f", {len(notes)} split(s) absent" if notes else ""
+    print(f"{args.name} at {args.root}: {checked} samples checked, {len(problems)} problem(s){noted}")
     return 1 if problems else 0
 
 

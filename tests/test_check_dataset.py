@@ -31,13 +31,14 @@ def test_every_problem_is_listed_with_its_file(tmp_path, capsys):
                         "--workers", "0"]) == 1
     lines = capsys.readouterr().out.splitlines()
     problems = [line for line in lines if line.startswith("problem: ")]
-    assert len(problems) == 5, lines
+    assert len(problems) == 4, lines
     assert f"{cut} is truncated" in problems[0]
     assert "range.png holds values [40]" in problems[1]  # samples are in file-name order
     assert "small.jpg is 16x16 but its mask" in problems[2]
     assert problems[3].startswith("problem: val: 1 file(s)") and "a.jpg" in problems[3]
-    assert problems[4].startswith("problem: test: CamVid folder")
-    assert lines[-1] == f"camvid at {tmp_path}: 4 samples checked, 5 problem(s)"
+    assert [line for line in lines if line.startswith("note: ")] == [
+        f"note: test: CamVid folder {tmp_path / 'test'} not found; expected layout:"]
+    assert lines[-1] == f"camvid at {tmp_path}: 4 samples checked, 4 problem(s), 1 split(s) absent"
 
 
 def test_clean_dataset_passes_with_worker_processes(tmp_path, capsys):
@@ -54,3 +55,31 @@ def test_no_progress_bar_is_drawn_into_a_pipe(tmp_path, capsys):
     assert _script("check_dataset").main(["--name", "camvid", "--root", str(tmp_path), "--splits", "train",
                                           "--workers", "0"]) == 0
     assert capsys.readouterr().err == ""  # pytest's capture is not a terminal, as a pipe or log file is not
+
+
+def test_withheld_test_split_is_a_note_and_workers_fit_the_cpus(tmp_path, capsys, monkeypatch):
+    import seg.config
+    from torch.utils import data
+
+    sample = (np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.uint8))
+    _camvid(tmp_path, "train", {"a": sample})
+    _camvid(tmp_path, "val", {"b": sample})
+    (tmp_path / "test").mkdir()  # a benchmark's test images, labels withheld
+    cv2.imwrite(str(tmp_path / "test" / "c.jpg"), sample[0])
+    script = _script("check_dataset")
+    workers = []
+    real = data.DataLoader.__init__
+
+    def spy(self, *args, num_workers=0, **kwargs):
+        workers.append(num_workers)
+        real(self, *args, num_workers=0, **kwargs)  # read here: the count is what is checked
+
+    monkeypatch.setattr(data.DataLoader, "__init__", spy)
+    monkeypatch.setattr(script, "available_cpus", lambda: 2)
+    assert script.main(["--name", "camvid", "--root", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"note: test: CamVid folder {tmp_path / 'testannot'} not found")
+    assert lines[-1].endswith("2 samples checked, 0 problem(s), 1 split(s) absent")
+    assert workers == [2, 2]  # the default 4, capped at the 2 CPUs
+    assert script.main(["--name", "camvid", "--root", str(tmp_path / "nowhere"), "--workers", "0"]) == 1
+    assert "problem: none of the splits ['train', 'val', 'test'] is there" in capsys.readouterr().out

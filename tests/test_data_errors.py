@@ -100,6 +100,7 @@ def test_cityscapes_missing_annotation(tmp_path):
     from tests.conftest import shared_path
     sample = shared_path("data", "cityscapes_sample")
     shutil.copytree(sample / "leftImg8bit", tmp_path / "leftImg8bit")
+    (tmp_path / "gtFine" / "val").mkdir(parents=True)  # present but empty; no gtFine/val at all is a withheld split
     with pytest.raises(DatasetError, match="1 annotation.*frankfurt_000000_000294_gtFine_labelIds.png"):
         Cityscapes(tmp_path, "val")
     with pytest.raises(DatasetError, match="no \\*_leftImg8bit.png files under .*train"):

@@ -213,3 +213,36 @@ def test_help_explains_every_flag(capsys):
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     assert all(flag in text for a in actions for flag in a.option_strings)
+
+
+class FirstAndLastChannel(torch.nn.Module):
+    """Two-class logits: the normalised first and last input channel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, [0, 2]]
+
+
+@pytest.mark.parametrize("order, expected", [("RGB", 0), ("BGR", 1)])
+def test_color_order_of_the_card_is_honoured(order, expected):
+    card = {"classes": ["red", "blue"], "palette": [[255, 0, 0], [0, 0, 255]], "mean": [0.5, 0.5, 0.5],
+            "std": [0.5, 0.5, 0.5], "color_order": order, "slide_window": {"crop_size": 32, "stride": None},
+            "inference": {"mode": "whole", "output_stride": 1, "crop_size": None, "stride": None, "scales": [1.0],
+                          "flip": False, "amp": "none"}}
+    red = np.zeros((8, 8, 3), np.uint8)
+    red[..., 0] = 255  # RGB: the model's first channel is red; BGR: its last
+    assert (Predictor(FirstAndLastChannel(), card).predict(red) == expected).all()
+
+
+def test_a_video_frames_folder_counts_among_its_outputs(tmp_path):
+    from seg.inference.inputs import collect_inputs
+
+    (tmp_path / "in" / "clip").mkdir(parents=True)
+    (tmp_path / "in" / "clip.mp4").write_bytes(b"")
+    (tmp_path / "in" / "clip" / "clip_000000.png").write_bytes(b"")  # where clip.mp4's first frame goes
+    items, skipped = collect_inputs([str(tmp_path / "in")], tmp_path / "out", save_frames=True)
+    assert [i.path.name for i in items] == ["clip_000000.png"]
+    assert [(s.path.name, s.reason) for s in skipped] == [
+        ("clip.mp4", f"its output {Path('clip/clip_000000.png')} would overwrite that of "
+                     f"{tmp_path / 'in' / 'clip' / 'clip_000000.png'}")]
+    items, skipped = collect_inputs([str(tmp_path / "in")], tmp_path / "out")  # no frames, no clash
+    assert len(items) == 2 and not skipped

@@ -2,7 +2,7 @@
 and the plain dicts stored in checkpoints, from this or an older version of the code.
 
 A YAML file holds only what differs from the defaults (no ``_base_`` inheritance); overrides such
-as ``optim.lr=0.02`` or ``model.encoder=mobilenet_v2_se`` are parsed with ``yaml.safe_load`` and
+as ``optim.lr=0.02`` or ``model.encoder=mobilenet_v2_se`` are parsed as YAML (:func:`read_yaml`) and
 checked against the field's type. Every user error raises :class:`ConfigError` naming the key.
 """
 
@@ -71,16 +71,47 @@ def _apply(cfg: Config, data: Any, source: str) -> None:
             setattr(getattr(cfg, section), name, value)
 
 
+class _DuplicateKey(yaml.constructor.ConstructorError):
+    def __init__(self, key: Any, first: int, again: int) -> None:
+        super().__init__(problem=f"key {key!r} appears twice (lines {first} and {again}); keep one")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load``, except that a key given twice in one mapping is refused: PyYAML keeps the
+    last silently, so a setting edited near the top of a file would lose to a stale copy further down."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in lines:
+                raise _DuplicateKey(key, lines[key], line)
+            lines[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(text: str, source: str) -> Any:
+    """``text`` parsed as ``yaml.safe_load`` does, but refusing duplicate keys; one-line errors naming ``source``."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except _DuplicateKey as e:
+        raise ConfigError(f"{source}: {e.problem}") from None
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{source}: not valid YAML: {e.problem or e.context}{where}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML: {str(e).splitlines()[0]}") from None
+
+
 def _parse_override(text: str) -> dict:
     """``a.b=value`` -> ``{"a": {"b": value}}``, with the value parsed as YAML."""
     key, sep, raw = text.partition("=")
     key = key.strip()
     if not sep or not key:
         raise ConfigError(f"override {text!r} must look like key=value, e.g. optim.lr=0.02")
-    try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override {text!r}: value is not valid YAML: {e}") from None
+    value = read_yaml(raw, f"override {text!r}: value")
     # A string field keeps the text as typed: data.train_split=2012 means "2012", not the int 2012.
     accepts_str = key in FIELD_TYPES and str in (FIELD_TYPES[key], *get_args(FIELD_TYPES[key]))
     if accepts_str and value is not None and not isinstance(value, (str, list, dict)):
@@ -96,13 +127,11 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: Config
     cfg = Config() if base is None else base
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config {path} is a folder; expected a YAML file (e.g. {path / 'config.yaml'})")
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        data = data or {}
+        data = read_yaml(path.read_text(), str(path)) or {}
         if isinstance(data, dict) and "config_version" in data:  # a run's config.yaml, reused as an experiment
             data = dict(data)
             version = data.pop("config_version")

@@ -6,6 +6,7 @@ on a broken mask is far more expensive than two ``np.any`` calls per item.
 """
 
 import io
+import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -25,21 +26,33 @@ class DatasetError(UserError, ValueError):
     """A dataset file or layout is not what the reader expects."""
 
 
+class SplitMissing(DatasetError, FileNotFoundError):
+    """A split that is not there: its folder or list is absent, or its labels are withheld (a test split).
+
+    ``datasets/check_dataset.py`` notes it rather than counting a problem; training still stops on it.
+    """
+
+
 JPEG_END = b"\xff\xd9"  # EOI marker
 JPEG_TAIL = 4096  # bytes searched for it: trailers (padding, vendor data) are short
 PNG_END = b"IEND\xaeB`\x82"  # the IEND chunk's type and CRC
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # PIL's default limit, 89,478,485: ~256 MiB as 8-bit RGB
+# PIL refuses to open even the header of a larger image, so no limit above this can be honoured
+PIL_MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
 
 
-def read_complete(path: Path) -> np.ndarray:
-    """The bytes of an image file, refusing a JPEG or PNG cut short.
+def read_complete(path: Path) -> bytes:
+    """The bytes of an image file, refusing an empty one and a JPEG or PNG cut short.
 
-    OpenCV decodes such files without an error (libjpeg only prints "Premature end of JPEG file",
+    OpenCV decodes truncated files without an error (libjpeg only prints "Premature end of JPEG file",
     with no file name) and fills the missing rows with grey, which would train silently on them.
     """
     try:
         data = path.read_bytes()
     except OSError as err:
         raise DatasetError(f"cannot read {path}: {err.strerror}") from None
+    if not data:
+        raise DatasetError(f"{path} is empty (0 bytes); re-copy or re-export it, or remove it")
     tail = data[-JPEG_TAIL:]
     # Some cameras and editors append bytes after a JPEG's end marker. Inside the compressed data
     # 0xFF is always stuffed, so an end marker near the end means the image data is complete.
@@ -48,15 +61,50 @@ def read_complete(path: Path) -> np.ndarray:
     if truncated:
         raise DatasetError(f"{path} is truncated ({len(data)} bytes, no end marker); "
                            "re-copy or re-export it, or remove it from the dataset")
-    return np.frombuffer(data, np.uint8)
+    return data
 
 
-def read_image(path: Path) -> np.ndarray:
-    """Read an image as HxWx3 uint8 RGB with OpenCV."""
-    image = cv2.imdecode(read_complete(path), cv2.IMREAD_COLOR_RGB)
+def open_checked(path: Path, what: str = "image", max_pixels: int = MAX_PIXELS) -> tuple[bytes, Image.Image]:
+    """The file's bytes and the image in them opened lazily (PIL has read the header only).
+
+    Every image and label read starts here, so a bad file gives one line naming it. The size is
+    checked from the header before anything is decoded: a small file can declare 30000x30000, and
+    decoding it would allocate gigabytes.
+    """
+    data = read_complete(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit follows, naming the file
+        try:
+            header = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError:
+            raise DatasetError(f"{what} {path} declares more than {PIL_MAX_PIXELS:,} pixels, over the limit of "
+                               f"{max_pixels:,}") from None
+        except (OSError, SyntaxError, ValueError):  # PIL's "cannot identify image file <BytesIO ...>" names no file
+            raise DatasetError(f"cannot read {what} {path}: not an image file (no image format recognised in "
+                               f"its {len(data)} bytes)") from None
+    width, height = header.size
+    if width * height > max_pixels:
+        header.close()
+        raise DatasetError(f"{what} {path} declares {width}x{height} = {width * height:,} pixels, over the limit "
+                           f"of {max_pixels:,}")
+    return data, header
+
+
+def _decode_cv2(path: Path, what: str, flags: int, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    data, header = open_checked(path, what, max_pixels)
+    header.close()
+    try:
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    except cv2.error as err:
+        raise DatasetError(f"cannot read {what} {path}: OpenCV cannot decode it ({err.err})") from None
     if image is None:
-        raise DatasetError(f"cannot read image {path}: the file is missing, unreadable or not an image")
+        raise DatasetError(f"cannot read {what} {path}: OpenCV cannot decode it")
     return image
+
+
+def read_image(path: Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Read an image as HxWx3 uint8 RGB with OpenCV, after :func:`open_checked`."""
+    return _decode_cv2(path, "image", cv2.IMREAD_COLOR_RGB, max_pixels)
 
 
 def read_label_png(path: Path) -> np.ndarray:
@@ -65,21 +113,20 @@ def read_label_png(path: Path) -> np.ndarray:
     Palette ("P") PNGs are decoded through PIL because OpenCV expands them to the palette's
     RGB colours, which would silently turn class indices into colours.
     """
-    try:
-        with Image.open(io.BytesIO(read_complete(path))) as png:
-            if png.mode not in ("P", "L"):
-                raise DatasetError(f"label {path} has PIL mode {png.mode!r}; expected a palette ('P') or "
-                                   "8-bit grayscale ('L') PNG holding class indices")
+    _, png = open_checked(path, "label")
+    with png:
+        if png.mode not in ("P", "L"):
+            raise DatasetError(f"label {path} has PIL mode {png.mode!r}; expected a palette ('P') or "
+                               "8-bit grayscale ('L') PNG holding class indices")
+        try:
             return np.array(png)  # a writable copy: torch warns on read-only arrays
-    except (OSError, SyntaxError) as err:  # PIL raises these for missing or corrupt files
-        raise DatasetError(f"cannot read label {path}: {err}") from err
+        except (OSError, SyntaxError, ValueError) as err:  # PIL's errors for corrupt image data
+            raise DatasetError(f"cannot read label {path}: {err}") from None
 
 
 def read_gray_png(path: Path) -> np.ndarray:
     """Read an 8-bit single-channel label PNG (CamVid, Cityscapes) with OpenCV, the fast path."""
-    mask = cv2.imdecode(read_complete(path), cv2.IMREAD_UNCHANGED)
-    if mask is None:
-        raise DatasetError(f"cannot read label {path}: the file is missing, unreadable or not an image")
+    mask = _decode_cv2(path, "label", cv2.IMREAD_UNCHANGED)
     if mask.ndim != 2 or mask.dtype != np.uint8:
         raise DatasetError(f"label {path} is {mask.dtype} with shape {mask.shape}; expected an 8-bit "
                            "single-channel PNG of class ids")
@@ -89,7 +136,7 @@ def read_gray_png(path: Path) -> np.ndarray:
 def list_ids(list_file: Path, layout: str) -> list[str]:
     """Read a split list (one id per line), explaining the expected layout when it is absent."""
     if not list_file.is_file():
-        raise DatasetError(f"split list {list_file} not found; expected layout:\n{layout}")
+        raise SplitMissing(f"split list {list_file} not found; expected layout:\n{layout}")
     ids = [line.split()[0] for line in list_file.read_text().splitlines() if line.strip()]
     if not ids:
         raise DatasetError(f"split list {list_file} is empty")

@@ -5,7 +5,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from seg.data.base import DatasetError, SegmentationDataset, TransformFn, read_gray_png
+from seg.data.base import DatasetError, SegmentationDataset, SplitMissing, TransformFn, read_gray_png
 from seg.data.palette import IGNORE_INDEX
 
 CAMVID_CLASSES = ("sky", "building", "pole", "road", "pavement", "tree", "sign_symbol", "fence", "car",
@@ -25,7 +25,7 @@ _VOID_TO_IGNORE[CAMVID_VOID] = IGNORE_INDEX
 
 def _stems(folder: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
     if not folder.is_dir():
-        raise FileNotFoundError(f"CamVid folder {folder} not found; expected layout:\n{CAMVID_LAYOUT}")
+        raise SplitMissing(f"CamVid folder {folder} not found; expected layout:\n{CAMVID_LAYOUT}")
     return {p.stem: p for p in folder.iterdir() if p.suffix.lower() in suffixes}
 
 

@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 from cityscapesscripts.helpers.labels import labels as CITYSCAPES_LABELS
 
-from seg.data.base import DatasetError, SegmentationDataset, TransformFn, read_gray_png
+from seg.data.base import DatasetError, SegmentationDataset, SplitMissing, TransformFn, read_gray_png
 from seg.data.palette import IGNORE_INDEX
 
 IMAGE_SUFFIX = "_leftImg8bit.png"
@@ -69,8 +69,12 @@ class Cityscapes(SegmentationDataset):
         self.root, self.split = Path(root), split
         image_dir = self.root / "leftImg8bit" / split
         images = sorted(image_dir.glob(f"*/*{IMAGE_SUFFIX}"))
+        error = DatasetError if image_dir.is_dir() else SplitMissing
         if not images:
-            raise DatasetError(f"no *{IMAGE_SUFFIX} files under {image_dir}; expected layout:\n{CITYSCAPES_LAYOUT}")
+            raise error(f"no *{IMAGE_SUFFIX} files under {image_dir}; expected layout:\n{CITYSCAPES_LAYOUT}")
+        if not (self.root / "gtFine" / split).is_dir():
+            raise SplitMissing(f"split {split!r} has no labels: {self.root / 'gtFine' / split} not found; "
+                               f"expected layout:\n{CITYSCAPES_LAYOUT}")
         samples, missing = [], []
         for image in images:
             stem = self.root / "gtFine" / split / image.parent.name / image.name[: -len(IMAGE_SUFFIX)]

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from seg.data.base import SegmentationDataset, TransformFn, check_present, list_ids
+from seg.data.base import SegmentationDataset, SplitMissing, TransformFn, check_present, list_ids
 from seg.data.palette import voc_palette
 
 VOC_CLASSES = (
@@ -45,6 +45,8 @@ class VOCSegmentation(SegmentationDataset):
         list_file = self.root / "ImageSets" / "Segmentation" / f"{split}.txt"
         ids = list_ids(list_file, VOC_LAYOUT)
         mask_dir = self.root / ("SegmentationClassAug" if split == AUG_SPLIT else "SegmentationClass")
+        if not mask_dir.is_dir():  # VOC's test split ships its list and images, never its masks
+            raise SplitMissing(f"split {split!r} has no masks: {mask_dir} not found; expected layout:\n{VOC_LAYOUT}")
         samples = [(self.root / "JPEGImages" / f"{i}.jpg", mask_dir / f"{i}.png") for i in ids]
         check_present([p for pair in samples for p in pair], list_file)
         super().__init__(samples, transform)

@@ -189,7 +189,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def export_checkpoint(args: argparse.Namespace) -> ExportCheck:
     """Load, export, verify; the file is deleted when the check fails."""
     out = Path(args.out)
-    if not out.parent.is_dir():  # fail before the (slow) model build
+    if out.is_dir():  # fail before the (slow) model build
+        raise ExportError(f"--out {out} is a folder; expected the ONNX file to write, e.g. {out / 'model.onnx'}")
+    if not out.parent.is_dir():
         raise ExportError(f"output folder does not exist: {out.parent} (for --out {out})")
     model, cfg = load_for_export(args.checkpoint)
     threads = args.threads or cfg.train.threads

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import cv2
 
-from seg.data.base import DatasetError, read_image
+from seg.data.base import MAX_PIXELS, DatasetError, read_image
 from seg.inference.inputs import Input, Skipped
-from seg.inference.outputs import OVERLAY_ALPHA, VideoOverlayWriter, write_prediction
+from seg.inference.outputs import OVERLAY_ALPHA, VideoOverlayWriter, frame_base, output_claims, write_prediction
 from seg.inference.predictor import Predictor
 from seg.utils.progress import Progress
 
@@ -25,6 +25,7 @@ class Outputs:
     batch: int = 1  # images (or video frames) per forward; only equal-sized images share one
     overlay_alpha: float = OVERLAY_ALPHA
     save_frames: bool = False  # videos: also every frame's class-index, colour and overlay images
+    max_pixels: int = MAX_PIXELS  # larger images (or video frames) are skipped, judged before decoding
 
 
 def predict_images(predictor: Predictor, items: list[Input], to: Outputs, skipped: list[Skipped]) -> int:
@@ -36,7 +37,7 @@ def predict_images(predictor: Predictor, items: list[Input], to: Outputs, skippe
         chunk, images = [], []
         for item in items[start:start + to.batch]:
             try:
-                images.append(read_image(item.path))
+                images.append(read_image(item.path, to.max_pixels))
                 chunk.append(item)
             except DatasetError as err:
                 skipped.append(progress.skip(item.path, str(err)))
@@ -56,7 +57,13 @@ def predict_video(predictor: Predictor, item: Input, to: Outputs, skipped: list[
         return 0
     fps = capture.get(cv2.CAP_PROP_FPS) or DEFAULT_FPS
     size = (int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)), int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT)))
-    writer = VideoOverlayWriter(to.folder / f"{item.out}_overlay.mp4", fps, size, predictor.palette, to.overlay_alpha)
+    if size[0] * size[1] > to.max_pixels:
+        capture.release()
+        skipped.append(Progress.warn(item.path, f"its {size[0]}x{size[1]} frames exceed the limit of "
+                                                f"{to.max_pixels:,} pixels"))
+        return 0
+    (overlay_path,), _ = output_claims(item.out, is_video=True)
+    writer = VideoOverlayWriter(to.folder / overlay_path, fps, size, predictor.palette, to.overlay_alpha)
     progress = Progress(int(capture.get(cv2.CAP_PROP_FRAME_COUNT)), f"frames of {item.path.name}")
     try:
         while True:
@@ -67,7 +74,7 @@ def predict_video(predictor: Predictor, item: Input, to: Outputs, skipped: list[
                 break
             for frame, mask in zip(frames, predictor.predict_batch(frames)):
                 if to.save_frames:
-                    base = to.folder / item.out / f"{item.out.name}_{writer.frames:06d}"
+                    base = to.folder / frame_base(item.out, writer.frames)
                     write_prediction(base, frame, mask, predictor.palette, to.overlay_alpha)
                 writer.write(frame, mask)
             progress.update(len(frames))

@@ -8,17 +8,60 @@ file, then rename): a run killed mid-write leaves whole files only.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 from seg.data.palette import colorize
+from seg.errors import UserError
 from seg.utils.atomic import write_atomic
 
 OVERLAY_ALPHA = 0.5  # image weight in the overlay: half image, half mask colours
 JPEG_QUALITY = 95
 VIDEO_FOURCC = "mp4v"  # the MPEG-4 codec every OpenCV build can write without extra libraries
+IMAGE_OUTPUTS = (".png", "_color.png", "_overlay.jpg")  # appended to <base>: class indices, colours, overlay
+VIDEO_OUTPUT = "_overlay.mp4"
+
+
+class OutputError(UserError, ValueError):
+    """An output folder or file that cannot be written."""
+
+
+def image_outputs(base: Path) -> list[Path]:
+    """The files :func:`write_prediction` writes for ``base``, in its order."""
+    return [base.with_name(base.name + suffix) for suffix in IMAGE_OUTPUTS]
+
+
+def frame_base(base: Path, index: int) -> Path:
+    """Where frame ``index`` of the video whose outputs go to ``base`` is written (folder ``base``)."""
+    return base / f"{base.name}_{index:06d}"
+
+
+def output_claims(base: Path, is_video: bool, save_frames: bool = False) -> tuple[list[Path], list[Path]]:
+    """(files, folders) that an input's outputs take at ``base``: an image's three files; a video's
+    overlay and, with ``save_frames``, the folder of its frames (whose count is known only later)."""
+    if not is_video:
+        return image_outputs(base), []
+    return [base.with_name(base.name + VIDEO_OUTPUT)], [base] if save_frames else []
+
+
+def check_out_folder(folder: Path, flag: str) -> None:
+    """Refuse, before any work, an output ``folder`` that is an existing file."""
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"{flag} {folder} is a file; expected a folder (it is created if missing)")
+
+
+def make_out_folder(folder: Path, flag: str) -> None:
+    """Create ``folder`` and check that it takes files, so a read-only one fails here in one line
+    rather than at the first image's write."""
+    check_out_folder(folder, flag)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as err:
+        raise OutputError(f"{flag} {folder} is not a writable folder: {err.strerror or err}") from None
 
 
 def overlay(image: np.ndarray, colors: np.ndarray, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
@@ -49,7 +92,7 @@ def write_prediction(base: str | Path, image: np.ndarray, labels: np.ndarray, pa
     """
     base = Path(base)
     colors = colorize(labels, palette)
-    paths = [base.with_name(base.name + suffix) for suffix in (".png", "_color.png", "_overlay.jpg")]
+    paths = image_outputs(base)
     _encode(paths[0], np.ascontiguousarray(labels, dtype=np.uint8))
     _encode(paths[1], colors[..., ::-1])
     _encode(paths[2], overlay(image, colors, alpha)[..., ::-1], (cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY))

@@ -97,6 +97,8 @@ class Predictor:
         self.settings = card_settings(card, mode, scales, flip)
         self.device = torch.device(device)
         self.normalize = build_eval_transform(tuple(card["mean"]), tuple(card["std"])).compose
+        # a model that takes BGR (mean and std then in BGR order too) gets the RGB image reversed
+        self.bgr = card.get("color_order", "RGB") == "BGR"
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "auto", overrides: Sequence[str] = (),
@@ -143,4 +145,4 @@ class Predictor:
         if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3):
             got = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
             raise ValueError(f"image {index}: expected an HxWx3 uint8 RGB array, got {got}")
-        return self.normalize(image=image)["image"]
+        return self.normalize(image=np.ascontiguousarray(image[..., ::-1]) if self.bgr else image)["image"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import pickle
 import random
+import re
 import sys
 import zipfile
 from pathlib import Path
@@ -152,8 +153,12 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path} holds objects that weights_only loading refuses "
-                              f"(not written by seg.runs.checkpoint.save_checkpoint?): {e}") from e
+        # not PyTorch's message: it advises weights_only=False, which would run whatever code the file holds
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        what = f" (such as {found.group(1)})" if found else ""
+        raise CheckpointError(f"{path} holds Python objects{what} that we will not unpickle, since unpickling "
+                              "can run code stored in the file; it was not written by seg's save_checkpoint, and "
+                              "only its maker can convert it to plain tensors") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile) as e:
         raise CheckpointError(f"{path} is corrupt: {e}") from e
     if not isinstance(ckpt, dict):
