@@ -161,3 +161,39 @@ def test_a_segmentation_set_is_refused_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: data.name=voc is a segmentation set") and "\n" not in err
     assert not (tmp_path / "run").exists()
+
+
+def test_transfer_tool_pretrains_once_and_fine_tunes_both_starts_per_seed(tmp_path, capsys):
+    """The mechanics of seg.tools.transfer (its figure is quoted from a real run, not asserted here:
+    a few random steps decide nothing)."""
+    from seg.tools import transfer
+
+    out = tmp_path / "transfer"
+    argv = ["--out", str(out), "--smoke", "--seeds", "0", "1", "--pretrain-iters", "2", "--seg-iters", "2"]
+    assert transfer.main(argv) == 0
+    result = json.loads((out / "transfer.json").read_text())
+    assert [r["seed"] for r in result["rows"]] == [0, 1] and result["seg_iters"] == 2
+    for row in result["rows"]:
+        assert row["margin"] == pytest.approx(row["pretrained"] - row["scratch"])
+        stored = load_config(out / "pretrained" / f"seed{row['seed']}" / "config.yaml", [])
+        assert stored.model.encoder_weights == str(out / "pretrain" / ENCODER_FILE) and stored.train.seed == row["seed"]
+        assert load_config(out / "scratch" / f"seed{row['seed']}" / "config.yaml", []).model.encoder_weights is None
+    assert "| 1 |" in capsys.readouterr().out
+    lasts = sorted(out.glob("*/**/last.pt"))
+    stamps = [p.stat().st_mtime_ns for p in lasts]
+    assert len(lasts) == 5 and transfer.main(argv) == 0  # finished runs resume at their end: nothing retrained
+    assert [p.stat().st_mtime_ns for p in lasts] == stamps
+
+
+def test_bench_times_a_pretraining_step_and_the_loader(tmp_path, capsys):
+    from seg.tools import bench
+
+    out = tmp_path / "pretrain.json"
+    assert bench.main(["--scope", "pretrain", "--device", "cpu", "--batch", "2", "--size", "32", "--repeats", "1",
+                       "--warmup", "0", "--workers", "0", "--loader-images", "4", "--json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert [r["model"] for r in record["rows"]] == ["plain", "plain A/A", "CA"]
+    assert record["rows"][0]["ratio"] == 1.0 and all(r["img_s"] > 0 for r in record["rows"])
+    assert record["loader"]["images"] == 4 and record["epochs"] == 200
+    text = capsys.readouterr().out
+    assert "200 epochs, model-bound (h)" in text and "loader-bound" in text

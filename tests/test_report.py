@@ -29,7 +29,8 @@ def test_smoke_report_has_every_part_and_table(smoke):
     out = smoke
     text = (out / "report.md").read_text()
     for fragment in ("## Environment", "| torch |", "| cpu |", "### Cost, eager", "| plain A/A |", "| SE |",
-                     "| CBAM |", "| CA |", "| CA fused | absent on cpu:", "### CamVid ablation", "### CUDA tests"):
+                     "| CBAM |", "| CA |", "| CA fused | absent on cpu:", "### CamVid ablation", "### Pretraining cost",
+                     "| plain A/A |", "200 epochs loader-bound", "### CUDA tests"):
         assert fragment in text, fragment
     data = json.loads((out / "report.json").read_text())
     assert {p["part"]: p["status"] for p in data["parts"]}["ablation"] == "ok"

@@ -132,6 +132,7 @@ class PretrainConfig:
 
     dropout: float = 0.2  # before the linear classifier, as in MobileNetV2
     label_smoothing: float = 0.0  # the CA paper's recipe uses none
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # random-resized crop's area range, ImageNet's (timm, torchvision)
     # plain weights (torchvision layout) to start an attention encoder from, its blocks set to an exact
     # identity (seg.modeling.warm_start); None: model.encoder_weights as for segmentation, or scratch
     warm_start: Optional[str] = None
@@ -164,6 +165,7 @@ RULES = [
     ("optim.grad_clip", lambda v: v is None or v > 0, "None or > 0"),
     ("pretrain.dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("pretrain.label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("pretrain.crop_scale", lambda v: 0 < v[0] <= v[1] <= 1, "(min, max) area fractions with 0 < min <= max <= 1"),
     ("optim.weight_decay", lambda v: v is None or v >= 0, "None or >= 0"),
     ("train.threads", lambda v: v is None or v > 0, "None or > 0"),
     ("train.dist_timeout_s", lambda v: v > 0, "> 0"),

@@ -59,10 +59,12 @@ class SeededTimmTransform:
                 random.setstate(state)
 
 
-def build_classification_transform(size: int, train: bool) -> SeededTimmTransform:
-    """timm's ImageNet transform at ``size``: random-resized crop + flip (train), or resize + centre crop."""
+def build_classification_transform(size: int, train: bool,
+                                   crop_scale: tuple[float, float] = (0.08, 1.0)) -> SeededTimmTransform:
+    """timm's ImageNet transform at ``size``: random-resized crop (area fraction in ``crop_scale``) + flip
+    (train), or resize + centre crop."""
     if train:
-        transform = timm.data.create_transform(size, is_training=True, scale=(0.08, 1.0), hflip=0.5,
+        transform = timm.data.create_transform(size, is_training=True, scale=tuple(crop_scale), hflip=0.5,
                                                color_jitter=None, mean=IMAGENET_MEAN, std=IMAGENET_STD)
     else:
         transform = timm.data.create_transform(size, is_training=False, crop_pct=EVAL_CROP_PCT,

@@ -60,7 +60,8 @@ def build_sets(cfg: Config, dist: DistInfo) -> tuple[ImageFolderClasses, ImageFo
         make_synthetic_classes(data.root, n_train=data.synthetic_train_images, n_val=data.synthetic_val_images,
                                size=data.synthetic_image_size, seed=0)
     barrier()
-    train_set = ImageFolderClasses(data.root, data.train_split, build_classification_transform(data.crop_size, True))
+    train_tf = build_classification_transform(data.crop_size, True, cfg.pretrain.crop_scale)
+    train_set = ImageFolderClasses(data.root, data.train_split, train_tf)
     val_set = ImageFolderClasses(data.root, data.val_split, build_classification_transform(data.crop_size, False))
     if train_set.classes != val_set.classes:
         raise DatasetError(f"{data.root}: {data.train_split}/ and {data.val_split}/ hold different class folders")

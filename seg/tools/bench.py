@@ -14,8 +14,9 @@ Defaults follow the device. CUDA: bf16 autocast, channels-last, batch 16 at 512,
 eager and ``torch.compile``, both encoders at OS 16 and 8, every variant. CPU: fp32, batch 1 at
 512, inference only, MobileNetV2 at OS 16, plain / A/A / CA / CA without CPU kernels: the
 measurement docs/performance.md quotes. ``--scope block|tiles|projections`` time one CA block
-instead (``seg.tools.bench_blocks``), and ``--scope pipeline`` one loader worker's decode + augment
-per image (``seg.tools.bench_pipeline``).
+instead (``seg.tools.bench_blocks``), ``--scope pipeline`` one loader worker's decode + augment
+per image (``seg.tools.bench_pipeline``), and ``--scope pretrain`` a pretraining step of MobileNetV2 and
++ CA and the ImageNet loader, projected to the paper's 200 epochs (``seg.tools.bench_pretrain``).
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ from pathlib import Path
 
 import torch
 
+from seg.config import available_cpus
 from seg.config.cli import HelpFormatter
 from seg.kernels import calibrate
-from seg.tools import bench_blocks, bench_pipeline
+from seg.tools import bench_blocks, bench_pipeline, bench_pretrain
 from seg.tools.bench_models import AA, ATROUS_RATES, CA_TORCH, ENCODERS, VARIANTS, run_bench
 from seg.tools.bench_runners import BenchSetup, FLOPS_SIZE, STEPS
 from seg.tools.timing import noise_warning, ratio, spread
@@ -41,7 +43,7 @@ DEFAULTS = {
     "cpu": dict(batch=1, size=512, amp="none", channels_last=False, compile="off", steps=("infer",),
                 encoders=("mobilenet_v2",), os=(16,), variants=["plain", AA, "CA", CA_TORCH]),
 }
-SCOPES = ("model", "block", "tiles", "projections", "pipeline")
+SCOPES = ("model", "block", "tiles", "projections", "pipeline", "pretrain")
 COLUMNS = ("encoder", "variant", "OS", "mode", "params (M)", "GFLOPs", "train ms (min / med / max)",
            "infer ms (min / med / max)", "train img/s", "infer img/s", "peak mem (GiB)", "train / plain",
            "infer / plain")
@@ -112,6 +114,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also time onnxruntime with its NCHWc layout off (plain and CA)")
     p.add_argument("--camvid", type=Path, help="--scope pipeline: also time this CamVid root's train split "
                    "(default: temporary images only)")
+    p.add_argument("--workers", type=int, help="--scope pretrain: loader workers (default: the CPUs this process may use)")
+    p.add_argument("--loader-images", type=int, default=256, help="--scope pretrain: JPEGs the loader is timed on")
     p.add_argument("--json", type=Path, help="also write the rows and setup here (default: print only)")
     return p.parse_args(argv)
 
@@ -154,6 +158,16 @@ def other_scope(args: argparse.Namespace) -> int:
     """Every --scope but "model": they print their own tables."""
     if args.scope == "pipeline":
         print("\n".join(pipeline_table(args)))
+        return 0
+    if args.scope == "pretrain":
+        cuda = args.device.startswith("cuda")
+        lines, record = bench_pretrain.pretrain_table(
+            args.device, args.batch or (256 if cuda else 4), args.size or (224 if cuda else 64), args.repeats,
+            args.warmup, args.workers or available_cpus(), args.loader_images)
+        print("\n".join(lines))
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(record, indent=2))
         return 0
     if args.scope == "projections":
         if args.threads:

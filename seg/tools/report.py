@@ -42,10 +42,11 @@ ENCODERS = {"plain": "mobilenet_v2", "SE": "mobilenet_v2_se", "CBAM": "mobilenet
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "camvid_gpu.yaml"
 # budget shares; compile gets what is left. Fused CA is graphed in a part of its own, so a capture
 # failure there cannot take the other rows with it.
-SHARES = {"eager": 0.14, "graphs": 0.10, "graphs_fused": 0.05, "ablation": 0.45, "cuda_tests": 0.12}
+SHARES = {"eager": 0.14, "graphs": 0.10, "graphs_fused": 0.05, "ablation": 0.42, "cuda_tests": 0.12,
+          "pretrain": 0.10}
 PART_OF = {"eager": "cost", "graphs": "cost", "graphs_fused": "cost"}  # the other shares are parts themselves
 GRAPHED = ["plain A/A", "SE", "CBAM", "CA"]  # plain runs first by itself
-PARTS = ("cost", "ablation", "cuda_tests", "compile")
+PARTS = ("cost", "ablation", "pretrain", "cuda_tests", "compile")
 RESERVE_S = 15.0  # kept back for writing the report
 STEP_OVERLAP = 0.6  # assumed: runs sharing one GPU overlap their launch-bound steps (a guess, not measured)
 
@@ -100,6 +101,14 @@ def bench_argv(args: argparse.Namespace, mode: str, out: Path, variants: list[st
     argv = [sys.executable, "-m", "seg.tools.bench", "--device", args.device, "--encoders", "mobilenet_v2",
             "--os", "16", "--modes", mode, *size, "--json", str(out)]
     return argv + ["--steps", "train", "infer", "--variants", *(variants or ["all"])]
+
+
+def pretrain_argv(args: argparse.Namespace, out: Path) -> list[str]:
+    """The bench's pretraining scope: a step of MobileNetV2 and + CA at batch 256, 224², and the JPEG loader."""
+    size = ["--batch", "2", "--size", "32", "--repeats", "2", "--warmup", "1", "--workers", "1",
+            "--loader-images", "8"] if args.smoke else ["--repeats", "10", "--warmup", "3"]
+    return [sys.executable, "-m", "seg.tools.bench", "--scope", "pretrain", "--device", args.device, *size,
+            "--json", str(out)]
 
 
 def ablation_iters(cost: dict | None, jobs: int, seconds: float) -> int:
@@ -216,6 +225,11 @@ def main(argv: list[str] | None = None) -> int:
                                         logs / "ablation.log"))
         report["ablation"] = {**ablation_table(runs, args.seeds), "iters": "2 (--smoke)" if args.smoke else iters,
                               "jobs": args.jobs, "config": str(CONFIG.relative_to(CONFIG.parents[1]))}
+    if "pretrain" in args.parts:
+        out = work / "pretrain.json"
+        report["parts"].append(run_part("pretrain", pretrain_argv(args, out), left(SHARES["pretrain"]),
+                                        logs / "pretrain.log"))
+        report["pretrain"] = json.loads(out.read_text()) if out.is_file() else None
     if "cuda_tests" in args.parts:
         report["parts"].append(run_part("cuda tests", [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-n", "0",
                                                    "-p", "no:cacheprovider", "-rf", "-k", "not compiled", *cuda_test_files()],

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from seg.tools.bench_pretrain import projected_hours
+
 
 # variants the cost table always names; where one could not run, its row says why
 EXPECTED = {"plain": "", "plain A/A": "", "SE": "", "CBAM": "", "CA": "",
@@ -47,6 +49,20 @@ def _ablation_table(ablation: dict) -> list[str]:
     return lines + [""]
 
 
+def _pretrain_table(pretrain: dict | None) -> list[str]:
+    if not pretrain:
+        return ["### Pretraining cost: no result (see Parts)", ""]
+    loader = pretrain["loader"]
+    lines = [f"### Pretraining cost ({pretrain['device']}, batch {pretrain['batch']} at {pretrain['size']}², amp "
+             f"{pretrain['amp']}, channels_last {pretrain['channels_last']}, eager; projected to "
+             f"{pretrain['epochs']} epochs of {pretrain['imagenet_train_images']:,} images)", "",
+             "| model | train img/s | step time / plain | 200 epochs, model-bound (h) |", "|---|---:|---:|---:|"]
+    lines += [f"| {r['model']} | {r['img_s']:.1f} | {r['ratio']:.3f} | {projected_hours(r['img_s']):.1f} |" for r in pretrain["rows"]]
+    lines += ["", f"Loader ({loader['workers']} workers, JPEG decode + random-resized crop + flip): "
+              f"{loader['img_s']:.1f} img/s, {projected_hours(loader['img_s']):.1f} h for 200 epochs loader-bound.", ""]
+    return lines
+
+
 def _pytest_summary(out: Path) -> str:
     log = out / "logs" / "pytest.log"
     lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()] if log.is_file() else []
@@ -64,5 +80,6 @@ def format_report(report: dict, out: Path) -> str:
     for mode, result in report["cost"].items():
         lines += _cost_table(mode, result) if result else [f"### Cost, {mode}: no result (see Parts)", ""]
     lines += _ablation_table(report["ablation"]) if "ablation" in report else []
+    lines += _pretrain_table(report["pretrain"]) if "pretrain" in report else []
     lines += ["### CUDA tests (`pytest -m cuda -k 'not compiled'`)", "", "`" + _pytest_summary(out) + "`", ""]
     return "\n".join(lines)
