@@ -24,3 +24,33 @@ def test_weight_decay_default_depends_on_the_optimiser(name, cls, decay):
 def test_unknown_optimiser_is_named():
     with pytest.raises(ValueError, match="'adam'"):
         build_optimizer(nn.Linear(2, 2), "adam", 0.1)
+
+
+def test_cosine_schedule_by_iteration_matches_the_formula_and_resumes():
+    """optim.schedule=cosine: linear warm-up from 0.1x, then 0.5 * lr * (1 + cos(pi * t / T)), hand-computed."""
+    import math
+
+    from seg.engine.optim import CosineByIteration, build_scheduler
+
+    def lrs(scheduler, optimizer, steps):
+        out = []
+        for _ in range(steps):
+            scheduler.step()
+            out.append(optimizer.param_groups[0]["lr"])
+        return out
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=0.05)
+    scheduler = build_scheduler(optimizer, total_iters=10, warmup_iters=2, schedule="cosine")
+    assert isinstance(scheduler, CosineByIteration) and optimizer.param_groups[0]["lr"] == pytest.approx(0.005)
+    got = lrs(scheduler, optimizer, 10)
+    want = [0.005 + 0.045 * 1 / 2] + [0.025 * (1 + math.cos(math.pi * t / 10)) for t in range(2, 11)]
+    assert got == pytest.approx(want)
+    # a resumed scheduler continues where the state says, as LambdaLR does
+    other = torch.optim.SGD([param], lr=0.05)
+    resumed = build_scheduler(other, total_iters=10, warmup_iters=2, schedule="cosine")
+    first = build_scheduler(torch.optim.SGD([param], lr=0.05), total_iters=10, warmup_iters=2, schedule="cosine")
+    for _ in range(4):
+        first.step()
+    resumed.load_state_dict(first.state_dict())
+    assert other.param_groups[0]["lr"] == pytest.approx(want[3]) and lrs(resumed, other, 6) == pytest.approx(want[4:])
