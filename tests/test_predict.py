@@ -36,17 +36,20 @@ def run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run")
     root = tmp_path_factory.mktemp("data")
     assert train_seg.main(["--out", str(out), *run_args(root)]) == 0
-    # two iterations leave one class ahead everywhere, and a constant mask would match anything: the
-    # head's bias is set so that every class has the same mean logit over a val image
-    ckpt = load_checkpoint(out / "best.pt")
-    predictor = Predictor.from_checkpoint(out / "best.pt", device="cpu")
+    # Two iterations leave one class ahead everywhere, and a constant mask would match anything: the head's
+    # bias is set so that every class has the same mean logit over the val images' decoder features, taken
+    # in both inference modes (sliding windows see features of their own), so several classes win somewhere.
+    images = [_rgb(path) for path, _ in build_dataset("synthetic", root, "val").samples]
     features = []
-    head = predictor.model.segmentation_head[0]
-    head.register_forward_hook(lambda module, args, output: features.append(args[0]))
-    image = cv2.cvtColor(cv2.imread(str(build_dataset("synthetic", root, "val").samples[0][0])), cv2.COLOR_BGR2RGB)
-    predictor.predict(image)
+    for mode in ("whole", "slide"):
+        predictor = Predictor.from_checkpoint(out / "best.pt", device="cpu", mode=mode)
+        hook = predictor.model.segmentation_head[0].register_forward_hook(
+            lambda module, args, output: features.append(args[0].mean((0, 2, 3))))
+        predictor.predict_batch(images)
+        hook.remove()
+    ckpt = load_checkpoint(out / "best.pt")
     weight = ckpt["model"]["segmentation_head.0.weight"]
-    ckpt["model"]["segmentation_head.0.bias"] = -(weight.flatten(1) @ features[0].mean((0, 2, 3)))
+    ckpt["model"]["segmentation_head.0.bias"] = -(weight.flatten(1) @ torch.stack(features).mean(0))
     torch.save(ckpt, out / "best.pt")
     return out
 
