@@ -21,7 +21,9 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
-    assert report.main(["--smoke", "--device", "cpu", "--out", str(out), "--budget", "170"]) == 0
+    # a generous budget: the parts end when they are done, and a slower CPU (or the other xdist worker)
+    # must not cut a part and drop its table; the report's own timing is not what this test checks
+    assert report.main(["--smoke", "--device", "cpu", "--out", str(out), "--budget", "600"]) == 0
     return out
 
 
