@@ -47,7 +47,7 @@ def _worker(rank: int, port: int, out_path: str) -> None:
         ds = _dataset()
         exact = _evaluate(DataLoader(ds, batch_size=2, sampler=ContiguousSampler(ds, info.rank, info.world_size)))
         padded = _evaluate(DataLoader(ds, batch_size=2, sampler=DistributedSampler(ds, shuffle=False)))
-        if sd.is_main():
+        if sd.current().is_main:
             with open(out_path, "w") as f:
                 json.dump({"info": [info.rank, info.world_size, info.is_main, str(info.device)],
                            "exact": exact.compute(), "padded": padded.compute()}, f)
@@ -81,7 +81,7 @@ def test_single_process_helpers_are_no_ops(monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     info = sd.init_distributed()
     assert (info.rank, info.world_size, info.is_main, info.distributed) == (0, 1, True, False)
-    assert sd.is_main() and sd.get_world_size() == 1
+    assert sd.current() == info
     sd.barrier()
     t = torch.tensor([1, 2])
     assert sd.all_reduce_sum(t) is t and t.tolist() == [1, 2]

@@ -24,7 +24,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from seg.data.palette import IGNORE_INDEX
 from seg.errors import UserError
 from seg.inference.tta import AMP_DTYPES
-from seg.utils.distributed import get_world_size
+from seg.utils.distributed import current
 from seg.utils.progress import show_progress_bar
 
 log = logging.getLogger(__name__)
@@ -115,6 +115,7 @@ def train(state: TrainState, batches: Iterator[tuple[torch.Tensor, torch.Tensor]
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     state.model.train()
     show_bar = show_progress_bar()
+    world_size = current().world_size  # images per step, summed over the processes sharing the batch
     window_losses, window_images, window_start = [], 0, time.perf_counter()
     # The bar closes even when a step raises, so an error line is not printed into a live bar; log
     # lines (train.log, console) go through tqdm.write while it is up, so they don't tear it.
@@ -130,7 +131,7 @@ def train(state: TrainState, batches: Iterator[tuple[torch.Tensor, torch.Tensor]
             state.iteration += 1
             bar.update(1)
             window_losses.append(loss)
-            window_images += images.shape[0] * get_world_size()
+            window_images += images.shape[0] * world_size
             if state.iteration % log_interval == 0 or state.iteration == total_iters:
                 losses = host_losses(window_losses, state.iteration)
                 scalars = _window_scalars(state, device, sum(losses) / len(losses), window_images, window_start)

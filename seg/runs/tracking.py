@@ -19,7 +19,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from seg.evaluation.metrics import metrics_record
 from seg.inference.tta import predict_labels
-from seg.utils.distributed import is_main
+from seg.utils.distributed import current
 from seg.utils.visualize import ca_overlays, compute_ca_maps, denormalize, legend, pick_ca_blocks, prediction_grid
 
 CA_BLOCKS_SHOWN = 3
@@ -43,7 +43,7 @@ class Tracker:
         self.run_dir = Path(run_dir)
         self.classes = list(classes)
         self.palette = palette
-        self.writer = SummaryWriter(str(self.run_dir), purge_step=purge_step) if is_main() else None
+        self.writer = SummaryWriter(str(self.run_dir), purge_step=purge_step) if current().is_main else None
         if self.writer is not None and purge_step is None and palette is not None:  # once per run: the mask colours
             self.writer.add_image("legend", legend(self.classes, palette), 0, dataformats="HWC")
 

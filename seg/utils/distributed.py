@@ -26,7 +26,11 @@ LOG_FORMAT = "%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s"
 
 @dataclass(frozen=True)
 class DistInfo:
-    """Where this process sits in the (possibly one-process) job."""
+    """Where this process sits in the (possibly one-process) job: the one way to ask for the rank.
+
+    Entry points get it from :func:`init_distributed`; code that is not handed one (the loops, the
+    tracker, progress bars) asks :func:`current`.
+    """
 
     rank: int
     local_rank: int
@@ -110,17 +114,14 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def get_rank() -> int:
-    return dist.get_rank() if is_distributed() else 0
-
-
-def get_world_size() -> int:
-    return dist.get_world_size() if is_distributed() else 1
-
-
-def is_main() -> bool:
-    """True on rank 0 (and in a single-process run): the process that logs and writes files."""
-    return get_rank() == 0
+def current() -> DistInfo:
+    """This process as the process group sees it (one process when there is none)."""
+    if not is_distributed():
+        return DistInfo(rank=0, local_rank=0, world_size=1, device=resolve_device("auto"), is_main=True)
+    rank = dist.get_rank()
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    device = torch.device("cuda", local_rank) if dist.get_backend() == "nccl" else torch.device("cpu")
+    return DistInfo(rank, local_rank, dist.get_world_size(), device, is_main=rank == 0)
 
 
 def barrier() -> None:
@@ -175,7 +176,7 @@ def setup_logging(log_file: str | Path | None = None) -> None:
     Reads RANK from the environment when the process group is not up yet, so it can run
     first thing in ``main``.
     """
-    rank = get_rank() if is_distributed() else int(os.environ.get("RANK", 0))
+    rank = current().rank if is_distributed() else int(os.environ.get("RANK", 0))
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_file is not None and rank == 0:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)

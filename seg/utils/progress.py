@@ -9,14 +9,14 @@ from pathlib import Path
 from tqdm import tqdm
 
 from seg.inference.inputs import Skipped
-from seg.utils.distributed import is_main
+from seg.utils.distributed import current
 
 PLAIN_EVERY_S = 10.0  # how often a line is printed when stderr is not a terminal
 
 
 def show_progress_bar() -> bool:
     """A live bar only on rank 0 and on a terminal: redirected to a file, its ``\\r`` updates are noise."""
-    return is_main() and sys.stderr.isatty()
+    return current().is_main and sys.stderr.isatty()
 
 
 class Progress:
