@@ -163,6 +163,7 @@ def test_a_segmentation_set_is_refused_in_one_line(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow  # a system test of the tool: five training runs
 def test_transfer_tool_pretrains_once_and_fine_tunes_both_starts_per_seed(tmp_path, capsys):
     """The mechanics of seg.tools.transfer (its figure is quoted from a real run, not asserted here:
     a few random steps decide nothing)."""

@@ -26,7 +26,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from seg.data.base import DatasetError, read_image
-from seg.data.synthetic import SYNTHETIC_CLASSES, _background, _colour_pair, _shape_mask, _texture
+from seg.data.synthetic import SYNTHETIC_CLASSES, background, finish_image, paint_object
 from seg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -108,12 +108,9 @@ class ImageFolderClasses(Dataset):
 
 def render_object(rng: np.random.Generator, size: int, kind: int) -> np.ndarray:
     """One HxWx3 uint8 RGB image: a cluttered background and one textured object of class ``kind`` (1..4)."""
-    image = _background(rng, size)
-    region = _shape_mask(kind, size, rng).astype(bool)
-    first, second = _colour_pair(rng)
-    image[region] = np.where(_texture(kind, size, rng)[region][:, None], first, second)
-    image += rng.normal(0, 6, image.shape).astype(np.float32)
-    return np.clip(image, 0, 255).astype(np.uint8)
+    image = background(rng, size)
+    paint_object(image, kind, rng)
+    return finish_image(image, rng)
 
 
 def make_synthetic_classes(root: str | Path, n_train: int = 400, n_val: int = 80, size: int = 64,

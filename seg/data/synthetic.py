@@ -34,7 +34,7 @@ def _colour_pair(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
             return first, second
 
 
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+def background(rng: np.random.Generator, size: int) -> np.ndarray:
     """Smooth random colour field plus clutter strokes and blobs (float32 HxWx3)."""
     coarse = rng.uniform(0, 255, (3, 3, 3)).astype(np.float32)
     image = cv2.resize(coarse, (size, size), interpolation=cv2.INTER_CUBIC)
@@ -93,22 +93,33 @@ def _shape_mask(kind: int, size: int, rng: np.random.Generator) -> np.ndarray:
     return mask
 
 
+def paint_object(image: np.ndarray, kind: int, rng: np.random.Generator) -> np.ndarray:
+    """Draw one textured object of class ``kind`` (1..4) into the float HxWx3 ``image``; returns its region."""
+    size = image.shape[0]
+    region = _shape_mask(kind, size, rng).astype(bool)
+    first, second = _colour_pair(rng)
+    image[region] = np.where(_texture(kind, size, rng)[region][:, None], first, second)
+    return region
+
+
+def finish_image(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Sensor noise on the float image, then uint8."""
+    image += rng.normal(0, 6, image.shape).astype(np.float32)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
 def render_scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
     """One (HxWx3 uint8 RGB image, HxW uint8 label) scene; labels are 0..4, 255 on region borders."""
-    image = _background(rng, size)
+    image = background(rng, size)
     label = np.zeros((size, size), np.uint8)
     for _ in range(rng.integers(1, 4)):  # later shapes occlude earlier ones
         kind = int(rng.integers(1, len(SYNTHETIC_CLASSES)))
-        region = _shape_mask(kind, size, rng).astype(bool)
-        first, second = _colour_pair(rng)
-        pattern = _texture(kind, size, rng)[region]
-        image[region] = np.where(pattern[:, None], first, second)
-        label[region] = kind
-    image += rng.normal(0, 6, image.shape).astype(np.float32)
+        label[paint_object(image, kind, rng)] = kind
+    image = finish_image(image, rng)
     kernel = np.ones((3, 3), np.uint8)
     border = cv2.dilate(label, kernel) != cv2.erode(label, kernel)
     label[border] = IGNORE_INDEX  # like VOC: region borders are void
-    return np.clip(image, 0, 255).astype(np.uint8), label
+    return image, label
 
 
 def _write_split(voc: Path, split: str, names: list[str], rng: np.random.Generator, size: int) -> None:

@@ -12,10 +12,8 @@ the best top-1). At the end ``encoder.pth`` holds the best checkpoint's encoder,
 
 from __future__ import annotations
 
-import io
 import logging
 from contextlib import nullcontext
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -26,21 +24,19 @@ from torch.nn.parallel import DistributedDataParallel
 from seg.config import Config, ConfigError
 from seg.data.base import DatasetError
 from seg.data.classification import ImageFolderClasses, build_classification_transform, make_synthetic_classes
-from seg.data.loaders import build_loader
 from seg.data.sampling import endless_batches
 from seg.engine.loop import TrainState, train
-from seg.engine.optim import DEFAULT_WEIGHT_DECAY, build_scheduler
-from seg.engine.trainer import commit_validation, prepare_process, resume_state
+from seg.engine.optim import DEFAULT_WEIGHT_DECAY
+from seg.engine.trainer import build_loaders, commit_validation, prepare_process, resume_state, train_state
 from seg.evaluation.topk import evaluate_topk
 from seg.modeling.classifier import EncoderClassifier
 from seg.modeling.models import encoder_from_config
 from seg.modeling.warm_start import identity_warm_start
 from seg.modeling.weights import load_encoder_weights, read_state_dict, resolve_weights
-from seg.runs.checkpoint import load_checkpoint, unwrap_model
+from seg.runs.checkpoint import load_checkpoint, save_atomic, unwrap_model
 from seg.runs.rundir import BEST, LOG, begin_run, log_to_file
 from seg.runs.start import StartPlan, started
 from seg.runs.tracking import Tracker
-from seg.utils.atomic import write_atomic
 from seg.utils.distributed import DistInfo, barrier
 
 log = logging.getLogger(__name__)
@@ -107,18 +103,13 @@ def build_pretrain_state(cfg: Config, device: torch.device, world_size: int) -> 
     weight_decay = DEFAULT_WEIGHT_DECAY[o.name] if o.weight_decay is None else o.weight_decay
     # timm's optimiser factory: no weight decay on norms and biases, as in the segmentation runs
     optimizer = create_optimizer_v2(model, opt=o.name, lr=o.lr, weight_decay=weight_decay, momentum=o.momentum)
-    scheduler = build_scheduler(optimizer, cfg.train.iters, o.warmup_iters, o.poly_power, o.schedule)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
-    return TrainState(model, optimizer, scheduler, scaler, world_size=world_size)
+    return train_state(cfg, model, optimizer, device, world_size)
 
 
 def export_encoder(checkpoint: Path, out: Path) -> None:
     """Write the encoder of a pretraining checkpoint as a plain state dict (``model.encoder_weights`` reads it)."""
     model = load_checkpoint(checkpoint)["model"]
-    encoder = {k.removeprefix(ENCODER_PREFIX): v for k, v in model.items() if k.startswith(ENCODER_PREFIX)}
-    buffer = io.BytesIO()
-    torch.save(encoder, buffer)
-    write_atomic(out, buffer.getvalue())
+    save_atomic({k.removeprefix(ENCODER_PREFIX): v for k, v in model.items() if k.startswith(ENCODER_PREFIX)}, out)
 
 
 def run_pretraining(plan: StartPlan, dist: DistInfo) -> TrainState:
@@ -133,13 +124,7 @@ def run_pretraining(plan: StartPlan, dist: DistInfo) -> TrainState:
 def _pretrain(cfg: Config, run_dir: Path, dist: DistInfo, resumed: dict | None) -> TrainState:
     device = prepare_process(cfg, dist)
     train_set, val_set = build_sets(cfg, dist)
-    data = cfg.data
-    if data.batch_size % dist.world_size:
-        raise ConfigError(f"data.batch_size={data.batch_size} (global) is not divisible by {dist.world_size} processes")
-    train_loader = build_loader(train_set, data.batch_size // dist.world_size, train=True,
-                                num_workers=data.num_workers, distributed=dist.distributed, seed=cfg.train.seed)
-    val_loader = build_loader(val_set, data.val_batch_size, train=False, num_workers=data.num_workers,
-                              distributed=dist.distributed)
+    train_loader, val_loader = build_loaders(cfg, train_set, val_set, dist)
     state = build_pretrain_state(cfg, device, dist.world_size)
     if resumed is not None:
         resume_state(resumed, state)
@@ -165,13 +150,14 @@ def _pretrain(cfg: Config, run_dir: Path, dist: DistInfo, resumed: dict | None) 
             commit_validation(run_dir, state, cfg, {"iter": state.iteration, **scores}, is_best, saved_iteration)
             saved_iteration = state.iteration
 
-    loss_fn = partial(F.cross_entropy, label_smoothing=cfg.pretrain.label_smoothing)
+    smoothing = cfg.pretrain.label_smoothing
     with log_file:
         log.info("pretraining in %s, starting at iteration %d", run_dir, state.iteration)
         try:
             train(state, endless_batches(train_loader, state.iteration), total_iters=cfg.train.iters, device=device,
                   amp=cfg.train.amp, channels_last=cfg.train.channels_last, grad_clip=cfg.optim.grad_clip,
-                  loss_fn=lambda out, target: loss_fn(out.float(), target), log_interval=cfg.train.log_interval,
+                  loss_fn=lambda out, target: F.cross_entropy(out.float(), target, label_smoothing=smoothing),
+                  log_interval=cfg.train.log_interval,
                   eval_interval=cfg.train.eval_interval, on_log=tracker.scalars, on_eval=on_eval)
         finally:
             tracker.close()

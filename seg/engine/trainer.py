@@ -82,6 +82,13 @@ def build_state(cfg: Config, num_classes: int, device: torch.device, world_size:
     o = cfg.optim
     optimizer = build_optimizer(model, o.name, o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
                                 encoder_lr_mult=o.encoder_lr_mult)
+    return train_state(cfg, model, optimizer, device, world_size)
+
+
+def train_state(cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
+                world_size: int) -> TrainState:
+    """``model`` and ``optimizer`` with the schedule and AMP scaler ``cfg`` asks for: a run's resumable state."""
+    o = cfg.optim
     scheduler = build_scheduler(optimizer, cfg.train.iters, o.warmup_iters, o.poly_power, o.schedule)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
     return TrainState(model, optimizer, scheduler, scaler, world_size=world_size)

@@ -136,10 +136,14 @@ def save_checkpoint(
         "extra": extra,
     }
     _check_plain(payload, "checkpoint")
-    # serialise in memory first: a full disk then fails in our own write, with the file's name,
-    # instead of deep inside torch's zip writer
+    save_atomic(_canonical(payload), path)
+
+
+def save_atomic(obj: Any, path: str | Path) -> None:
+    """``torch.save(obj, path)``, atomically. Serialised in memory first: a full disk then fails in our
+    own write, with the file's name, instead of deep inside torch's zip writer."""
     buffer = io.BytesIO()
-    torch.save(_canonical(payload), buffer)
+    torch.save(obj, buffer)
     write_atomic(Path(path), buffer.getbuffer())
 
 

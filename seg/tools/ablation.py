@@ -43,7 +43,7 @@ from seg.tools.bench_runners import BenchSetup, FLOPS_SIZE
 from seg.tools.complexity import count_params
 from seg.tools.jobs import Job, run_jobs
 from seg.utils.atomic import write_atomic
-from seg.utils.distributed import DistInfo, resolve_device, setup_logging
+from seg.utils.distributed import current, resolve_device, setup_logging
 
 log = logging.getLogger(__name__)
 FINAL = "final.json"
@@ -132,7 +132,7 @@ def train_one(cfg: Config, run_dir: Path) -> dict:
     if final.is_file():
         log.info("%s is finished; skipping", run_dir)
         return json.loads(final.read_text())
-    dist = DistInfo(rank=0, local_rank=0, world_size=1, device=resolve_device("auto"), is_main=True)
+    dist = current()
     # an interrupted run continues (a different config in its last.pt is refused); a new one starts
     log.info("training %s (resuming its last.pt if there is one)", run_dir)
     run_training(StartPlan(run_dir, cfg, resume="auto"), dist)

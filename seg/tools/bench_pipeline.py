@@ -27,7 +27,7 @@ from seg.tools.timing import interleaved
 PIPELINE, PLAIN, AA = "pipeline", "plain", "plain A/A"
 
 
-def _scene(rng: np.random.Generator, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+def photo_scene(rng: np.random.Generator, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
     """Photo-like content (smooth colour + mild noise) so the codecs work as hard as on real data."""
     image = cv2.resize(rng.uniform(0, 255, (6, 8, 3)).astype(np.float32), (width, height))
     image = np.clip(image + rng.normal(0, 4, image.shape), 0, 255).astype(np.uint8)
@@ -43,7 +43,7 @@ def make_voc_like(root: Path, count: int = 16, size: tuple[int, int] = (500, 375
         (voc / folder).mkdir(parents=True)
     rng = np.random.default_rng(0)
     for i in range(count):
-        image, labels = _scene(rng, *size)
+        image, labels = photo_scene(rng, *size)
         cv2.imwrite(str(voc / "JPEGImages" / f"{i}.jpg"), image)
         save_index_png(voc / "SegmentationClass" / f"{i}.png", labels)
     (voc / "ImageSets/Segmentation/train.txt").write_text("\n".join(map(str, range(count))))
@@ -57,7 +57,7 @@ def make_cityscapes_like(root: Path, count: int = 4, size: tuple[int, int] = (20
     labels_dir.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for i in range(count):
-        image, labels = _scene(rng, *size)
+        image, labels = photo_scene(rng, *size)
         cv2.imwrite(str(images / f"city_{i}_leftImg8bit.png"), image)
         cv2.imwrite(str(labels_dir / f"city_{i}_gtFine_labelIds.png"), labels + 7)
     return Cityscapes(root, "train")

@@ -26,6 +26,7 @@ from seg.engine.loop import TrainState, train_step
 from seg.engine.optim import build_scheduler
 from seg.modeling.classifier import EncoderClassifier
 from seg.modeling.models import encoder_from_config
+from seg.tools.bench_pipeline import photo_scene
 from seg.tools.timing import cpu_name, interleaved, noise_warning, ratio
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
@@ -62,14 +63,12 @@ def train_rates(device: torch.device, batch: int, size: int, repeats: int, warmu
 
 
 def write_jpegs(root: Path, count: int, size: tuple[int, int] = IMAGENET_SIZE) -> None:
-    """``count`` noisy photo-sized JPEGs in two class folders (the decoder's work does not depend on content)."""
+    """``count`` photo-like JPEGs (the pipeline bench's scenes) in two class folders."""
     rng = np.random.default_rng(0)
     for i in range(count):
         folder = root / "train" / f"class{i % 2}"
         folder.mkdir(parents=True, exist_ok=True)
-        coarse = rng.uniform(0, 255, (8, 8, 3)).astype(np.float32)
-        image = cv2.resize(coarse, size, interpolation=cv2.INTER_CUBIC) + rng.normal(0, 12, (size[1], size[0], 3))
-        cv2.imwrite(str(folder / f"{i:05d}.jpg"), np.clip(image, 0, 255).astype(np.uint8), [cv2.IMWRITE_JPEG_QUALITY, 90])
+        cv2.imwrite(str(folder / f"{i:05d}.jpg"), photo_scene(rng, *size)[0])
 
 
 def loader_rate(workers: int, batch: int, size: int, images: int, passes: int) -> dict:

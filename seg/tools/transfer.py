@@ -27,7 +27,7 @@ from seg.runs.rundir import METRICS
 from seg.runs.start import StartPlan
 from seg.tools.timing import cpu_name
 from seg.utils.atomic import write_atomic
-from seg.utils.distributed import DistInfo, resolve_device, setup_logging
+from seg.utils.distributed import current, setup_logging
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 PRETRAIN, SEGMENT = CONFIGS / "pretrain" / "synthetic.yaml", CONFIGS / "demo.yaml"
@@ -53,7 +53,7 @@ def final_miou(run_dir: Path) -> float:
 
 def run(args: argparse.Namespace) -> dict:
     smoke = SMOKE if args.smoke else []
-    dist = DistInfo(rank=0, local_rank=0, world_size=1, device=resolve_device("auto"), is_main=True)
+    dist = current()
     iters = args.pretrain_iters
     pre = load_config(PRETRAIN, [f"data.root={args.out / 'data' / 'classes'}", f"train.iters={iters}",
                                  f"train.eval_interval={iters}", f"optim.warmup_iters={min(20, iters)}", *smoke])

@@ -67,7 +67,7 @@ def init_distributed(timeout_s: float | None = None) -> DistInfo:
     NCCL's watchdog aborts the process, so a rank whose peer died or hangs ends instead of waiting.
     """
     if "RANK" not in os.environ:
-        return DistInfo(rank=0, local_rank=0, world_size=1, device=resolve_device("auto"), is_main=True)
+        return current()
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     world_size = int(os.environ["WORLD_SIZE"])
