@@ -84,3 +84,44 @@ def test_bf16_channels_last_compiled_training_with_batch_statistics(ops):
     fused = train_losses(deeplab_ca, True, **kwargs)
     assert torch.isfinite(torch.tensor(fused)).all()
     assert fused[0] == pytest.approx(reference[0], rel=2e-2)
+
+
+# (N, C, H, W, O) of MobileNetV2's projections at 512x512, batch 16: 96 -> 24 at stride 4, 960 -> 160 at 16
+PROJECTION_SHAPES = {"s4": (16, 144, 128, 128, 24), "s16": (16, 960, 32, 32, 160), "odd": (3, 144, 65, 33, 37)}
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("shape", PROJECTION_SHAPES.values(), ids=PROJECTION_SHAPES.keys())
+def test_gated_projection_at_full_size(ops, shape, dtype):
+    from seg.kernels.projection import gated_projection
+
+    gen = torch.Generator(DEVICE).manual_seed(0)
+    n, c, h, w, o = shape
+    x = torch.rand(n, c, h, w, device=DEVICE, generator=gen).mul_(6).to(dtype, memory_format=torch.channels_last)
+    a_h = torch.rand(n, c, h, device=DEVICE, generator=gen).to(dtype)
+    a_w = torch.rand(n, c, w, device=DEVICE, generator=gen).to(dtype)
+    weight = torch.randn(o, c, device=DEVICE, generator=gen) / c**0.5
+    bias = torch.randn(o, device=DEVICE, generator=gen)
+    out = gated_projection(x, a_h, a_w, weight, bias)
+    gated = x.double() * a_h.double()[..., None] * a_w.double()[:, :, None, :]
+    exact = torch.einsum("oc,nchw->nohw", weight.to(dtype).double(), gated) + bias.double()[:, None, None]
+    layers = torch.nn.functional.conv2d(x * a_h[..., None] * a_w[:, :, None, :], weight.to(dtype)[..., None, None])
+    layers = layers.double() + bias.double()[:, None, None]
+    err, err_layers = (out.double() - exact).abs().max().item(), (layers - exact).abs().max().item()
+    assert err <= 2 * err_layers + 4 * EPS[dtype] * max(exact.abs().max().item(), 1.0), (err, err_layers)
+
+
+def test_deeplab_inference_with_the_prologue_matches_the_reference(ops):
+    import copy
+
+    from seg.kernels.fast import optimize_for_inference, use_fused
+
+    reference = deeplab_ca().to(DEVICE, memory_format=torch.channels_last).eval()
+    fast = optimize_for_inference(copy.deepcopy(reference))
+    use_fused(fast, True)
+    images = torch.randn(4, 3, 256, 320, device=DEVICE).to(memory_format=torch.channels_last)
+    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+        expected, got = reference(images).float(), fast(images).float()
+    with torch.no_grad():
+        exact = copy.deepcopy(reference).double()(images.double()).float()
+    assert (got - exact).abs().max() <= 2 * (expected - exact).abs().max() + 1e-2

@@ -9,14 +9,16 @@ way ``torch.ao.quantization.fuse_modules`` rewrites one, by a call that swaps th
   MobileNetV2's depthwise ReLU6 + CA + projection run as one C++ call. Evaluation, prediction,
   export and the benchmarks apply it; training and anything with grad run the reference.
 - :func:`use_fused`: the Triton kernels (``seg.kernels.ops``) pool and gate on CUDA
-  (``model.fused_ca``, ``seg.kernels.fast.use_fused``).
+  (``model.fused_ca``, ``seg.kernels.fast.use_fused``); at inference, in MobileNetV2's expanded
+  blocks, the gate runs inside the projection's GEMM instead (``seg.kernels.projection``).
 
-Each is proven equal to the reference in tests/test_fast.py, tests/test_cpu_kernels.py and tests/test_kernels.py.
+Each is proven equal to the reference in tests/test_attention.py, tests/test_cpu_kernels.py,
+tests/test_kernels.py and tests/test_projection_kernel.py.
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +38,30 @@ LEAN_EVAL_DEVICES = ("cpu",)
 def has_forward_hooks(modules: Iterable[nn.Module]) -> bool:
     """Whether any of ``modules`` has forward (pre-)hooks, which a fused path would skip."""
     return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
+def cached_fold(owner: nn.Module, attr: str, sources: list[torch.Tensor],
+                fold: Callable[[list[torch.Tensor]], tuple]) -> tuple:
+    """``fold(sources)``, cached in ``owner.<attr>`` until a source changes.
+
+    The cache is a plain attribute, not a buffer, so the state dict keeps the official layout.
+    It is keyed on each source tensor's storage address and version counter: in-place writes
+    (``load_state_dict``, optimizer steps, ``with no_grad(): w.mul_()``) bump the version, and
+    ``.to()``/``.half()`` swap the storage. The cache holds the old storages alive, so an address
+    cannot be reused by a new tensor while it is being compared. Writes through ``.data``
+    bypass the version counter; ``train()``/``eval()`` clear the cache for those. Traced and
+    compiled graphs fold afresh, so the fold is recorded as graph ops, not hidden constants;
+    so do weights created under ``torch.inference_mode``, which have no version counter.
+    """
+    if torch.jit.is_tracing() or torch.compiler.is_compiling() or any(t.is_inference() for t in sources):
+        return fold(sources)
+    key = [(t.data_ptr(), t._version, t.dtype, t.device) for t in sources]
+    cache = getattr(owner, attr, None)  # absent on modules pickled before it existed
+    if cache is None or cache[0] != key:
+        # detach() shares storage and version counter, which is what keeps the key unambiguous
+        cache = (key, [t.detach() for t in sources], fold(sources))
+        setattr(owner, attr, cache)
+    return cache[2]
 
 
 class FastCoordAttention(CoordAttention):
@@ -66,14 +92,21 @@ class FastCoordAttention(CoordAttention):
     @torch.jit.unused
     def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
         """``forward`` with the full-size pooling and gating each done by one kernel."""
-        from seg.kernels.ops import gate, pool  # imports Triton: only when a kernel will run
+        from seg.kernels.ops import gate  # imports Triton: only when a kernel will run
+
+        return gate(x, *self.gate_strips(x))
+
+    @torch.jit.unused
+    def gate_strips(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gate's strips a_h (N, C, H) and a_w (N, C, W) of x, pooled by the Triton kernel."""
+        from seg.kernels.ops import pool
 
         h, w = x.shape[2], x.shape[3]
         y = self.act(self.bn1(self.conv1(pool(x).unsqueeze(3))))  # (N, mip, H + W, 1)
         y_h, y_w = torch.split(y, [h, w], dim=2)
         a_h = torch.sigmoid(self.conv_h(y_h))  # (N, C, H, 1)
         a_w = torch.sigmoid(self.conv_w(y_w))  # (N, C, W, 1), no transpose: the op takes strips
-        return gate(x, a_h.flatten(2), a_w.flatten(2))
+        return a_h.flatten(2), a_w.flatten(2)
 
     @torch.jit.unused
     def _forward_inference(self, x: torch.Tensor, inplace: bool) -> torch.Tensor:
@@ -119,27 +152,8 @@ class FastCoordAttention(CoordAttention):
     @torch.jit.unused
     def _folded_weights(self) -> tuple[torch.Tensor, ...]:
         """``(w1, b1, wh, bh, ww, bw)`` as matmul operands, BN folded into conv1; cached between calls
-        (the PyTorch-ops path only: the C++ kernels read the weights themselves on every call).
-
-        The cache is a plain attribute, not a buffer, so the state dict keeps the official layout.
-        It is keyed on each source tensor's storage address and version counter: in-place writes
-        (``load_state_dict``, optimizer steps, ``with no_grad(): w.mul_()``) bump the version, and
-        ``.to()``/``.half()`` swap the storage. The cache holds the old storages alive, so an address
-        cannot be reused by a new tensor while it is being compared. Writes through ``.data``
-        bypass the version counter; ``train()``/``eval()`` clear the cache for those. Traced and
-        compiled graphs fold afresh, so the fold is recorded as graph ops, not hidden constants;
-        so do weights created under ``torch.inference_mode``, which have no version counter.
-        """
-        sources = self._fold_sources()
-        if torch.jit.is_tracing() or torch.compiler.is_compiling() or any(t.is_inference() for t in sources):
-            return self._fold(sources)
-        key = [(t.data_ptr(), t._version, t.dtype, t.device) for t in sources]
-        cache = getattr(self, "_fold_cache", None)  # absent on modules pickled before it existed
-        if cache is None or cache[0] != key:
-            # detach() shares storage and version counter, which is what keeps the key unambiguous
-            cache = (key, [t.detach() for t in sources], self._fold(sources))
-            self._fold_cache = cache
-        return cache[2]
+        (the PyTorch-ops path only: the C++ kernels read the weights themselves on every call)."""
+        return cached_fold(self, "_fold_cache", self._fold_sources(), self._fold)
 
     def _fold_sources(self) -> list[torch.Tensor]:
         bn = self.bn1
@@ -160,20 +174,45 @@ class FastCoordAttention(CoordAttention):
 
 
 class FastExpandedConv(ExpandedConv):
-    """MobileNetV2's expanded ``conv`` (pw, dw, CA, pw-linear, BN) with its CPU inference fusion.
+    """MobileNetV2's expanded ``conv`` (pw, dw, CA, pw-linear, BN) with its inference fusions.
 
-    At CPU inference the depthwise ReLU6, CA and the pw-linear 1x1 conv run as one C++ call of
-    ``seg.kernels.cpu``: the ReLU6 is applied by CA's pooling pass, and the map is gated tile by
-    tile inside the conv's matmul. Run one by one, the ReLU6 and CA's pooling each make a pass over
-    the map, and the gate writes the whole gated map for the conv to read back. Same function, same
-    state dict; equal to the layer-by-layer result within fp32 rounding (the matmul sums in another
-    order than the conv). Elsewhere it runs layer by layer, as ``nn.Sequential`` does.
+    - With CA's Triton kernels on (:func:`use_fused`) where they can run: CA's strips come from one
+      pooling kernel, and the pw-linear conv + BN run as one GEMM that gates its input tiles as it
+      loads them (``seg.kernels.projection``), so the gated map is never written. ``prologue =
+      False`` keeps the gate a kernel of its own (the bench times both).
+    - On CPU: the depthwise ReLU6, CA and the pw-linear 1x1 conv run as one C++ call of
+      ``seg.kernels.cpu``: the ReLU6 is applied by CA's pooling pass, and the map is gated tile by
+      tile inside the conv's matmul.
+
+    Same function, same state dict; equal to the layer-by-layer result within rounding (the GEMMs
+    sum in another order than the conv). Training, grad and hooks run layer by layer, as
+    ``nn.Sequential`` does.
     """
+
+    prologue: bool = True
+    _projection_cache: tuple | None = None  # see cached_fold
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training or torch.is_grad_enabled()) and _fusable(self):
-            return self._forward_fused(x)
+            return self._forward_projected(x) if self[ATTENTION_SLOT].fused else self._forward_fused(x)
         return super().forward(x)
+
+    def _forward_projected(self, x: torch.Tensor) -> torch.Tensor:
+        expand, depthwise, attention, project, bn = self
+        x = depthwise(expand(x))
+        if not (self.prologue and kernels_can_run(x) and x.dtype in PROLOGUE_DTYPES and _folds(bn)):
+            return bn(project(attention(x)))
+        from seg.kernels.projection import gated_projection  # imports Triton: only when a kernel will run
+
+        weight, bias = cached_fold(self, "_projection_cache", [project.weight, bn.weight, bn.bias, bn.running_mean,
+                                                               bn.running_var], self._fold_projection)
+        return gated_projection(x, *attention.gate_strips(x), weight, bias)
+
+    def _fold_projection(self, sources: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pw-linear conv's weight (O, C) and a bias with the BN after it folded in, in fp32."""
+        weight, gamma, beta, mean, var = (t.detach().float() for t in sources)
+        scale = gamma * torch.rsqrt(var + self[4].eps)
+        return weight.flatten(1) * scale[:, None], beta - mean * scale
 
     def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
         expand, depthwise, attention, project, bn = self
@@ -195,18 +234,30 @@ class FastExpandedConv(ExpandedConv):
             return layer_by_layer(x)
         return fused(x)
 
+    def train(self, mode: bool = True) -> "FastExpandedConv":
+        self._projection_cache = None
+        return super().train(mode)
+
+
+PROLOGUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _folds(bn: nn.Module) -> bool:
+    """Whether ``bn`` is an affine BatchNorm2d at its running statistics, foldable into the conv before it."""
+    return (isinstance(bn, nn.BatchNorm2d) and not bn.training and bn.affine and bn.track_running_stats
+            and not has_forward_hooks([bn]))
+
 
 def _fusable(conv: nn.Sequential) -> bool:
-    """Whether the depthwise ReLU6, CA and the projection of ``conv`` may run as one kernel call:
-    a depthwise block ending in ReLU6, CA in eval mode (its BN uses running statistics) without
-    the Triton path, a bias-free 1x1 conv that acts per pixel, and no hooks on any of them that
-    expect to see the layers run one by one."""
+    """Whether the depthwise ReLU6, CA and the projection of ``conv`` may run fused: a depthwise
+    block ending in ReLU6, CA in eval mode (its BN uses running statistics), a bias-free 1x1 conv
+    that acts per pixel, and no hooks on any of them that expect to see the layers run one by one."""
     if len(conv) != 5:
         return False
     depthwise, attention, project = conv[1], conv[ATTENTION_SLOT], conv[ATTENTION_SLOT + 1]
     if not (isinstance(depthwise, nn.Sequential) and len(depthwise) > 0 and isinstance(depthwise[-1], nn.ReLU6)):
         return False
-    if not (isinstance(attention, FastCoordAttention) and not attention.training and not attention.fused):
+    if not (isinstance(attention, FastCoordAttention) and not attention.training):
         return False
     if not (isinstance(project, nn.Conv2d) and project.kernel_size == (1, 1) and project.stride == (1, 1)
             and project.padding == (0, 0) and project.groups == 1 and project.bias is None):
