@@ -2,6 +2,8 @@
 [key=value ...]``.
 
 By default it uses the config stored in the checkpoint, so the numbers match the run's validation.
+It runs on the fastest inference path verified for the device (CUDA: CA's Triton kernels and a CUDA
+graph per input shape); ``eval.fast=false`` forces the paper's layers. The JSON records the path.
 Works under ``torchrun`` (each rank scores a disjoint shard; counts are summed once at the end).
 """
 
@@ -23,7 +25,7 @@ from seg.errors import USER_ERRORS, print_user_error
 from seg.evaluation.metrics import iou_table, metrics_record
 from seg.evaluation.scoring import score, val_dataset
 from seg.inference.outputs import OutputError, check_out_folder, make_out_folder, write_prediction
-from seg.modeling.models import model_from_checkpoint
+from seg.inference.paths import inference_model
 from seg.runs.checkpoint import checkpoint_config, load_checkpoint
 from seg.utils.distributed import cleanup, init_distributed, setup_logging
 from seg.utils.visualize import denormalize
@@ -96,22 +98,23 @@ def check_outputs(args: argparse.Namespace) -> None:
             raise OutputError(f"--json {args.json}: folder {args.json.parent} does not exist")
 
 
-def print_table(classes, metrics: dict, seconds: float, images: int) -> None:
+def print_table(classes, metrics: dict, seconds: float, images: int, path: str) -> None:
     print(iou_table(classes, metrics["iou"]))
     print(f"mIoU {metrics['miou']:.4f} | pixel acc {metrics['pixel_acc']:.4f} | mean acc {metrics['mean_acc']:.4f} "
-          f"| fwIoU {metrics['fwiou']:.4f} | {images} images in {seconds:.1f} s ({images / seconds:.2f} img/s)")
+          f"| fwIoU {metrics['fwiou']:.4f} | {images} images in {seconds:.1f} s ({images / seconds:.2f} img/s, "
+          f"{path} path)")
 
 
 def json_report(args: argparse.Namespace, cfg, dataset, metrics: dict, seconds: float,
-                device: torch.device) -> dict:
+                device: torch.device, path: str) -> dict:
     """The metrics, and enough about what was measured (checkpoint, data, inference) to tell two runs apart."""
     report = metrics_record(metrics)
     settings = inference_settings(cfg)
     report.update(
         classes=list(dataset.classes), checkpoint=str(args.checkpoint.resolve()), dataset=cfg.data.name,
         data_root=str(Path(cfg.data.root).resolve()), split=cfg.data.val_split, images=len(dataset),
-        **{**settings, "scales": list(settings["scales"])}, device=str(device), threads=torch.get_num_threads(),
-        seconds=seconds, images_per_s=len(dataset) / seconds)
+        **{**settings, "scales": list(settings["scales"])}, device=str(device), inference_path=path,
+        threads=torch.get_num_threads(), seconds=seconds, images_per_s=len(dataset) / seconds)
     return report
 
 
@@ -126,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         dist = init_distributed()
-        model = model_from_checkpoint(ckpt, cfg, dist.device)
+        model, path = inference_model(ckpt, cfg, dist.device)
         dataset = val_dataset(cfg)
         indices = list(ContiguousSampler(dataset, dist.rank, dist.world_size))  # this rank's shard, as scored
         on_batch = saver(args.save_dir, dataset, indices, cfg.data.val_batch_size) if args.save_dir else None
@@ -134,9 +137,9 @@ def main(argv: list[str] | None = None) -> int:
         metrics = score(model, dataset, cfg, dist.device, distributed=dist.distributed, on_batch=on_batch)
         seconds = time.perf_counter() - start
         if dist.is_main:
-            print_table(dataset.classes, metrics, seconds, len(dataset))
+            print_table(dataset.classes, metrics, seconds, len(dataset), path)
             if args.json:
-                report = json_report(args, cfg, dataset, metrics, seconds, dist.device)
+                report = json_report(args, cfg, dataset, metrics, seconds, dist.device, path)
                 args.json.write_text(json.dumps(report, indent=2))
         return 0
     except USER_ERRORS as err:

@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scales", type=float, nargs="+", help="multi-scale inference, e.g. 0.75 1.0 1.25 "
                    "(default: the checkpoint's eval.scales)")
     p.add_argument("--flip", action="store_true", help="also average with the horizontally flipped image")
+    p.add_argument("--reference", action="store_true", help="run the paper's layers eagerly, not the fastest "
+                   "verified inference path (CUDA: CA's Triton kernels and CUDA graphs; see docs/performance.md)")
     p.add_argument("--threads", type=int, help="CPU threads for PyTorch / onnxruntime (default: theirs)")
     p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu or cuda[:N]; "
                    "ignored with --onnx, which runs on the CPU")
@@ -73,6 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def check_args(args: argparse.Namespace) -> None:
     if (args.checkpoint is None) == (args.onnx is None):
         raise ConfigError("give exactly one of --checkpoint and --onnx")
+    if args.reference and args.onnx is not None:
+        raise ConfigError("--reference applies to --checkpoint; an ONNX model runs on onnxruntime")
     if args.batch < 1 or (args.threads is not None and args.threads < 1):
         raise ConfigError("--batch and --threads must be >= 1")
     if not 0.0 <= args.overlay_alpha <= 1.0:
@@ -89,12 +93,13 @@ def build_predictor(args: argparse.Namespace) -> Predictor:
         return Predictor.from_onnx(args.onnx, threads=args.threads, **settings)
     if args.threads:
         torch.set_num_threads(args.threads)
-    return Predictor.from_checkpoint(args.checkpoint, device=args.device, **settings)
+    overrides = ["eval.fast=false"] if args.reference else []
+    return Predictor.from_checkpoint(args.checkpoint, device=args.device, overrides=overrides, **settings)
 
 
-def summary(images: int, frames: int, skipped: list[Skipped], seconds: float, out: Path) -> str:
+def summary(images: int, frames: int, skipped: list[Skipped], seconds: float, out: Path, path: str) -> str:
     done = f"{images} image(s)" + (f" and {frames} video frame(s)" if frames else "")
-    lines = [f"predicted {done} in {seconds:.1f} s; outputs in {out}"]
+    lines = [f"predicted {done} in {seconds:.1f} s ({path} path); outputs in {out}"]
     if skipped:
         lines.append(f"skipped {len(skipped)}:")
         lines += [f"  {s.path}: {s.reason}" for s in skipped]
@@ -121,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         return print_user_error(err)
     except OSError as err:  # a full disk, or --out made read-only meanwhile
         return print_user_error(OutputError(f"cannot write under --out {args.out}: {err}"))
-    print(summary(images, frames, skipped, time.perf_counter() - start, args.out))
+    print(summary(images, frames, skipped, time.perf_counter() - start, args.out, predictor.inference_path))
     return 2 if skipped else 0
 
 

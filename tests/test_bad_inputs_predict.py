@@ -27,7 +27,8 @@ def read_only_out(tmp_path: Path) -> Path:
 
 
 PREDICT_REFUSED = ["out inside an input folder", "out matched by an input pattern", "out would overwrite an input",
-                   "out is a file", "out is read-only", "unsafe pickle", "max-pixels above PIL's"]
+                   "out is a file", "out is read-only", "unsafe pickle", "max-pixels above PIL's",
+                   "reference with an ONNX model"]
 
 
 @pytest.mark.parametrize("case", PREDICT_REFUSED)
@@ -53,6 +54,9 @@ def test_predict_refuses(case, ckpt, pickled, tmp_path, capsys):
         names = [f"--out {out} is not a writable folder"]
     elif case == "unsafe pickle":
         model, names = ["--checkpoint", str(pickled)], [pickled, "will not unpickle"]
+    elif case == "reference with an ONNX model":
+        model, flags = ["--onnx", str(ckpt)], ["--reference"]
+        names = ["--reference applies to --checkpoint; an ONNX model runs on onnxruntime"]
     else:
         flags, names = ["--max-pixels", str(10**9)], ["--max-pixels must be within 1..178,956,970"]
     before = sha256s(tmp_path)

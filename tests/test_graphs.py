@@ -113,3 +113,45 @@ def test_training_with_cuda_graphs_runs_and_validates(tmp_path):
             "train.amp=bf16", "train.channels_last=true"]
     assert train_seg.main(argv) == 0
     assert (out / "best.pt").is_file() and len((out / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("amp", ["none", "bf16"])
+def test_eval_and_predict_take_the_fast_path_and_score_as_the_reference(tmp_path, amp):
+    """train_seg -> eval_seg on CUDA: the default path is recorded as fused+graphs (Triton present)
+    and scores as the reference path does, within 1e-4 mIoU."""
+    import json
+
+    import eval_seg
+    from seg.inference.predictor import Predictor
+
+    out = tmp_path / "run"
+    argv = ["--out", str(out), f"data.root={tmp_path / 'data'}", *TINY, "train.device=cuda", "train.iters=20",
+            "train.eval_interval=20", "data.synthetic_val_images=6"]
+    assert train_seg.main(argv) == 0
+    results = {}
+    for fast in ("true", "false"):
+        report = tmp_path / f"eval_{fast}.json"
+        assert eval_seg.main(["--checkpoint", str(out / "best.pt"), "--json", str(report), f"eval.fast={fast}",
+                              f"eval.amp={amp}"]) == 0
+        results[fast] = json.loads(report.read_text())
+    assert results["true"]["inference_path"] == "fused+graphs"
+    assert results["false"]["inference_path"] == "reference"
+    assert abs(results["true"]["miou"] - results["false"]["miou"]) <= 1e-4
+    assert Predictor.from_checkpoint(out / "best.pt", device="cuda").inference_path == "fused+graphs"
+
+
+@pytest.mark.cuda
+def test_shape_graphs_replay_equals_eager_for_new_inputs_and_sizes():
+    from seg.engine.graphs import ShapeGraphs
+    from seg.inference.paths import prepare_inference
+
+    torch.manual_seed(0)
+    model = build_model("deeplabv3", "mobilenet_v2_ca", 5, decoder_channels=32)
+    graphed, path = prepare_inference(model, torch.device("cuda"))
+    assert path == "fused+graphs" and isinstance(graphed, ShapeGraphs)
+    with torch.no_grad():
+        for shape in [(2, 3, 64, 96), (2, 3, 64, 96), (1, 3, 96, 64), (2, 3, 64, 96), (1, 3, 96, 64)]:
+            x = torch.randn(shape, device="cuda")
+            torch.testing.assert_close(graphed(x), graphed.model(x), rtol=1e-4, atol=1e-5)
+    assert len(graphed._graphs) == 2

@@ -89,6 +89,19 @@ def test_masks_equal_eval_save_dir(run, val_images, tmp_path, capsys, mode):
     assert len(distinct) > 1  # a constant mask would match anything
 
 
+def test_reference_switch_runs_the_papers_layers_and_says_so(run, val_images, tmp_path, capsys):
+    outputs = {}
+    for flag in ([], ["--reference"]):
+        out = tmp_path / ("reference" if flag else "fast")
+        code, stdout, _ = _predict(["--checkpoint", str(run / "best.pt"), *flag, *map(str, val_images),
+                                    "--out", str(out)], capsys)
+        assert code == 0
+        outputs[out.name] = (stdout, [cv2.imread(str(out / f"{i.stem}.png"), cv2.IMREAD_UNCHANGED) for i in val_images])
+    assert "(lean path)" in outputs["fast"][0] and "(reference path)" in outputs["reference"][0]
+    disagree = sum(int((a != b).sum()) for a, b in zip(outputs["fast"][1], outputs["reference"][1]))
+    assert disagree <= 1e-3 * len(val_images) * SIZE * SIZE  # rounding may flip a tie, nothing more
+
+
 def test_folder_tree_with_bad_files(run, val_images, tmp_path, capsys):
     src = tmp_path / "photos"
     (src / "a" / "b").mkdir(parents=True)

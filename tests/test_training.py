@@ -85,6 +85,17 @@ def test_eval_of_best_checkpoint_equals_recorded_best(demo_run, tmp_path):
     assert result["images"] == 3 and len(list((tmp_path / "pred").glob("*_overlay.jpg"))) == 3
 
 
+def test_eval_records_its_inference_path_and_the_reference_scores_the_same(demo_run, tmp_path):
+    results = {}
+    for fast in ("true", "false"):
+        report = tmp_path / f"{fast}.json"
+        assert eval_seg.main(["--checkpoint", str(demo_run / "best.pt"), "--json", str(report), f"eval.fast={fast}"]) == 0
+        results[fast] = json.loads(report.read_text())
+    # on a CPU the fast path is the lean one (seg.inference.paths); CUDA's is tested in test_graphs.py
+    assert (results["true"]["inference_path"], results["false"]["inference_path"]) == ("lean", "reference")
+    assert results["true"]["miou"] == pytest.approx(results["false"]["miou"], abs=1e-4)
+
+
 def test_slide_mode_alone_uses_the_training_crop(demo_run, tmp_path):
     report = tmp_path / "slide.json"
     assert eval_seg.main(["--checkpoint", str(demo_run / "best.pt"), "--mode", "slide", "--json", str(report)]) == 0

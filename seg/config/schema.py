@@ -124,6 +124,9 @@ class EvalConfig:
     scales: tuple[float, ...] = (1.0,)
     flip: bool = False
     amp: Literal["none", "bf16", "fp16"] = "none"  # inference precision; independent of train.amp
+    # eval_seg.py / predict_seg.py: the fastest inference path verified for the device (CUDA: CA's
+    # Triton kernels + a CUDA graph per shape); false forces the paper's layers (seg.inference.paths)
+    fast: bool = True
 
 
 @dataclass

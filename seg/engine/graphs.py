@@ -9,6 +9,8 @@ GradScaler works unchanged. Shapes must stay fixed: training batches are (``drop
 
 from __future__ import annotations
 
+from collections import Counter, OrderedDict
+
 import torch
 from torch import nn
 
@@ -61,3 +63,54 @@ class GraphedInference:
         self.static_in.copy_(images)
         self.graph.replay()
         return self.static_out
+
+
+class ShapeGraphs(nn.Module):
+    """Eval-mode ``model`` that replays a CUDA graph per input shape: evaluation and prediction.
+
+    Shapes are whatever the caller runs, padded as :mod:`seg.inference.tta` pads them (to the
+    output stride, or a sliding window's crop), so no prediction changes. Padding further, to a few
+    size buckets, would change them: CA's strip means and ASPP's image pooling average over the
+    padding too. A shape is captured the second time it comes (most of VOC's whole-image sizes come
+    once, and a capture costs a few forwards); the ``max_graphs`` most recently used are kept.
+    Training mode, grad, or a shape seen once run ``model`` eagerly.
+    """
+
+    def __init__(self, model: nn.Module, max_graphs: int = 8, capture=GraphedInference) -> None:
+        super().__init__()
+        self.model = model
+        self.max_graphs = max_graphs
+        self._capture = capture  # tests swap in a fake: capturing needs a GPU
+        self._graphs: OrderedDict[tuple, GraphedInference] = OrderedDict()
+        self._seen: Counter[tuple] = Counter()
+        self.train(model.training)
+
+    def forward(self, images: torch.Tensor):
+        if self.training or torch.is_grad_enabled():
+            return self.model(images)
+        amp = _autocast_amp(images.device.type)
+        key = (tuple(images.shape), images.stride(), images.dtype, images.device, amp)
+        graph = self._graphs.get(key)
+        if graph is None:
+            self._seen[key] += 1
+            if self._seen[key] < 2:
+                return self.model(images)
+            graph = self._graphs[key] = self._capture(self.model, images, amp)
+            if len(self._graphs) > self.max_graphs:
+                self._graphs.popitem(last=False)
+        self._graphs.move_to_end(key)
+        # the graph's output buffer is overwritten by its next replay; callers keep and edit outputs
+        return _clone(graph(images))
+
+
+def _autocast_amp(device_type: str) -> str:
+    """The amp setting (``seg.engine.loop.autocast``'s names) in force on ``device_type``."""
+    if not torch.is_autocast_enabled(device_type):
+        return "none"
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}[torch.get_autocast_dtype(device_type)]
+
+
+def _clone(out):
+    if isinstance(out, (tuple, list)):
+        return type(out)(_clone(o) for o in out)
+    return out.clone()

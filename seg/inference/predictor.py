@@ -25,7 +25,7 @@ from torch import nn
 from seg.config import Config, ConfigError, apply_overrides, eval_window, inference_settings
 from seg.data import DATASETS, IMAGENET_MEAN, IMAGENET_STD, build_eval_transform, voc_palette
 from seg.inference.tta import MODES, predict_labels
-from seg.modeling.models import model_from_checkpoint
+from seg.inference.paths import inference_model
 from seg.runs.checkpoint import checkpoint_config, load_checkpoint
 from seg.utils.distributed import resolve_device
 
@@ -85,10 +85,11 @@ class Predictor:
         card: the model card (:func:`model_card`): classes, palette, normalisation, inference settings.
         device: where the images go.
         mode, scales, flip: override the card's inference settings (None keeps them).
+        inference_path: what runs the model, for the record (``seg.inference.paths``; from_* set it).
     """
 
     def __init__(self, model: nn.Module, card: dict, device: torch.device | str = "cpu", mode: str | None = None,
-                 scales: Sequence[float] | None = None, flip: bool | None = None) -> None:
+                 scales: Sequence[float] | None = None, flip: bool | None = None, inference_path: str = "as given") -> None:
         self.model = model
         self.classes: list[str] = list(card["classes"])
         self.palette = np.asarray(card["palette"], np.uint8).reshape(-1, 3)
@@ -99,6 +100,7 @@ class Predictor:
         self.normalize = build_eval_transform(tuple(card["mean"]), tuple(card["std"])).compose
         # a model that takes BGR (mean and std then in BGR order too) gets the RGB image reversed
         self.bgr = card.get("color_order", "RGB") == "BGR"
+        self.inference_path = inference_path
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "auto", overrides: Sequence[str] = (),
@@ -108,7 +110,8 @@ class Predictor:
         ckpt = load_checkpoint(path)
         cfg = apply_overrides(checkpoint_config(ckpt, path), list(overrides))
         dev = resolve_device(device)
-        return cls(model_from_checkpoint(ckpt, cfg, dev), model_card(cfg), dev, **settings)
+        model, path = inference_model(ckpt, cfg, dev)
+        return cls(model, model_card(cfg), dev, inference_path=path, **settings)
 
     @classmethod
     def from_onnx(cls, path: str | Path, threads: int | None = None, **settings) -> "Predictor":
@@ -117,7 +120,7 @@ class Predictor:
 
         card = read_model_card(path)
         card["inference"] = {**card["inference"], "amp": "none"}  # autocast means nothing to onnxruntime
-        return cls(OnnxModel(path, threads), card, "cpu", **settings)
+        return cls(OnnxModel(path, threads), card, "cpu", inference_path="onnxruntime", **settings)
 
     @property
     def num_classes(self) -> int:

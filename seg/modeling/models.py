@@ -221,9 +221,11 @@ def encoder_from_config(cfg: ModelConfig) -> nn.Module:
     return model_from_config(replace(cfg, arch="fpn", aux_loss=False), num_classes=1).encoder
 
 
-def model_from_checkpoint(ckpt: dict, cfg: Config, device: torch.device) -> nn.Module:
-    """The checkpoint's model in eval mode on ``device``, with CA's inference fast paths; the init
-    weights file is never read."""
+def model_from_checkpoint(ckpt: dict, cfg: Config, device: torch.device, fast: bool = True) -> nn.Module:
+    """The checkpoint's model in eval mode on ``device``, with CA's inference fast paths unless
+    ``fast`` is false; the init weights file is never read. Evaluation and prediction pick their
+    path with ``seg.inference.paths.inference_model``."""
     model = model_from_config(replace(cfg.model, encoder_weights=None), cfg.data.num_classes)
     load_model_weights(model, ckpt["model"])
-    return optimize_for_inference(model.to(device).eval())
+    model = model.to(device).eval()
+    return optimize_for_inference(model) if fast else model
