@@ -161,3 +161,13 @@ def test_prologue_off_or_grad_on_runs_the_layers(monkeypatch):
         model(images)
     model(images)  # with grad: the reference layers, which autograd can differentiate
     assert calls == []
+
+
+def test_bench_times_the_gate_kernel_and_the_prologue_apart():
+    from seg.tools.bench_models import FUSED_CA, PROLOGUE_CA, available_variants, build_group
+
+    variants = {name: v for name, v in available_variants("cpu", "eager").items() if name in (FUSED_CA, PROLOGUE_CA)}
+    models = build_group("mobilenet_v2", 16, variants, "cpu")
+    for name, prologue in ((FUSED_CA, False), (PROLOGUE_CA, True)):
+        flags = [m.prologue for m in models[name].modules() if isinstance(m, FastExpandedConv)]
+        assert flags == [prologue] * 16, name

@@ -23,7 +23,7 @@ def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
     # a generous budget: the parts end when they are done, and a slower CPU (or the other xdist worker)
     # must not cut a part and drop its table; the report's own timing is not what this test checks
-    assert report.main(["--smoke", "--device", "cpu", "--out", str(out), "--budget", "600"]) == 0
+    assert report.main(["--smoke", "--device", "cpu", "--out", str(out), "--budget", "1200"]) == 0
     return out
 
 
@@ -31,10 +31,15 @@ def test_smoke_report_has_every_part_and_table(smoke):
     out = smoke
     text = (out / "report.md").read_text()
     for fragment in ("## Environment", "| torch |", "| cpu |", "### Cost, eager", "| plain A/A |", "| SE |",
-                     "| CBAM |", "| CA |", "| CA fused | absent on cpu:", "### CamVid ablation", "### Pretraining cost",
-                     "| plain A/A |", "200 epochs loader-bound", "### CUDA tests"):
+                     "| CBAM |", "| CA |", "| CA fused | absent on cpu:", "| CA prologue | absent on cpu:",
+                     "### CamVid ablation", "### Pretraining cost", "| plain A/A |", "200 epochs loader-bound",
+                     "### Evaluation speed", "| CA | reference | reference |", "### CUDA tests"):
         assert fragment in text, fragment
     data = json.loads((out / "report.json").read_text())
+    # eval_seg.py ran for every model on both paths, and recorded the path it took
+    cells = {(r["model"], r["path"]): r["inference_path"] for r in data["eval"]["rows"]}
+    assert cells == {(m, p): "lean" if p == "default" else "reference"
+                     for m in ("plain", "plain A/A", "SE", "CA") for p in ("default", "reference")}
     assert {p["part"]: p["status"] for p in data["parts"]}["ablation"] == "ok"
     rows = data["ablation"]["rows"]
     assert [r["variant"] for r in rows] == ["plain", "SE", "CBAM", "CA"]

@@ -5,7 +5,8 @@ encoder and output stride: parameters, GFLOPs (at ``--flops-size``), the trainin
 backward + SGD step) and inference, as min / median / max over ``--repeats`` after ``--warmup``
 untimed calls, and every variant's ratio of medians to plain. "plain A/A", a second plain built
 apart, is the control: a run whose A/A is off 1.00 by more than 2% is flagged on stderr and must
-not be quoted. Extra variants where they can run: "CA fused" (the Triton kernels, CUDA), "CA lean
+not be quoted. Extra variants where they can run: "CA fused" (the Triton kernels, CUDA), "CA
+prologue" (those, and at inference the gate inside the projection's GEMM), "CA lean
 eval" (CA's lean inference path where it is off by default), "CA without CPU kernels" (CPU: what
 CA costs on PyTorch's ops alone) and, with ``--ort-without-nchwc``, onnxruntime with its NCHWc
 layout off (docs/performance.md says why that layout makes CA dearer on onnxruntime).
@@ -16,7 +17,9 @@ eager and ``torch.compile``, both encoders at OS 16 and 8, every variant. CPU: f
 measurement docs/performance.md quotes. ``--scope block|tiles|projections`` time one CA block
 instead (``seg.tools.bench_blocks``), ``--scope pipeline`` one loader worker's decode + augment
 per image (``seg.tools.bench_pipeline``), and ``--scope pretrain`` a pretraining step of MobileNetV2 and
-+ CA and the ImageNet loader, projected to the paper's 200 epochs (``seg.tools.bench_pretrain``).
++ CA and the ImageNet loader, projected to the paper's 200 epochs (``seg.tools.bench_pretrain``), and
+``--scope eval`` ``eval_seg.py``'s images/s for plain, SE and CA on the default and the reference
+inference path (``seg.tools.bench_eval``).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -32,7 +36,7 @@ import torch
 from seg.config import available_cpus
 from seg.config.cli import HelpFormatter
 from seg.kernels import calibrate
-from seg.tools import bench_blocks, bench_pipeline, bench_pretrain
+from seg.tools import bench_blocks, bench_eval, bench_pipeline, bench_pretrain
 from seg.tools.bench_models import AA, ATROUS_RATES, CA_TORCH, ENCODERS, VARIANTS, run_bench
 from seg.tools.bench_runners import BenchSetup, FLOPS_SIZE, STEPS
 from seg.tools.timing import noise_warning, ratio, spread
@@ -43,7 +47,7 @@ DEFAULTS = {
     "cpu": dict(batch=1, size=512, amp="none", channels_last=False, compile="off", steps=("infer",),
                 encoders=("mobilenet_v2",), os=(16,), variants=["plain", AA, "CA", CA_TORCH]),
 }
-SCOPES = ("model", "block", "tiles", "projections", "pipeline", "pretrain")
+SCOPES = ("model", "block", "tiles", "projections", "pipeline", "pretrain", "eval")
 COLUMNS = ("encoder", "variant", "OS", "mode", "params (M)", "GFLOPs", "train ms (min / med / max)",
            "infer ms (min / med / max)", "train img/s", "infer img/s", "peak mem (GiB)", "train / plain",
            "infer / plain")
@@ -108,7 +112,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="torch and onnxruntime CPU threads (default: torch's)")
     p.add_argument("--flops-size", type=int, default=FLOPS_SIZE, help="input side the GFLOPs are counted at")
     p.add_argument("--variants", nargs="+", metavar="NAME",
-                   help=f"'all' or some of {['plain', AA, *list(VARIANTS)[2:], 'CA fused', CA_TORCH]} "
+                   help=f"'all' or some of {['plain', AA, *list(VARIANTS)[2:], 'CA fused', 'CA prologue', CA_TORCH]} "
                         "(default: all that can run on CUDA; plain, A/A, CA, CA without CPU kernels on CPU)")
     p.add_argument("--ort-without-nchwc", action="store_true",
                    help="also time onnxruntime with its NCHWc layout off (plain and CA)")
@@ -116,6 +120,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "(default: temporary images only)")
     p.add_argument("--workers", type=int, help="--scope pretrain: loader workers (default: the CPUs this process may use)")
     p.add_argument("--loader-images", type=int, default=256, help="--scope pretrain: JPEGs the loader is timed on")
+    p.add_argument("--train-iters", type=int, default=300, help="--scope eval: iterations each model trains first")
+    p.add_argument("--eval-frames", type=int, default=bench_eval.CAMVID_VAL[0],
+                   help="--scope eval: frames of the CamVid stand-in's val split, when --camvid has none")
+    p.add_argument("--work", type=Path, help="--scope eval: where the runs and the stand-in go (default: a "
+                   "temporary folder)")
     p.add_argument("--json", type=Path, help="also write the rows and setup here (default: print only)")
     return p.parse_args(argv)
 
@@ -164,6 +173,16 @@ def other_scope(args: argparse.Namespace) -> int:
         lines, record = bench_pretrain.pretrain_table(
             args.device, args.batch or (256 if cuda else 4), args.size or (224 if cuda else 64), args.repeats,
             args.warmup, args.workers or available_cpus(), args.loader_images)
+        print("\n".join(lines))
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(record, indent=2))
+        return 0
+    if args.scope == "eval":
+        with tempfile.TemporaryDirectory() as tmp:
+            lines, record = bench_eval.eval_table(args.device, args.camvid, args.work or Path(tmp), args.repeats,
+                                                  args.train_iters, args.eval_frames, args.size or bench_eval.CAMVID_VAL[1],
+                                                  args.batch)
         print("\n".join(lines))
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)

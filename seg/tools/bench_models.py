@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from seg.kernels import kernels_can_run
-from seg.kernels.fast import FastCoordAttention, LEAN_EVAL_DEVICES, optimize_for_inference, use_fused
+from seg.kernels.fast import FastCoordAttention, FastExpandedConv, LEAN_EVAL_DEVICES, optimize_for_inference, use_fused
 from seg.modeling.encoders.register import ENCODER_NAMES
 from seg.modeling.models import build_model
 from seg.tools.bench_runners import BenchSetup, OrtRunner, Runner, STEPS, synchronize
@@ -29,6 +29,7 @@ ATROUS_RATES = {16: (6, 12, 18), 8: (12, 24, 36)}  # the paper's DeepLabV3 rates
 NUM_CLASSES = 21
 AA = "plain A/A"
 FUSED_CA = "CA fused"
+PROLOGUE_CA = "CA prologue"
 LEAN_CA = "CA lean eval"
 CA_TORCH = "CA without CPU kernels"
 NO_NCHWC = " without NCHWc"  # suffix of the onnxruntime variants with its NCHWc layout off
@@ -39,7 +40,8 @@ class Variant:
     """One timed model: its attention kind and the execution path it is forced onto."""
 
     attention: str  # none / se / cbam / ca
-    fused: bool = False  # CA through the Triton kernels (CUDA)
+    fused: bool = False  # CA through the Triton kernels (CUDA); at inference without the projection prologue
+    prologue: bool = False  # fused, and at inference the gate inside the projection's GEMM (seg.kernels.projection)
     lean: bool = False  # CA's lean inference path, where it is off by default (CUDA): timed to decide
     cpu_kernels: bool = True  # False: CA through PyTorch's ops, what it costs without seg.kernels.cpu
     nchwc: bool = True  # False: onnxruntime with its NCHWc layout transformer off
@@ -60,6 +62,7 @@ def available_variants(device: str, mode: str, ort_without_nchwc: bool = False) 
         return available
     if kernels_can_run(torch.empty(0, device=device)):
         available[FUSED_CA] = Variant("ca", fused=True)
+        available[PROLOGUE_CA] = Variant("ca", fused=True, prologue=True)
     if kind not in LEAN_EVAL_DEVICES:
         available[LEAN_CA] = Variant("ca", lean=True)
     if kind == "cpu":
@@ -140,6 +143,10 @@ def build_group(encoder: str, output_stride: int, variants: dict[str, Variant], 
         encoder_name, attention = variant_encoder(encoder, v.attention)
         models[name] = build_variant(encoder_name, output_stride, attention)
         use_fused(models[name], v.fused)
+        if v.fused:
+            for block in optimize_for_inference(models[name]).modules():
+                if isinstance(block, FastExpandedConv):
+                    block.prologue = v.prologue
         if v.lean:
             for block in optimize_for_inference(models[name]).modules():
                 if isinstance(block, FastCoordAttention):

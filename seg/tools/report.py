@@ -6,13 +6,17 @@ Parts, in order, each a child process with its own share of the budget (a part t
 is stopped, and its row says so; the report is written whatever happens):
 
 1. environment: device, driver, torch / Triton / cuDNN versions, CPU count;
-2. cost table (``seg.tools.bench``): plain, plain A/A, SE, CBAM, CA, CA fused (where Triton runs) and
-   CA's lean inference path (where it is off by default), DeepLabV3-MobileNetV2 OS 16, eager and
-   CUDA graphs, then ``torch.compile`` for plain and CA if time is left;
+2. cost table (``seg.tools.bench``): plain, plain A/A, SE, CBAM, CA, CA fused and CA prologue
+   (where Triton runs: the gate kernel, or the gate inside the projection's GEMM) and CA's lean
+   inference path (where it is off by default), DeepLabV3-MobileNetV2 OS 16, eager and CUDA graphs,
+   then ``torch.compile`` for plain and CA if time is left;
 3. CamVid ablation (``seg.tools.ablation --jobs``): plain / SE / CBAM / CA x seeds from
    ``configs/camvid_gpu.yaml``, trained at once on the one device; mIoU is each run's best
    validation (which equals ``eval_seg.py`` on its ``best.pt``), mean ± std over seeds;
-4. the CUDA tests (``pytest -m cuda``).
+4. pretraining cost (``seg.tools.bench --scope pretrain``);
+5. evaluation speed (``seg.tools.bench --scope eval``): ``eval_seg.py``'s images/s and mIoU for plain,
+   SE and CA on the default and the reference inference path, on CamVid val or a stand-in of its shape;
+6. the CUDA tests (``pytest -m cuda``).
 
 Files in DIR: ``report.md``, ``report.json`` (every figure) and ``logs/`` (one log per part), eight
 files in all; the bench JSONs and the ablation's run directories go in ``DIR/work``. ``--smoke`` swaps in synthetic data and tiny sizes so the whole command runs on
@@ -42,11 +46,12 @@ ENCODERS = {"plain": "mobilenet_v2", "SE": "mobilenet_v2_se", "CBAM": "mobilenet
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "camvid_gpu.yaml"
 # budget shares; compile gets what is left. Fused CA is graphed in a part of its own, so a capture
 # failure there cannot take the other rows with it.
-SHARES = {"eager": 0.14, "graphs": 0.10, "graphs_fused": 0.05, "ablation": 0.42, "cuda_tests": 0.12,
-          "pretrain": 0.10}
+SHARES = {"eager": 0.14, "graphs": 0.10, "graphs_fused": 0.07, "ablation": 0.32, "cuda_tests": 0.12,
+          "pretrain": 0.10, "eval": 0.12}
 PART_OF = {"eager": "cost", "graphs": "cost", "graphs_fused": "cost"}  # the other shares are parts themselves
 GRAPHED = ["plain A/A", "SE", "CBAM", "CA"]  # plain runs first by itself
-PARTS = ("cost", "ablation", "pretrain", "cuda_tests", "compile")
+PARTS = ("cost", "ablation", "pretrain", "eval", "cuda_tests", "compile")
+FUSED = ["plain A/A", "CA fused", "CA prologue"]  # graphed in a part of their own, with their own A/A
 RESERVE_S = 15.0  # kept back for writing the report
 STEP_OVERLAP = 0.6  # assumed: runs sharing one GPU overlap their launch-bound steps (a guess, not measured)
 
@@ -109,6 +114,14 @@ def pretrain_argv(args: argparse.Namespace, out: Path) -> list[str]:
             "--loader-images", "8"] if args.smoke else ["--repeats", "10", "--warmup", "3"]
     return [sys.executable, "-m", "seg.tools.bench", "--scope", "pretrain", "--device", args.device, *size,
             "--json", str(out)]
+
+
+def eval_argv(args: argparse.Namespace, out: Path, work: Path) -> list[str]:
+    """The bench's eval scope: eval_seg.py on CamVid val (or its stand-in), default and reference path."""
+    size = ["--repeats", "1", "--train-iters", "0", "--eval-frames", "4", "--size", "64", "--batch", "2"] \
+        if args.smoke else ["--repeats", "3", "--train-iters", "300", "--camvid", str(args.data_root)]
+    return [sys.executable, "-m", "seg.tools.bench", "--scope", "eval", "--device", args.device, *size,
+            "--work", str(work), "--json", str(out)]
 
 
 def ablation_iters(cost: dict | None, jobs: int, seconds: float) -> int:
@@ -189,7 +202,7 @@ def cost_parts(args: argparse.Namespace, report: dict, work: Path, logs: Path, l
     """Run the eager and CUDA-graph cost tables; returns ``{part: bench JSON or None}``."""
     cost = {}
     for part, mode, variants in (("eager", "eager", None), ("graphs", "graphs", GRAPHED),
-                                 ("graphs_fused", "graphs", ["CA fused"])):
+                                 ("graphs_fused", "graphs", FUSED)):
         if mode == "graphs" and args.device != "cuda":
             report["parts"].append({"part": f"cost {part}", "status": "absent: CUDA graphs need a CUDA device"})
             continue
@@ -230,6 +243,11 @@ def main(argv: list[str] | None = None) -> int:
         report["parts"].append(run_part("pretrain", pretrain_argv(args, out), left(SHARES["pretrain"]),
                                         logs / "pretrain.log"))
         report["pretrain"] = json.loads(out.read_text()) if out.is_file() else None
+    if "eval" in args.parts:
+        out = work / "eval.json"
+        report["parts"].append(run_part("eval", eval_argv(args, out, work / "eval"), left(SHARES["eval"]),
+                                        logs / "eval.log"))
+        report["eval"] = json.loads(out.read_text()) if out.is_file() else None
     if "cuda_tests" in args.parts:
         report["parts"].append(run_part("cuda tests", [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-n", "0",
                                                    "-p", "no:cacheprovider", "-rf", "-k", "not compiled", *cuda_test_files()],

@@ -9,8 +9,9 @@ from seg.tools.bench_pretrain import projected_hours
 
 
 # variants the cost table always names; where one could not run, its row says why
-EXPECTED = {"plain": "", "plain A/A": "", "SE": "", "CBAM": "", "CA": "",
-            "CA fused": "the Triton kernels run on CUDA only (or under TRITON_INTERPRET=1, which times nothing real)"}
+TRITON_ONLY = "the Triton kernels run on CUDA only (or under TRITON_INTERPRET=1, which times nothing real)"
+EXPECTED = {"plain": "", "plain A/A": "", "SE": "", "CBAM": "", "CA": "", "CA fused": TRITON_ONLY,
+            "CA prologue": TRITON_ONLY}
 
 
 def _cost_table(mode: str, result: dict) -> list[str]:
@@ -63,6 +64,18 @@ def _pretrain_table(pretrain: dict | None) -> list[str]:
     return lines
 
 
+def _eval_table(record: dict | None) -> list[str]:
+    if not record:
+        return ["### Evaluation speed: no result (see Parts)", ""]
+    lines = [f"### Evaluation speed (`eval_seg.py` on {record['device']}; {record['data']}; each model trained "
+             f"{record['train_iters']} iterations; median of {record['repeats']} interleaved runs; img/s include "
+             "loading)", "", "| model | path | inference path | img/s | speed / plain | mIoU | mIoU - reference |",
+             "|---|---|---|---:|---:|---:|---:|"]
+    lines += [f"| {r['model']} | {r['path']} | {r['inference_path']} | {r['img_s']:.1f} | {r['speed_vs_plain']:.3f} "
+              f"| {r['miou']:.4f} | {r['miou_minus_reference']:+.1e} |" for r in record["rows"]]
+    return lines + [""]
+
+
 def _pytest_summary(out: Path) -> str:
     log = out / "logs" / "pytest.log"
     lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()] if log.is_file() else []
@@ -81,5 +94,6 @@ def format_report(report: dict, out: Path) -> str:
         lines += _cost_table(mode, result) if result else [f"### Cost, {mode}: no result (see Parts)", ""]
     lines += _ablation_table(report["ablation"]) if "ablation" in report else []
     lines += _pretrain_table(report["pretrain"]) if "pretrain" in report else []
+    lines += _eval_table(report["eval"]) if "eval" in report else []
     lines += ["### CUDA tests (`pytest -m cuda -k 'not compiled'`)", "", "`" + _pytest_summary(out) + "`", ""]
     return "\n".join(lines)
