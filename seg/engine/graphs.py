@@ -76,11 +76,11 @@ class ShapeGraphs(nn.Module):
     Training mode, grad, or a shape seen once run ``model`` eagerly.
     """
 
-    def __init__(self, model: nn.Module, max_graphs: int = 8, capture=GraphedInference) -> None:
+    def __init__(self, model: nn.Module, max_graphs: int = 8, capture=None) -> None:
         super().__init__()
         self.model = model
         self.max_graphs = max_graphs
-        self._capture = capture  # tests swap in a fake: capturing needs a GPU
+        self._capture = capture or _capture_warm  # tests swap in a fake: capturing needs a GPU
         self._graphs: OrderedDict[tuple, GraphedInference] = OrderedDict()
         self._seen: Counter[tuple] = Counter()
         self.train(model.training)
@@ -101,6 +101,12 @@ class ShapeGraphs(nn.Module):
         self._graphs.move_to_end(key)
         # the graph's output buffer is overwritten by its next replay; callers keep and edit outputs
         return _clone(graph(images))
+
+
+def _capture_warm(model: nn.Module, images: torch.Tensor, amp: str) -> GraphedInference:
+    # the shape has run eagerly once already (cuDNN and Triton are ready for it): one warm-up
+    # on the capture's side stream is all the capture needs
+    return GraphedInference(model, images, amp, warmup=1)
 
 
 def _autocast_amp(device_type: str) -> str:
