@@ -146,3 +146,12 @@ def test_padding_to_a_coarser_bucket_would_change_predictions():
         exact = model(image)
         bucketed = model(F.pad(image, (0, 32, 0, 64)))[..., :64, :96]
     assert (bucketed - exact).abs().max() > 1e-4  # 1e-3 here; rounding alone would be ~1e-7
+
+
+def test_without_triton_a_fused_config_falls_back_to_the_lean_path(monkeypatch):
+    monkeypatch.setattr(paths, "HAS_TRITON", False)
+    model, path = paths.prepare_inference(_ca_model(fused_ca=True), torch.device("cpu"))
+    assert path == "lean"
+    assert not any(getattr(m, "fused", False) for m in model.modules() if isinstance(m, CoordAttention))
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 32, 32)).shape == (1, 3, 32, 32)
