@@ -195,6 +195,7 @@ for path in sys.argv[1:]:
 """
 
 
+@pytest.mark.slow  # a child process under a memory limit
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads VmSize from /proc")
 def test_header_bomb_is_refused_before_decoding_with_memory_bounded(tmp_path):
     bomb = write(tmp_path / "bomb.png", png_bomb())  # past PIL's own hard limit too

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import segmentation_models_pytorch as smp
 import torch
 
@@ -48,6 +49,7 @@ def _perturb_bn(model: torch.nn.Module) -> None:
                 module.running_var.uniform_(0.5, 1.5)
 
 
+@pytest.mark.slow  # a second Python process
 def test_save_then_reload_in_a_fresh_process(tmp_path):
     image = torch.randn(1, 3, 64, 64)
     folders = []
