@@ -25,7 +25,7 @@ from kernel_cases import (  # noqa: E402
 from seg.config import ModelConfig  # noqa: E402
 from seg.kernels import coord_attention as kernels  # noqa: E402
 from seg.kernels import ops  # noqa: E402
-from seg.kernels.fast import use_fused  # noqa: E402
+from seg.kernels import projection  # noqa: E402
 from seg.kernels.fast import use_fused  # noqa: E402
 from seg.modeling.attention import CoordAttention  # noqa: E402
 from seg.modeling.models import model_from_config  # noqa: E402
@@ -209,8 +209,11 @@ def test_gpu_bench_runs_its_tables_and_restores_the_tiles(monkeypatch, capsys):
 
     monkeypatch.setattr(bench_blocks, "SHAPES", {"a": (2, 6, 5, 7)})
     monkeypatch.setattr(bench_blocks, "TILES", [dict(MAX_TILE=8, MAX_ROWS=2), dict(MAX_TILE=64, MAX_ROWS=4)])
+    monkeypatch.setattr(bench_blocks, "PROJECTIONS", {"a": (2, 20, 3, 5, 17)})
+    monkeypatch.setattr(bench_blocks, "PROJECTION_TILES", [dict(BLOCK_M=16, MAX_BLOCK_O=16, MAX_BLOCK_K=16, NUM_WARPS=2),
+                                                           dict(BLOCK_M=32, MAX_BLOCK_O=32, MAX_BLOCK_K=16, NUM_WARPS=4)])
     monkeypatch.setattr(bench_blocks, "_ms", lambda fn, repeats: (fn(), 0.5)[1])
-    defaults = (kernels.MAX_TILE, kernels.MAX_ROWS)
+    defaults = (kernels.MAX_TILE, kernels.MAX_ROWS, projection.BLOCK_M, projection.MAX_BLOCK_O, projection.NUM_WARPS)
     assert bench.main(["--scope", "block", "--device", "cpu", "--repeats", "2"]) == 0
     assert bench.main(["--scope", "tiles", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
@@ -219,4 +222,6 @@ def test_gpu_bench_runs_its_tables_and_restores_the_tiles(monkeypatch, capsys):
     # the block rows come from seg.tools.timing's harness (real CPU times), the kernel rows from the fake do_bench
     assert re.search(r"\| a \| fwd\+bwd( \| \d+\.\d{3}){5} \|", out), out
     assert "| 8 | 2 |" in out and "| 64 | 4 |" in out
-    assert (kernels.MAX_TILE, kernels.MAX_ROWS) == defaults
+    assert "| 16 | 16 | 16 | 2 | 0.500 | 1.000 |" in out and "| 32 | 32 | 16 | 4 | 0.500 | 1.000 |" in out
+    assert "plain 1x1 conv 0.500 ms, gate kernel + conv 0.500 ms" in out
+    assert (kernels.MAX_TILE, kernels.MAX_ROWS, projection.BLOCK_M, projection.MAX_BLOCK_O, projection.NUM_WARPS) == defaults

@@ -30,6 +30,7 @@ BLOCK_M = 64
 MAX_BLOCK_O = 64
 MAX_BLOCK_K = 32
 MIN_DOT = 16
+NUM_WARPS = 4
 
 DOT_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -115,5 +116,5 @@ def gated_projection(x: torch.Tensor, a_h: torch.Tensor, a_w: torch.Tensor, weig
             x, a_h, a_w, weight, bias, out, m, c, o, h, w,
             *x.stride(), *a_h.stride(), *a_w.stride(), *out.stride(),
             DOT=DOT_DTYPES[x.dtype], PRECISION="ieee" if upcast(x.dtype) else precision(x.dtype), UPCAST=upcast(x.dtype),
-            BLOCK_M=BLOCK_M, BLOCK_O=block_o, BLOCK_K=block_k)
+            BLOCK_M=BLOCK_M, BLOCK_O=block_o, BLOCK_K=block_k, num_warps=NUM_WARPS)
     return out

@@ -202,8 +202,8 @@ def other_scope(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: --scope {args.scope} needs a CUDA GPU")
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device
     print(f"device: {name}, torch {torch.__version__}")
-    lines = bench_blocks.sweep_tiles(args.device) if args.scope == "tiles" else \
-        bench_blocks.block_tables(args.device, args.repeats)
+    lines = bench_blocks.sweep_tiles(args.device) + [""] + bench_blocks.sweep_projection_tiles(args.device) \
+        if args.scope == "tiles" else bench_blocks.block_tables(args.device, args.repeats)
     print("\n".join(lines))
     return 0
 

@@ -6,7 +6,10 @@
   reference block timed in the same loop as the A/A control. Shapes: the CA blocks of DeepLabV3 +
   mobilenet_v2_ca (OS 16, 512x512, batch 16).
 - ``--scope tiles`` (CUDA): the kernels under a few tile-size limits, to choose ``coord_attention``'s
-  defaults (each tile size is a new Triton compile, so this takes a while).
+  defaults (each tile size is a new Triton compile, so this takes a while); then the projection
+  GEMM with CA's gate in its prologue (``seg.kernels.projection``) under a few tile shapes, against
+  the plain model's 1x1 conv (cuDNN) and the gate kernel + that conv: the floor it aims at and the
+  path it replaces.
 - ``--scope projections`` (CPU): the CA model's 16 pw-linear projections, PyTorch's 1x1 conv against
   the fused MobileNetV2 block's C++ call with CA's gates forced to 1.
 
@@ -36,6 +39,12 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TILES = [dict(MAX_TILE=t, MAX_ROWS=r) for t, r in ((4096, 16), (8192, 16), (2048, 8), (8192, 32), (16384, 32))]
 AA = "A/A"
 WARMUP = 3
+# (N, C, H, W, O) of the expanded blocks' projections in DeepLabV3 + MobileNetV2, OS 16, 512x512, batch 16
+PROJECTIONS = {"s2": (16, 96, 256, 256, 24), "s4": (16, 144, 128, 128, 32), "s8": (16, 192, 64, 64, 64),
+               "s16": (16, 576, 32, 32, 96), "s16'": (16, 960, 32, 32, 160)}
+PROJECTION_TILES = [dict(BLOCK_M=m, MAX_BLOCK_O=o, MAX_BLOCK_K=k, NUM_WARPS=w)
+                    for m, o, k, w in ((64, 64, 32, 4), (128, 64, 32, 4), (128, 32, 64, 4), (128, 128, 32, 8),
+                                       (256, 64, 32, 8))]
 
 
 def _ms(fn, repeats: int) -> float:
@@ -118,6 +127,41 @@ def sweep_tiles(device: str) -> list[str]:
     finally:
         for key, value in defaults.items():
             setattr(kernels, key, value)
+    return lines
+
+
+def sweep_projection_tiles(device: str, repeats: int = 25) -> list[str]:
+    """Sum over PROJECTIONS of the prologue GEMM's ms (bf16, channels_last) per tile shape, beside
+    the plain 1x1 conv and the gate kernel + conv, timed once (they do not depend on the tiles)."""
+    from seg.kernels import coord_attention as kernels
+    from seg.kernels import projection
+
+    cases = []
+    for n, c, h, w, o in PROJECTIONS.values():
+        x = torch.rand(n, c, h, w, device=device, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        a_h = torch.rand(n, c, h, device=device, dtype=torch.bfloat16)
+        a_w = torch.rand(n, c, w, device=device, dtype=torch.bfloat16)
+        cases.append((x, a_h, a_w, torch.randn(o, c, device=device), torch.randn(o, device=device)))
+    conv = sum(_ms(lambda x=x, wt=wt: F.conv2d(x, wt.to(x.dtype)[..., None, None]), repeats)
+               for x, _, _, wt, _ in cases)
+    gate_conv = sum(_ms(lambda x=x, a_h=a_h, a_w=a_w, wt=wt: F.conv2d(kernels.gate(x, a_h, a_w),
+                                                                      wt.to(x.dtype)[..., None, None]), repeats)
+                    for x, a_h, a_w, wt, _ in cases)
+    lines = [f"bf16 channels_last projections {list(PROJECTIONS)}, summed: plain 1x1 conv {conv:.3f} ms, "
+             f"gate kernel + conv {gate_conv:.3f} ms", "",
+             "| BLOCK_M | MAX_BLOCK_O | MAX_BLOCK_K | NUM_WARPS | prologue GEMM ms | / plain conv |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    defaults = {k: getattr(projection, k) for k in PROJECTION_TILES[0]}
+    try:
+        for tile in PROJECTION_TILES:
+            for key, value in tile.items():
+                setattr(projection, key, value)
+            ms = sum(_ms(lambda case=case: projection.gated_projection(*case), repeats) for case in cases)
+            lines.append(f"| {tile['BLOCK_M']} | {tile['MAX_BLOCK_O']} | {tile['MAX_BLOCK_K']} | {tile['NUM_WARPS']} "
+                         f"| {ms:.3f} | {ms / conv:.3f} |")
+    finally:
+        for key, value in defaults.items():
+            setattr(projection, key, value)
     return lines
 
 
