@@ -161,3 +161,25 @@ def test_shape_graphs_replay_equals_eager_for_new_inputs_and_sizes():
             x = torch.randn(shape, device="cuda")
             torch.testing.assert_close(graphed(x), graphed.model(x), rtol=1e-4, atol=1e-5)
     assert len(graphed._graphs) == 2
+
+
+@pytest.mark.cuda
+def test_graph_outlives_the_folds_that_eval_drops():
+    """A graph captured with the projection prologue reads BN folded into the weights, cached outside
+    its pool; eval() drops the module's cache, so the graph must keep the tensors alive itself."""
+    from seg.engine.graphs import GraphedInference
+    from seg.kernels.fast import optimize_for_inference
+
+    torch.manual_seed(0)
+    model = optimize_for_inference(build_model("deeplabv3", "mobilenet_v2_ca", 5, decoder_channels=32).cuda().eval())
+    use_fused(model, True)
+    model = model.to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 64, 96, device="cuda")
+    graphed = GraphedInference(model, x)
+    with torch.no_grad():
+        expected = model(x).clone()
+        for _ in range(3):
+            model.eval()  # drops every fold cache
+            churn = [torch.full((1 << 20,), float("nan"), device="cuda") for _ in range(64)]  # reuse freed blocks
+            torch.testing.assert_close(graphed(x), expected, rtol=1e-4, atol=1e-5)
+            del churn

@@ -155,3 +155,18 @@ def test_without_triton_a_fused_config_falls_back_to_the_lean_path(monkeypatch):
     assert not any(getattr(m, "fused", False) for m in model.modules() if isinstance(m, CoordAttention))
     with torch.no_grad():
         assert model(torch.randn(1, 3, 32, 32)).shape == (1, 3, 32, 32)
+
+
+def test_training_mode_drops_the_graphs(graphs):
+    x = torch.randn(1, 3, 4, 4)
+    with torch.no_grad():
+        graphs(x), graphs(x)
+        graphs.eval()  # what every predict() call does: the graphs stay
+        graphs(x)
+        assert len(FakeGraph.captures) == 1
+        graphs.train()  # the weights are about to change: captured folds would be stale
+        graphs.eval()
+        graphs(x)
+        assert len(FakeGraph.captures) == 1  # a shape starts over: once eagerly,
+        graphs(x)
+    assert len(FakeGraph.captures) == 2  # then captured again

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from seg.engine.loop import autocast
+from seg.kernels.fast import fold_caches
 
 
 def graph_training(model: nn.Module, images: torch.Tensor, amp: str = "none") -> nn.Module:
@@ -41,7 +42,9 @@ def graph_training(model: nn.Module, images: torch.Tensor, amp: str = "none") ->
 class GraphedInference:
     """Eval-mode forward of ``model`` captured for inputs shaped like ``images``; call it with a new batch.
 
-    The returned logits live in a static buffer that the next call overwrites.
+    The returned logits live in a static buffer that the next call overwrites. The graph reads the
+    model's parameters in place, but BN folded into a projection was folded at capture: after
+    changing the weights, capture anew.
     """
 
     def __init__(self, model: nn.Module, images: torch.Tensor, amp: str = "none", warmup: int = 3) -> None:
@@ -58,6 +61,9 @@ class GraphedInference:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph), torch.no_grad(), autocast(images.device, amp, cache=False):
             self.static_out = model(self.static_in)
+        # BN folded into weights (seg.kernels.fast) is cached outside the graph's pool; it must
+        # outlive the module's cache, which eval()/train() drop
+        self._folds = fold_caches(model)
 
     def __call__(self, images: torch.Tensor):
         self.static_in.copy_(images)
@@ -73,7 +79,8 @@ class ShapeGraphs(nn.Module):
     size buckets, would change them: CA's strip means and ASPP's image pooling average over the
     padding too. A shape is captured the second time it comes (most of VOC's whole-image sizes come
     once, and a capture costs a few forwards); the ``max_graphs`` most recently used are kept.
-    Training mode, grad, or a shape seen once run ``model`` eagerly.
+    Training mode, grad, or a shape seen once run ``model`` eagerly. Switching to training mode
+    drops the graphs (the weights are about to change, and BN folds are fixed at capture).
     """
 
     def __init__(self, model: nn.Module, max_graphs: int = 8, capture=None) -> None:
@@ -84,6 +91,12 @@ class ShapeGraphs(nn.Module):
         self._graphs: OrderedDict[tuple, GraphedInference] = OrderedDict()
         self._seen: Counter[tuple] = Counter()
         self.train(model.training)
+
+    def train(self, mode: bool = True) -> "ShapeGraphs":
+        if mode:
+            self._graphs.clear()
+            self._seen.clear()
+        return super().train(mode)
 
     def forward(self, images: torch.Tensor):
         if self.training or torch.is_grad_enabled():

@@ -64,6 +64,16 @@ def cached_fold(owner: nn.Module, attr: str, sources: list[torch.Tensor],
     return cache[2]
 
 
+FOLD_CACHES = ("_fold_cache", "_projection_cache")  # the attributes cached_fold fills, per class below
+
+
+def fold_caches(model: nn.Module) -> list[tuple]:
+    """Every fold cached in ``model`` now. A CUDA graph captured while they were cached reads their
+    memory (a graph holds no references), so whoever keeps the graph keeps these alive with it:
+    ``train()``/``eval()`` and weight changes drop a module's cache, and its memory could be reused."""
+    return [cache for m in model.modules() for name in FOLD_CACHES if (cache := getattr(m, name, None)) is not None]
+
+
 class FastCoordAttention(CoordAttention):
     """``CoordAttention`` with its fast paths; made by :func:`optimize_for_inference` or :func:`use_fused`.
 
