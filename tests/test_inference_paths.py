@@ -170,3 +170,23 @@ def test_training_mode_drops_the_graphs(graphs):
         assert len(FakeGraph.captures) == 1  # a shape starts over: once eagerly,
         graphs(x)
     assert len(FakeGraph.captures) == 2  # then captured again
+
+
+def test_a_failed_capture_leaves_that_shape_eager(caplog):
+    FakeGraph.captures = []
+
+    def capture(model, images, amp):
+        if images.shape[-1] == 8:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+        return FakeGraph(model, images, amp)
+
+    model = nn.Conv2d(3, 2, 1).eval()
+    graphs = ShapeGraphs(model, capture=capture).eval()
+    big, small = torch.randn(1, 3, 8, 8), torch.randn(1, 3, 4, 4)
+    with torch.no_grad():
+        results = [graphs(big) for _ in range(4)] + [graphs(small) for _ in range(3)]
+    for got in results[:4]:
+        torch.testing.assert_close(got, model(big))
+    assert FakeGraph.captures == [((1, 3, 4, 4), "none")]  # the failing shape was tried once, then left eager
+    assert [r.getMessage() for r in caplog.records] == [
+        "CUDA graph capture for input (1, 3, 8, 8) failed, so it runs eagerly: CUDA out of memory. Tried to allocate 2.00 GiB"]

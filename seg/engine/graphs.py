@@ -9,13 +9,17 @@ GradScaler works unchanged. Shapes must stay fixed: training batches are (``drop
 
 from __future__ import annotations
 
+import logging
 from collections import Counter, OrderedDict
+from typing import Callable
 
 import torch
 from torch import nn
 
 from seg.engine.loop import autocast
 from seg.kernels.fast import fold_caches
+
+log = logging.getLogger(__name__)
 
 
 def graph_training(model: nn.Module, images: torch.Tensor, amp: str = "none") -> nn.Module:
@@ -83,7 +87,8 @@ class ShapeGraphs(nn.Module):
     drops the graphs (the weights are about to change, and BN folds are fixed at capture).
     """
 
-    def __init__(self, model: nn.Module, max_graphs: int = 8, capture=None) -> None:
+    def __init__(self, model: nn.Module, max_graphs: int = 8,
+                 capture: Callable[[nn.Module, torch.Tensor, str], Callable] | None = None) -> None:
         super().__init__()
         self.model = model
         self.max_graphs = max_graphs
@@ -106,11 +111,18 @@ class ShapeGraphs(nn.Module):
         graph = self._graphs.get(key)
         if graph is None:
             self._seen[key] += 1
-            if self._seen[key] < 2:
+            if self._seen[key] != 2:  # once, or a shape whose capture failed: eagerly
                 return self.model(images)
-            graph = self._graphs[key] = self._capture(self.model, images, amp)
+            try:
+                graph = self._capture(self.model, images, amp)
+            except RuntimeError as err:  # e.g. out of memory for one more graph: this shape stays eager
+                log.warning("CUDA graph capture for input %s failed, so it runs eagerly: %s", tuple(images.shape),
+                            str(err).splitlines()[0] if str(err) else type(err).__name__)
+                return self.model(images)
+            self._graphs[key] = graph
             if len(self._graphs) > self.max_graphs:
-                self._graphs.popitem(last=False)
+                dropped, _ = self._graphs.popitem(last=False)
+                self._seen[dropped] = 1  # seen again, it is captured again
         self._graphs.move_to_end(key)
         # the graph's output buffer is overwritten by its next replay; callers keep and edit outputs
         return _clone(graph(images))
