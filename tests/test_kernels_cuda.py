@@ -128,3 +128,31 @@ def test_deeplab_inference_with_the_prologue_matches_the_reference(ops):
     with torch.no_grad():
         exact = copy.deepcopy(reference).double()(images.double()).float()
     assert (got - exact).abs().max() <= 2 * (expected - exact).abs().max() + 1e-2
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("shape", PROJECTION_SHAPES.values(), ids=PROJECTION_SHAPES.keys())
+def test_trainable_projection_gradients_at_full_size(ops, shape, dtype, monkeypatch):
+    from seg.kernels.projection_grad import gated_projection_trainable
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # like precisions on both sides
+    gen = torch.Generator(DEVICE).manual_seed(1)
+    n, c, h, w, o = shape
+    inputs = [torch.rand(n, c, h, w, device=DEVICE, generator=gen).mul_(6).to(dtype, memory_format=torch.channels_last),
+              torch.rand(n, c, h, device=DEVICE, generator=gen).to(dtype),
+              torch.rand(n, c, w, device=DEVICE, generator=gen).to(dtype),
+              torch.randn(o, c, 1, 1, device=DEVICE, generator=gen) / c**0.5]
+    grad = torch.randn(n, o, h, w, device=DEVICE, generator=gen).to(dtype, memory_format=torch.channels_last)
+
+    def layers(x, a_h, a_w, weight):
+        return torch.nn.functional.conv2d(x * a_h[..., None] * a_w[:, :, None, :], weight.to(x.dtype))
+
+    runs = []
+    for fn, exact in ((gated_projection_trainable, False), (layers, False), (layers, True)):
+        leaves = [(t.double() if exact else t).detach().clone().requires_grad_() for t in inputs]
+        out = fn(*leaves)
+        out.backward(grad.to(out.dtype))
+        runs.append([out.double(), *(t.grad.double() for t in leaves)])
+    for i, (got, ref, exact) in enumerate(zip(*runs)):
+        err, err_ref = (got - exact).abs().max().item(), (ref - exact).abs().max().item()
+        assert err <= 2 * err_ref + 4 * EPS[dtype] * max(exact.abs().max().item(), 1.0), (i, err, err_ref)

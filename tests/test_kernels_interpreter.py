@@ -1,4 +1,4 @@
-"""Runs test_kernels.py and test_projection_kernel.py in a child pytest with TRITON_INTERPRET=1, so CI proves the kernels on CPU.
+"""Runs test_kernels.py, test_projection_kernel.py and test_projection_grad.py in a child pytest with TRITON_INTERPRET=1, so CI proves the kernels on CPU.
 
 The child is needed because Triton fixes interpreter or compiler when it is first imported, and
 in this process other tests import it first (and on a GPU machine it must stay compiled).
@@ -20,7 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_kernels_under_the_triton_interpreter(tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", "tests/test_kernels.py", "tests/test_projection_kernel.py", "-q", "-n", "0", "-p", "no:cacheprovider",
+    cmd = [sys.executable, "-m", "pytest", "tests/test_kernels.py", "tests/test_projection_kernel.py",
+           "tests/test_projection_grad.py", "-q", "-n", "0", "-p", "no:cacheprovider",
            "--basetemp", str(tmp_path / "child")]
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""

@@ -193,6 +193,9 @@ class FastExpandedConv(ExpandedConv):
     - On CPU: the depthwise ReLU6, CA and the pw-linear 1x1 conv run as one C++ call of
       ``seg.kernels.cpu``: the ReLU6 is applied by CA's pooling pass, and the map is gated tile by
       tile inside the conv's matmul.
+    - In training, with ``train_prologue`` (off by default: not yet timed on a GPU), the same GEMM
+      without the BN, differentiable (``seg.kernels.projection_grad``): the gated map is neither
+      written nor kept for backward.
 
     Same function, same state dict; equal to the layer-by-layer result within rounding (the GEMMs
     sum in another order than the conv). Training, grad and hooks run layer by layer, as
@@ -200,12 +203,28 @@ class FastExpandedConv(ExpandedConv):
     """
 
     prologue: bool = True
+    # training with the prologue (seg.kernels.projection_grad): off until a GPU has timed it against
+    # the fused gate (the bench's "CA prologue" turns it on)
+    train_prologue: bool = False
     _projection_cache: tuple | None = None  # see cached_fold
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training or torch.is_grad_enabled()) and _fusable(self):
-            return self._forward_projected(x) if self[ATTENTION_SLOT].fused else self._forward_fused(x)
+        if not (self.training or torch.is_grad_enabled()):
+            if _fusable(self):
+                return self._forward_projected(x) if self[ATTENTION_SLOT].fused else self._forward_fused(x)
+        elif self.train_prologue and self[ATTENTION_SLOT].fused and _fusable(self, training=True) \
+                and not torch.compiler.is_compiling():  # compiled, the CA custom ops take over
+            return self._forward_projected_train(x)
         return super().forward(x)
+
+    def _forward_projected_train(self, x: torch.Tensor) -> torch.Tensor:
+        expand, depthwise, attention, project, bn = self
+        x = depthwise(expand(x))
+        if not (kernels_can_run(x) and x.dtype in PROLOGUE_DTYPES):
+            return bn(project(attention(x)))
+        from seg.kernels.projection_grad import gated_projection_trainable
+
+        return bn(gated_projection_trainable(x, *attention.gate_strips(x), project.weight))
 
     def _forward_projected(self, x: torch.Tensor) -> torch.Tensor:
         expand, depthwise, attention, project, bn = self
@@ -258,16 +277,17 @@ def _folds(bn: nn.Module) -> bool:
             and not has_forward_hooks([bn]))
 
 
-def _fusable(conv: nn.Sequential) -> bool:
+def _fusable(conv: nn.Sequential, training: bool = False) -> bool:
     """Whether the depthwise ReLU6, CA and the projection of ``conv`` may run fused: a depthwise
-    block ending in ReLU6, CA in eval mode (its BN uses running statistics), a bias-free 1x1 conv
-    that acts per pixel, and no hooks on any of them that expect to see the layers run one by one."""
+    block ending in ReLU6, CA in eval mode (its BN uses running statistics; any mode with
+    ``training``), a bias-free 1x1 conv that acts per pixel, and no hooks on any of them that expect
+    to see the layers run one by one."""
     if len(conv) != 5:
         return False
     depthwise, attention, project = conv[1], conv[ATTENTION_SLOT], conv[ATTENTION_SLOT + 1]
     if not (isinstance(depthwise, nn.Sequential) and len(depthwise) > 0 and isinstance(depthwise[-1], nn.ReLU6)):
         return False
-    if not (isinstance(attention, FastCoordAttention) and not attention.training):
+    if not (isinstance(attention, FastCoordAttention) and (training or not attention.training)):
         return False
     if not (isinstance(project, nn.Conv2d) and project.kernel_size == (1, 1) and project.stride == (1, 1)
             and project.padding == (0, 0) and project.groups == 1 and project.bias is None):

@@ -41,7 +41,7 @@ class Variant:
 
     attention: str  # none / se / cbam / ca
     fused: bool = False  # CA through the Triton kernels (CUDA); at inference without the projection prologue
-    prologue: bool = False  # fused, and at inference the gate inside the projection's GEMM (seg.kernels.projection)
+    prologue: bool = False  # fused, and the gate inside the projection's GEMM (seg.kernels.projection, _grad)
     lean: bool = False  # CA's lean inference path, where it is off by default (CUDA): timed to decide
     cpu_kernels: bool = True  # False: CA through PyTorch's ops, what it costs without seg.kernels.cpu
     nchwc: bool = True  # False: onnxruntime with its NCHWc layout transformer off
@@ -146,7 +146,7 @@ def build_group(encoder: str, output_stride: int, variants: dict[str, Variant], 
         if v.fused:
             for block in optimize_for_inference(models[name]).modules():
                 if isinstance(block, FastExpandedConv):
-                    block.prologue = v.prologue
+                    block.prologue = block.train_prologue = v.prologue
         if v.lean:
             for block in optimize_for_inference(models[name]).modules():
                 if isinstance(block, FastCoordAttention):
