@@ -68,7 +68,10 @@ def test_save_then_reload_in_a_fresh_process(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     for folder in folders:
         expected, got = np.load(folder / "expected.npy"), np.load(folder / "reloaded.npy")
-        assert got.shape == expected.shape and np.abs(got - expected).max() <= 1e-6, folder.name
+        # the child may sum in another order (its own threads and CPU kernels: 1.07e-6 apart with
+        # ATEN_CPU_CAPABILITY=default here against AVX-512 in the child); a wrong weight is O(0.1)
+        assert got.shape == expected.shape, folder.name
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5, err_msg=folder.name)
 
 
 def test_seg_from_pretrained_rebuilds_segmodel(tmp_path):
