@@ -188,5 +188,5 @@ def test_a_failed_capture_leaves_that_shape_eager(caplog):
     for got in results[:4]:
         torch.testing.assert_close(got, model(big))
     assert FakeGraph.captures == [((1, 3, 4, 4), "none")]  # the failing shape was tried once, then left eager
-    assert [r.getMessage() for r in caplog.records] == [
-        "CUDA graph capture for input (1, 3, 8, 8) failed, so it runs eagerly: CUDA out of memory. Tried to allocate 2.00 GiB"]
+    assert [r.getMessage() for r in caplog.records] == ["CUDA graph capture for input (1, 3, 8, 8) failed, so it "
+                                                         "runs eagerly: CUDA out of memory. Tried to allocate 2.00 GiB"]

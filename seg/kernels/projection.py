@@ -115,6 +115,7 @@ def gated_projection(x: torch.Tensor, a_h: torch.Tensor, a_w: torch.Tensor, weig
         _gated_projection_kernel[grid](
             x, a_h, a_w, weight, bias, out, m, c, o, h, w,
             *x.stride(), *a_h.stride(), *a_w.stride(), *out.stride(),
-            DOT=DOT_DTYPES[x.dtype], PRECISION="ieee" if upcast(x.dtype) else precision(x.dtype), UPCAST=upcast(x.dtype),
+            DOT=DOT_DTYPES[x.dtype], PRECISION="ieee" if upcast(x.dtype) else precision(x.dtype),
+            UPCAST=upcast(x.dtype),
             BLOCK_M=BLOCK_M, BLOCK_O=block_o, BLOCK_K=block_k, num_warps=NUM_WARPS)
     return out

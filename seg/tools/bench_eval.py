@@ -1,10 +1,10 @@
 """``--scope eval`` of ``seg.tools.bench``: ``eval_seg.py``'s images/s on CamVid val, by inference path.
 
-For plain, SE and CA MobileNetV2 (DeepLabV3, ``configs/camvid_gpu.yaml``) it trains a short run each,
-then scores its ``best.pt`` with ``eval_seg.py`` on the default path (``seg.inference.paths``: on
-CUDA the Triton kernels and CUDA graphs) and on the reference (``eval.fast=false``), every
-(model, path) once per repeat, in rotating order. "plain A/A" scores plain's checkpoint again as
-the control. The figures are eval_seg's own: images over the seconds it scored them, loading
+For plain, SE and CA MobileNetV2 (DeepLabV3, ``configs/camvid_gpu.yaml``) it trains a short run
+each (``train_seg.py``, a process each), then scores its ``best.pt`` with ``eval_seg.py`` (in this
+process) on the default path (``seg.inference.paths``: on CUDA the Triton kernels and CUDA graphs)
+and on the reference (``eval.fast=false``), every (model, path) once per repeat, in rotating order.
+"plain A/A" scores plain's checkpoint again as the control. The figures are eval_seg's own: images over the seconds it scored them, loading
 included, as a user sees them; and the mIoU, which must agree between paths to 1e-4.
 
 Without CamVid at ``--camvid`` it writes a stand-in of the same shape: 101 val frames of 360x480
@@ -13,6 +13,8 @@ in CamVid's layout, painted by the synthetic dataset's generator (``seg.data.syn
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
 import statistics
 import subprocess
@@ -77,15 +79,30 @@ def train_checkpoints(root: Path, work: Path, device: str, iters: int, overrides
 
 
 def score_once(checkpoint: Path, root: Path, fast: str, report: Path, overrides: list[str]) -> dict:
+    """``eval_seg.py`` on ``checkpoint``, in this process: its figures time the scoring alone, so a
+    process per run would only add its imports (4 s on a 2-core CPU, each of 24 runs on a GPU)."""
     argv = ["--checkpoint", str(checkpoint), "--json", str(report), f"data.root={root}", f"eval.fast={fast}",
             *overrides]
-    _run("eval_seg.py", argv, report.with_suffix(".log"))
+    if _entry_point("eval_seg.py").main(argv) != 0:
+        raise RuntimeError(f"eval_seg.py {' '.join(argv)} failed; its error is above")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the model's graphs and their pools went with it
     return json.loads(report.read_text())
+
+
+@functools.cache
+def _entry_point(script: str):
+    """The checkout's entry script as a module (it is not part of the installed package)."""
+    spec = importlib.util.spec_from_file_location(Path(script).stem, REPO / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _run(script: str, argv: list[str], log: Path) -> None:
     with open(log, "wb") as out:
-        code = subprocess.run([sys.executable, str(REPO / script), *argv], stdout=out, stderr=subprocess.STDOUT).returncode
+        code = subprocess.run([sys.executable, str(REPO / script), *argv], stdout=out,
+                              stderr=subprocess.STDOUT).returncode
     if code != 0:
         raise RuntimeError(f"{script} {' '.join(argv)} failed (exit {code}); its output is in {log}")
 
