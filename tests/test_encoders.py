@@ -87,7 +87,7 @@ class EncoderTester:
             for got, want in zip(out, expected):
                 torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
-    @pytest.mark.slow  # dynamo and inductor
+    @pytest.mark.slow  # dynamo traces the whole encoder
     def test_compiles_fullgraph(self):
         if not self.check_compile:
             pytest.skip("covered by other encoders of the same family")
