@@ -163,6 +163,13 @@ def pipeline_table(args: argparse.Namespace) -> list[str]:
     return lines
 
 
+def save_json(record: dict, path: Path | None) -> None:
+    """Write a run's JSON record to ``path`` (``--json``), when given."""
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=2))
+
+
 def other_scope(args: argparse.Namespace) -> int:
     """Every --scope but "model": they print their own tables."""
     if args.scope == "pipeline":
@@ -174,9 +181,7 @@ def other_scope(args: argparse.Namespace) -> int:
             args.device, args.batch or (256 if cuda else 4), args.size or (224 if cuda else 64), args.repeats,
             args.warmup, args.workers or available_cpus(), args.loader_images)
         print("\n".join(lines))
-        if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(record, indent=2))
+        save_json(record, args.json)
         return 0
     if args.scope == "eval":
         with tempfile.TemporaryDirectory() as tmp:
@@ -184,9 +189,7 @@ def other_scope(args: argparse.Namespace) -> int:
                                                   args.train_iters, args.eval_frames, args.size or bench_eval.CAMVID_VAL[1],
                                                   args.batch)
         print("\n".join(lines))
-        if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(record, indent=2))
+        save_json(record, args.json)
         return 0
     if args.scope == "projections":
         if args.threads:
@@ -227,9 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{calibrate.summary()} at {setup.batch}x3x{setup.size}x{setup.size}, {torch.get_num_threads()} threads")
     for line in aa_warnings(result):
         print(line, file=sys.stderr)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
+    save_json(result, args.json)
     return 0
 
 
