@@ -75,8 +75,9 @@ def _gated_projection_kernel(
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & o_ok[None, :])
 
 
-def _tile(c: int, o: int) -> tuple[int, int]:
-    return (max(MIN_DOT, min(MAX_BLOCK_O, _pow2(o))), max(MIN_DOT, min(MAX_BLOCK_K, _pow2(c))))
+def dot_block(size: int, limit: int) -> int:
+    """A tile side for ``size`` elements: a power of 2, at least tl.dot's minimum, at most ``limit``."""
+    return max(MIN_DOT, min(limit, _pow2(size)))
 
 
 def precision(dtype: torch.dtype) -> str:
@@ -109,7 +110,7 @@ def gated_projection(x: torch.Tensor, a_h: torch.Tensor, a_w: torch.Tensor, weig
     m = n * h * w
     if m == 0 or o == 0:
         return out
-    block_o, block_k = _tile(c, o)
+    block_o, block_k = dot_block(o, MAX_BLOCK_O), dot_block(c, MAX_BLOCK_K)
     grid = (triton.cdiv(m, BLOCK_M), triton.cdiv(o, block_o))
     with _on_device_of(x):
         _gated_projection_kernel[grid](

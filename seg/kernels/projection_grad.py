@@ -23,8 +23,8 @@ import triton
 import triton.language as tl
 
 from seg.kernels import coord_attention
-from seg.kernels.coord_attention import _on_device_of, _pow2
-from seg.kernels.projection import DOT_DTYPES, MIN_DOT, gated_projection, precision, upcast
+from seg.kernels.coord_attention import _on_device_of
+from seg.kernels.projection import DOT_DTYPES, dot_block, gated_projection, precision, upcast
 
 # Tile limits (tests shrink them); first guesses, not tuned on a GPU.
 BLOCK_M = 64  # pixels per step of the reduction
@@ -76,7 +76,7 @@ def weight_grad(grad: torch.Tensor, x: torch.Tensor, a_h: torch.Tensor, a_w: tor
     n, c, h, w = x.shape
     o = grad.shape[1]
     m = n * h * w
-    block_o, block_c = (max(MIN_DOT, min(limit, _pow2(size))) for limit, size in ((MAX_BLOCK_O, o), (MAX_BLOCK_C, c)))
+    block_o, block_c = dot_block(o, MAX_BLOCK_O), dot_block(c, MAX_BLOCK_C)
     tiles = triton.cdiv(o, block_o) * triton.cdiv(c, block_c)
     steps = triton.cdiv(m, BLOCK_M)
     chunk = triton.cdiv(steps, max(1, min(steps, TARGET_PROGRAMS // tiles))) * BLOCK_M  # pixels per program
