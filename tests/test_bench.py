@@ -133,8 +133,9 @@ def test_cpu_defaults_time_inference_of_ca_with_and_without_its_kernels(monkeypa
 
     used = []
     real = cpu.kernels_for
-    # CA itself and the fused MobileNetV2 block both ask seg.kernels.fast
-    monkeypatch.setattr("seg.kernels.fast.cpu_kernels_for", lambda x: used.append(real(x) is not None) or real(x))
+    # CA itself and the fused MobileNetV2 block both ask, each in its own module
+    for module in ("seg.kernels.fast_attention", "seg.kernels.fast_block"):
+        monkeypatch.setattr(f"{module}.cpu_kernels_for", lambda x: used.append(real(x) is not None) or real(x))
     out = tmp_path / "b.json"
     assert bench.main(["--device", "cpu", "--size", "32", "--repeats", "1", "--threads", "1", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
