@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -85,15 +86,26 @@ def test_eval_of_best_checkpoint_equals_recorded_best(demo_run, tmp_path):
     assert result["images"] == 3 and len(list((tmp_path / "pred").glob("*_overlay.jpg"))) == 3
 
 
-def test_eval_records_its_inference_path_and_the_reference_scores_the_same(demo_run, tmp_path):
-    results = {}
+def test_eval_records_its_inference_path_and_the_reference_predicts_the_same(demo_run, tmp_path):
+    results, masks = {}, {}
     for fast in ("true", "false"):
-        report = tmp_path / f"{fast}.json"
-        assert eval_seg.main(["--checkpoint", str(demo_run / "best.pt"), "--json", str(report), f"eval.fast={fast}"]) == 0
+        report, saved = tmp_path / f"{fast}.json", tmp_path / f"masks-{fast}"
+        assert eval_seg.main(["--checkpoint", str(demo_run / "best.pt"), "--json", str(report),
+                              "--save-dir", str(saved), f"eval.fast={fast}"]) == 0
         results[fast] = json.loads(report.read_text())
+        masks[fast] = {p.name: cv2.imread(str(p), cv2.IMREAD_UNCHANGED) for p in sorted(saved.glob("*.png"))
+                       if not p.stem.endswith("_color")}
     # on a CPU the fast path is the lean one (seg.inference.paths); CUDA's is tested in test_graphs.py
     assert (results["true"]["inference_path"], results["false"]["inference_path"]) == ("lean", "reference")
-    assert results["true"]["miou"] == pytest.approx(results["false"]["miou"], abs=1e-4)
+    # The paths differ by fp32 rounding alone, which may flip a pixel whose top two classes tie on a
+    # barely trained model, and one flipped pixel moves mIoU by more than any fixed tolerance. So bound
+    # the flipped pixels (as test_predict does), and ask for the same score when none flipped.
+    assert masks["true"].keys() == masks["false"].keys() and masks["true"]
+    pixels = sum(m.size for m in masks["true"].values())
+    flipped = sum(int((masks["true"][k] != masks["false"][k]).sum()) for k in masks["true"])
+    assert flipped <= 1e-3 * pixels
+    if not flipped:
+        assert results["true"]["miou"] == pytest.approx(results["false"]["miou"], abs=1e-9)
 
 
 def test_slide_mode_alone_uses_the_training_crop(demo_run, tmp_path):
