@@ -62,7 +62,7 @@ torch.set_num_threads(1)
 
 
 def pytest_sessionstart(session):
-    # Compile CA's CPU kernels (~30 s, once per cache) here, not inside whichever test first runs
+    # Compile CA's CPU kernels (~15 s, once per cache) here, not inside whichever test first runs
     # a CA model in eval: that may be a timed child process of the kill/resume tests.
     from seg.kernels import cpu
 

@@ -9,9 +9,15 @@
 //
 // Built on first use by seg/kernels/cpu.py. Float32, NCHW-contiguous only; the caller checks.
 
-#include <torch/extension.h>
-
+// Per-operator ATen headers and torch's pybind casters, not <torch/extension.h>: the whole C++
+// API it pulls in made the first-use build take about five times as long.
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
 #include <cmath>

@@ -81,8 +81,8 @@ def _build() -> ModuleType:
     cached = _load_cached(folder, key)
     if cached is not None:
         return cached
-    # stderr, not logging: a script that never configured logging would otherwise stall ~30 s in silence
-    print(f"compiling CA's CPU kernels once, ~30 s, cached in {folder}", file=sys.stderr, flush=True)
+    # stderr, not logging: a script that never configured logging would otherwise stall ~15 s in silence
+    print(f"compiling CA's CPU kernels once, ~15 s, cached in {folder}", file=sys.stderr, flush=True)
     # Importing it logs "no CUDA runtime is found", which concerns CUDA builds; this one is CPU only.
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     from torch.utils import cpp_extension
