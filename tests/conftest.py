@@ -1,5 +1,6 @@
 """Shared fixtures: paths to the optional real data beside the repo, and a CA block with BN statistics."""
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
+KERNEL_BUILD = pytest.StashKey[threading.Thread]()
 
 
 def shared_path(*parts: str) -> Path:
@@ -62,8 +64,23 @@ torch.set_num_threads(1)
 
 
 def pytest_sessionstart(session):
-    # Compile CA's CPU kernels (~15 s, once per cache) here, not inside whichever test first runs
-    # a CA model in eval: that may be a timed child process of the kill/resume tests.
-    from seg.kernels import cpu
+    # Compile CA's CPU kernels (~15 s, once per cache) on a thread of the first pytest process, while
+    # the xdist workers start and collect (about as long); pytest_collection_finish waits for it.
+    if not hasattr(session.config, "workerinput"):
+        from seg.kernels import cpu
 
-    cpu.kernels()
+        session.config.stash[KERNEL_BUILD] = build = threading.Thread(target=cpu.kernels, daemon=True)
+        build.start()
+
+
+def pytest_collection_finish(session):
+    # Every process has the kernels before its first test, not inside whichever test first runs a CA
+    # model in eval: that may be a timed child process of the kill/resume tests. A worker waits on
+    # torch's build lock, then loads the library the first process built.
+    build = session.config.stash.get(KERNEL_BUILD, None)
+    if build is not None:
+        build.join()
+    else:
+        from seg.kernels import cpu
+
+        cpu.kernels()

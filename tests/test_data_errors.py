@@ -1,5 +1,6 @@
 """Bad input gives a clear error that names the file and what was expected."""
 
+import multiprocessing
 import shutil
 
 import cv2
@@ -157,6 +158,10 @@ def test_worker_errors_are_unwrapped_to_the_dataset_message(voc):
 
     _cut(voc / "JPEGImages" / "val_00001.jpg")
     loader = build_loader(SyntheticSegmentation(voc, "val", build_eval_transform()), 1, train=False, num_workers=1)
+    before = set(multiprocessing.active_children())
     with pytest.raises(DatasetError) as info:
         list(loader)
     assert str(info.value).startswith(str(voc / "JPEGImages" / "val_00001.jpg")) and "\n" not in str(info.value)
+    # the worker is shut down with the error, while the error is still held (not at a later collection)
+    assert info.value.__context__ is None
+    assert not set(multiprocessing.active_children()) - before

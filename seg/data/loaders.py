@@ -72,8 +72,19 @@ class SegLoader(DataLoader):
             except StopIteration:
                 return
             except DatasetError as err:
-                raise unwrap_worker_error(err) from None
-            yield batch
+                error = unwrap_worker_error(err)
+            else:
+                yield batch
+                continue
+            # The workers are shut down now, and the error is raised outside the except clause, so
+            # that it holds no reference (as __context__, through the traceback's frames) to them.
+            # Left to the iterator's __del__, they lingered until a garbage collection, which then
+            # waited 5 s for them to join. torch has no public call for this; _shutdown_workers is
+            # what that __del__ calls.
+            if hasattr(batches, "_shutdown_workers"):
+                batches._shutdown_workers()
+            self._iterator = None  # kept for persistent workers; the next epoch must start new ones
+            raise error
 
 
 def unwrap_worker_error(err: DatasetError) -> DatasetError:
