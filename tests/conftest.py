@@ -1,11 +1,19 @@
 """Shared fixtures: paths to the optional real data beside the repo, and a CA block with BN statistics."""
 
 import gc
+import os
 import threading
 from pathlib import Path
 
 import pytest
 import torch
+
+# CA's CPU kernels and PyTorch's ops agree only to fp32 rounding (~1e-7), and by default each process
+# times both and keeps the faster (seg/kernels/calibrate.py). Tests compare runs made in different
+# processes bit for bit (kill and resume, torchrun restarts), and on a CPU where the two paths are
+# about as fast, two processes could choose differently. So every process of the suite, children
+# included, runs the kernels; test_calibrate.py checks the timing choice with a fake clock.
+os.environ.setdefault("SEG_CPU_KERNELS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
