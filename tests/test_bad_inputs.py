@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -145,8 +146,10 @@ def test_hub_load(case, load, hub_folder, tmp_path, capsys):
     config = change(json.loads((folder / "config.json").read_text()))
     (folder / "config.json").write_text(config if isinstance(config, str) else json.dumps(config))
     before = sha256s(folder)
-    with pytest.raises(USER_ERRORS) as info:
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(USER_ERRORS) as info:
+        warnings.simplefilter("always")
         load(folder)
+    assert not [str(w.message) for w in caught]  # nothing printed above the one-line error
     assert isinstance(info.value, HubError) and isinstance(info.value, (UserError, ValueError))
     code = print_user_error(info.value)  # as a command line reports it
     named = folder / ("model.safetensors" if case == "weights do not fit" else "config.json")

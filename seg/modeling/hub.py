@@ -25,6 +25,7 @@ import functools
 import inspect
 import json
 import typing
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -171,7 +172,11 @@ def from_pretrained(path: str | Path, *args, **kwargs) -> nn.Module:
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} not found: save_pretrained writes it beside {CONFIG_FILE}")
     try:
-        load_model(model, str(weights), strict=True)
+        with warnings.catch_warnings():
+            # smp's load_state_dict drops tensors of the wrong shape with a many-line banner, which
+            # would stand above the one-line error below that names the file and the keys
+            warnings.filterwarnings("ignore", message=r"\s*!+ Mismatched keys")
+            load_model(model, str(weights), strict=True)
     except (RuntimeError, SafetensorError, OSError) as err:
         raise HubError(f"{weights} does not fit the model {CONFIG_FILE} describes: {_one_line(err)}") from None
     return model.eval()
