@@ -93,6 +93,13 @@ def upcast(dtype: torch.dtype) -> bool:
     return INTERPRET and dtype == torch.bfloat16
 
 
+def dot_args(dtype: torch.dtype) -> dict:
+    """The GEMM kernels' dtype constants for inputs of ``dtype``: the tiles' dtype, tl.dot's input
+    precision, and whether the tiles go through fp32 (then at IEEE precision)."""
+    up = upcast(dtype)
+    return dict(DOT=DOT_DTYPES[dtype], PRECISION="ieee" if up else precision(dtype), UPCAST=up)
+
+
 def gated_projection(x: torch.Tensor, a_h: torch.Tensor, a_w: torch.Tensor, weight: torch.Tensor,
                      bias: torch.Tensor) -> torch.Tensor:
     """``conv1x1(x * a_h * a_w, weight) + bias`` without the gated map, for x (N, C, H, W) in fp32,
@@ -116,7 +123,5 @@ def gated_projection(x: torch.Tensor, a_h: torch.Tensor, a_w: torch.Tensor, weig
         _gated_projection_kernel[grid](
             x, a_h, a_w, weight, bias, out, m, c, o, h, w,
             *x.stride(), *a_h.stride(), *a_w.stride(), *out.stride(),
-            DOT=DOT_DTYPES[x.dtype], PRECISION="ieee" if upcast(x.dtype) else precision(x.dtype),
-            UPCAST=upcast(x.dtype),
-            BLOCK_M=BLOCK_M, BLOCK_O=block_o, BLOCK_K=block_k, num_warps=NUM_WARPS)
+            **dot_args(x.dtype), BLOCK_M=BLOCK_M, BLOCK_O=block_o, BLOCK_K=block_k, num_warps=NUM_WARPS)
     return out

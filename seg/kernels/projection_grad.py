@@ -24,7 +24,7 @@ import triton.language as tl
 
 from seg.kernels import coord_attention
 from seg.kernels.coord_attention import _on_device_of
-from seg.kernels.projection import DOT_DTYPES, dot_block, gated_projection, precision, upcast
+from seg.kernels.projection import dot_args, dot_block, gated_projection
 
 # Tile limits (tests shrink them); first guesses, not tuned on a GPU.
 BLOCK_M = 64  # pixels per step of the reduction
@@ -87,8 +87,7 @@ def weight_grad(grad: torch.Tensor, x: torch.Tensor, a_h: torch.Tensor, a_w: tor
             _weight_grad_kernel[(triton.cdiv(o, block_o), triton.cdiv(c, block_c), splits)](
                 grad, x, a_h, a_w, parts, m, c, o, h, w, chunk,
                 *grad.stride(), *x.stride(), *a_h.stride(), *a_w.stride(),
-                DOT=DOT_DTYPES[x.dtype], PRECISION="ieee" if upcast(x.dtype) else precision(x.dtype),
-                UPCAST=upcast(x.dtype), BLOCK_M=BLOCK_M, BLOCK_O=block_o, BLOCK_C=block_c)
+                **dot_args(x.dtype), BLOCK_M=BLOCK_M, BLOCK_O=block_o, BLOCK_C=block_c)
     return parts[0] if splits <= 1 else parts.sum(0)
 
 
