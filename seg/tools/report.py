@@ -75,6 +75,13 @@ def run_part(name: str, argv: list[str], seconds: float, log: Path, env: dict | 
             "log": f"{log.parent.name}/{log.name}"}
 
 
+def json_part(report: dict, name: str, argv: list[str], seconds: float, log: Path, out: Path) -> dict | None:
+    """:func:`run_part` for a part that writes its figures to ``out`` (a bench ``--json``): its row
+    goes into ``report["parts"]``; returns the JSON, or None if the part wrote none (failed or cut)."""
+    report["parts"].append(run_part(name, argv, seconds, log))
+    return json.loads(out.read_text()) if out.is_file() else None
+
+
 def environment(device: str) -> dict:
     env = {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
            "cpu": cpu_name(), "device": device}
@@ -207,9 +214,8 @@ def cost_parts(args: argparse.Namespace, report: dict, work: Path, logs: Path, l
             report["parts"].append({"part": f"cost {part}", "status": "absent: CUDA graphs need a CUDA device"})
             continue
         out = work / f"cost_{part}.json"
-        report["parts"].append(run_part(f"cost {part}", bench_argv(args, mode, out, variants), left(SHARES[part]),
-                                        logs / f"cost_{part}.log"))
-        cost[part] = json.loads(out.read_text()) if out.is_file() else None
+        cost[part] = json_part(report, f"cost {part}", bench_argv(args, mode, out, variants), left(SHARES[part]),
+                               logs / f"cost_{part}.log", out)
     return cost
 
 
@@ -240,14 +246,12 @@ def main(argv: list[str] | None = None) -> int:
                               "jobs": args.jobs, "config": str(CONFIG.relative_to(CONFIG.parents[1]))}
     if "pretrain" in args.parts:
         out = work / "pretrain.json"
-        report["parts"].append(run_part("pretrain", pretrain_argv(args, out), left(SHARES["pretrain"]),
-                                        logs / "pretrain.log"))
-        report["pretrain"] = json.loads(out.read_text()) if out.is_file() else None
+        report["pretrain"] = json_part(report, "pretrain", pretrain_argv(args, out), left(SHARES["pretrain"]),
+                                       logs / "pretrain.log", out)
     if "eval" in args.parts:
         out = work / "eval.json"
-        report["parts"].append(run_part("eval", eval_argv(args, out, work / "eval"), left(SHARES["eval"]),
-                                        logs / "eval.log"))
-        report["eval"] = json.loads(out.read_text()) if out.is_file() else None
+        report["eval"] = json_part(report, "eval", eval_argv(args, out, work / "eval"), left(SHARES["eval"]),
+                                   logs / "eval.log", out)
     if "cuda_tests" in args.parts:
         report["parts"].append(run_part("cuda tests", [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-n", "0",
                                                    "-p", "no:cacheprovider", "-rf", "-k", "not compiled", *cuda_test_files()],
@@ -258,9 +262,8 @@ def main(argv: list[str] | None = None) -> int:
         report["parts"].append({"part": "cost compile", "status": "not run with --smoke: compiling takes minutes on a CPU"})
     elif "compile" in args.parts:
         out = work / "cost_compile.json"
-        report["parts"].append(run_part("cost compile", bench_argv(args, "compile", out, ["CA"]), left(),
-                                        logs / "cost_compile.log"))
-        cost["compile"] = json.loads(out.read_text()) if out.is_file() else None
+        cost["compile"] = json_part(report, "cost compile", bench_argv(args, "compile", out, ["CA"]), left(),
+                                    logs / "cost_compile.log", out)
     report["cost"] = cost
     (args.out / "report.json").write_text(json.dumps(report, indent=2))
     (args.out / "report.md").write_text(format_report(report, args.out))
