@@ -131,6 +131,14 @@ def eval_rates(checkpoints: dict[str, Path], root: Path, work: Path, repeats: in
     return {"rows": rows}
 
 
+def table_rows(rows: list[dict]) -> list[str]:
+    """The markdown table of :func:`eval_rates`'s rows (here and in ``seg.tools.report``)."""
+    return ["| model | path | inference path | img/s | speed / plain | mIoU | mIoU - reference |",
+            "|---|---|---|---:|---:|---:|---:|",
+            *(f"| {r['model']} | {r['path']} | {r['inference_path']} | {r['img_s']:.1f} | {r['speed_vs_plain']:.3f} "
+              f"| {r['miou']:.4f} | {r['miou_minus_reference']:+.1e} |" for r in rows)]
+
+
 def eval_table(device: str, camvid: Path | None, work: Path, repeats: int, iters: int, frames: int = CAMVID_VAL[0],
                height: int = CAMVID_VAL[1], batch: int | None = None) -> tuple[list[str], dict]:
     """The table's lines and the JSON record of one ``--scope eval`` run. ``frames`` and ``height``
@@ -150,11 +158,7 @@ def eval_table(device: str, camvid: Path | None, work: Path, repeats: int, iters
               **eval_rates(checkpoints, root, work, repeats, sizes + workers)}
     lines = [f"eval_seg.py on {record['device']}: {record['data']}; each model trained {iters} iterations "
              f"(configs/camvid_gpu.yaml); median of {repeats} interleaved runs; images/s include loading",
-             "", "| model | path | inference path | img/s | speed / plain | mIoU | mIoU - reference |",
-             "|---|---|---|---:|---:|---:|---:|"]
-    for r in record["rows"]:
-        lines.append(f"| {r['model']} | {r['path']} | {r['inference_path']} | {r['img_s']:.1f} | "
-                     f"{r['speed_vs_plain']:.3f} | {r['miou']:.4f} | {r['miou_minus_reference']:+.1e} |")
+             "", *table_rows(record["rows"])]
     for path in PATHS:
         aa = next(r["speed_vs_plain"] for r in record["rows"] if r["model"] == AA and r["path"] == path)
         if (warning := noise_warning(f"eval {path}", aa)) is not None:

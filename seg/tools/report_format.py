@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from seg.tools.bench_eval import table_rows
 from seg.tools.bench_pretrain import projected_hours
 
 
@@ -67,13 +68,9 @@ def _pretrain_table(pretrain: dict | None) -> list[str]:
 def _eval_table(record: dict | None) -> list[str]:
     if not record:
         return ["### Evaluation speed: no result (see Parts)", ""]
-    lines = [f"### Evaluation speed (`eval_seg.py` on {record['device']}; {record['data']}; each model trained "
-             f"{record['train_iters']} iterations; median of {record['repeats']} interleaved runs; img/s include "
-             "loading)", "", "| model | path | inference path | img/s | speed / plain | mIoU | mIoU - reference |",
-             "|---|---|---|---:|---:|---:|---:|"]
-    lines += [f"| {r['model']} | {r['path']} | {r['inference_path']} | {r['img_s']:.1f} | {r['speed_vs_plain']:.3f} "
-              f"| {r['miou']:.4f} | {r['miou_minus_reference']:+.1e} |" for r in record["rows"]]
-    return lines + [""]
+    return [f"### Evaluation speed (`eval_seg.py` on {record['device']}; {record['data']}; each model trained "
+            f"{record['train_iters']} iterations; median of {record['repeats']} interleaved runs; img/s include "
+            "loading)", "", *table_rows(record["rows"]), ""]
 
 
 def _pytest_summary(out: Path) -> str:
