@@ -14,11 +14,14 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from seg.data import ContiguousSampler
 from seg.data.palette import IGNORE_INDEX
 from seg.evaluation.metrics import ConfusionMatrix
+from seg.engine.trainer import share_cpu_paths
+from seg.kernels import calibrate
 from seg.utils import distributed as sd
 
 NUM_CLASSES = 5
 NUM_SAMPLES = 7  # odd on purpose: a padding sampler would count one sample twice
 WORLD_SIZE = 2
+CPU_PATHS = [{"a": True, "b": False}, {"a": False, "c": True}]  # each rank's own kernel-or-ops choices
 
 
 def _dataset() -> TensorDataset:
@@ -47,6 +50,12 @@ def _worker(rank: int, port: int, out_path: str) -> None:
         ds = _dataset()
         exact = _evaluate(DataLoader(ds, batch_size=2, sampler=ContiguousSampler(ds, info.rank, info.world_size)))
         padded = _evaluate(DataLoader(ds, batch_size=2, sampler=DistributedSampler(ds, shuffle=False)))
+        # each rank timed its own CA paths; after sharing, all run rank 0's, then rank 1's for shapes rank 0 lacks
+        calibrate._choices.clear()
+        calibrate.adopt(CPU_PATHS[info.rank])
+        share_cpu_paths()
+        with open(f"{out_path}.paths{info.rank}", "w") as f:
+            json.dump(sorted(calibrate.choices().items()), f)
         if sd.current().is_main:
             with open(out_path, "w") as f:
                 json.dump({"info": [info.rank, info.world_size, info.is_main, str(info.device)],
@@ -69,6 +78,8 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     got = json.loads(out.read_text())
     single = _evaluate(DataLoader(_dataset(), batch_size=3)).compute()
     assert got["info"] == [0, WORLD_SIZE, True, "cpu"]
+    shared = [["a", True], ["b", False], ["c", True]]
+    assert [json.loads((tmp_path / f"rank0.json.paths{r}").read_text()) for r in range(WORLD_SIZE)] == [shared] * 2
     assert got["exact"]["confusion"] == single["confusion"]
     assert got["exact"]["miou"] == single["miou"]
     assert math.isnan(got["exact"]["iou"][4]) and math.isnan(single["iou"][4])
@@ -85,6 +96,7 @@ def test_single_process_helpers_are_no_ops(monkeypatch):
     sd.barrier()
     t = torch.tensor([1, 2])
     assert sd.all_reduce_sum(t) is t and t.tolist() == [1, 2]
+    assert sd.gather_objects({"a": 1}) == [{"a": 1}]
 
 
 @pytest.fixture

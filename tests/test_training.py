@@ -133,6 +133,30 @@ def test_resume_continues_exactly(tmp_path, data_root):
         assert torch.equal(a, b), name
 
 
+def test_resume_validates_on_the_cpu_paths_the_run_chose_before_the_stop(tmp_path, data_root, monkeypatch):
+    # By default each process times CA's C++ kernels against PyTorch's ops per block shape and keeps
+    # the faster; the two differ in the last bits, so a resumed process that chose otherwise would
+    # write other validation numbers than the run that never stopped.
+    from seg.kernels import calibrate, cpu
+
+    assert cpu.kernels() is not None, "the CPU kernels did not build"
+    monkeypatch.setattr(calibrate, "MODE", "auto")
+    monkeypatch.setattr(calibrate, "_choices", {})
+    single = DistInfo(0, 0, 1, torch.device("cpu"), True)
+    cfg = load_config(None, tiny_overrides(data_root, iters=6))
+    cfg.train.eval_interval = 3
+    run_dir = _mk(tmp_path / "run")
+    _run_until(cfg, run_dir, single, stop_at=3)
+    saved = load_checkpoint(run_dir / "last.pt")["extra"]["cpu_paths"]
+    assert saved == calibrate.choices()
+    assert {key[0][0] for key in saved} == {"CA", "block"}  # both kinds of MobileNetV2-CA's blocks
+    # a new process whose timing would choose the other path for every shape
+    monkeypatch.setattr(calibrate, "_choices", {key: not chosen for key, chosen in saved.items()})
+    run_training(StartPlan(run_dir, cfg, resume=True), single)
+    assert {key: calibrate.choices()[key] for key in saved} == saved
+    assert load_checkpoint(run_dir / "last.pt")["extra"]["cpu_paths"] == calibrate.choices()
+
+
 def _mk(path: Path) -> Path:
     path.mkdir(parents=True)
     return path

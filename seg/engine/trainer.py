@@ -22,13 +22,14 @@ from seg.engine.graphs import graph_training
 from seg.engine.loop import NonFiniteLossError, TrainState, train
 from seg.engine.optim import build_optimizer, build_scheduler
 from seg.evaluation.loop import evaluate
+from seg.kernels import calibrate
 from seg.kernels.fast import optimize_for_inference
 from seg.modeling.models import model_from_config
 from seg.runs.checkpoint import CheckpointError, load_model_weights, restore_rng, save_checkpoint, unwrap_model
 from seg.runs.rundir import BEST, LAST, LOG, RunDirError, append_metrics, begin_run, log_to_file
 from seg.runs.start import StartPlan, started
 from seg.runs.tracking import Tracker
-from seg.utils.distributed import DistInfo, barrier, resolve_device
+from seg.utils.distributed import DistInfo, barrier, gather_objects, resolve_device
 from seg.utils.visualize import spread_indices
 
 log = logging.getLogger(__name__)
@@ -108,8 +109,8 @@ def save_best(path: Path, state: TrainState, cfg: Config, record: dict | None = 
 def _save(path: Path, state: TrainState, cfg: Config, record: dict | None, resumable: bool) -> None:
     save_checkpoint(path, model=unwrap_model(state.model), optimizer=state.optimizer, scheduler=state.scheduler,
                     scaler=state.scaler, iteration=state.iteration, best_miou=state.best_miou,
-                    config=config_to_dict(cfg), extra={"metrics": record, "world_size": state.world_size},
-                    resumable=resumable)
+                    config=config_to_dict(cfg), resumable=resumable,
+                    extra={"metrics": record, "world_size": state.world_size, "cpu_paths": calibrate.choices()})
 
 
 def resume_state(ckpt: dict, state: TrainState) -> None:
@@ -121,7 +122,21 @@ def resume_state(ckpt: dict, state: TrainState) -> None:
         state.scaler.load_state_dict(ckpt["scaler"])
     state.iteration, state.best_miou = ckpt["iteration"], ckpt["best_miou"]
     restore_rng(ckpt["rng"])
+    calibrate.adopt((ckpt["extra"] or {}).get("cpu_paths", {}))
     log.info("resumed at iteration %d (best mIoU %.4f)", state.iteration, state.best_miou)
+
+
+def share_cpu_paths() -> None:
+    """Make every rank run the CA paths (C++ kernels or PyTorch ops, :mod:`seg.kernels.calibrate`)
+    that rank 0 chose for each block shape, then rank 1, and so on, for the validations to come.
+
+    last.pt saves rank 0's choices, which are then every rank's, and resume adopts them: so the
+    validations after a resume take the same paths as those of a run that never stopped.
+    """
+    merged: dict = {}
+    for choices in reversed(gather_objects(calibrate.choices())):
+        merged.update(choices)
+    calibrate.adopt(merged)
 
 
 def check_crop_size(cfg: Config, model: torch.nn.Module) -> None:
@@ -241,6 +256,7 @@ def _train(cfg: Config, run_dir: Path, dist: DistInfo, resumed: dict | None) -> 
         # TensorBoard first: resume keeps events up to last.pt's iteration, so they must not lag it
         tracker.validation(state.iteration, metrics)
         tracker.predictions(state.iteration, model, vis, ca_maps=cfg.train.ca_maps, **settings)
+        share_cpu_paths()
         if dist.is_main:
             record = tracker.metrics_record(state.iteration, metrics)
             commit_validation(run_dir, state, cfg, record, is_best, saved_iteration)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Callable, Hashable
+from typing import Callable, Hashable, Mapping
 
 import torch
 
@@ -62,6 +62,16 @@ def summary() -> str:
         by_kind.setdefault(str(key[0]), []).append(chosen)
     parts = [f"{sum(v)} of {len(v)} {kind} shapes" for kind, v in sorted(by_kind.items())]
     return "CPU kernels chosen for " + (", ".join(parts) if parts else "no shape yet")
+
+
+def adopt(decisions: Mapping[Hashable, bool]) -> None:
+    """Take ``decisions`` (as :func:`choices` returns them) as this process's own, replacing any it made.
+
+    A resumed run adopts those its checkpoint saved, so its validations run the paths the run
+    before the stop chose, not what this process's timing would choose: where the two paths are
+    about as fast, two processes can choose differently, and the paths differ in the last bits.
+    """
+    _choices.update({key: bool(chosen) for key, chosen in decisions.items()})
 
 
 def reset() -> None:

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -127,6 +127,15 @@ def current() -> DistInfo:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """``obj`` from every rank, in rank order (picklable objects); ``[obj]`` in a single process."""
+    if not is_distributed():
+        return [obj]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
