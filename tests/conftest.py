@@ -98,3 +98,13 @@ def pytest_collection_finish(session):
     # collections skip them (3.3 to 4.0 s).
     gc.collect()
     gc.freeze()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter):
+    # The suite's time and --durations above mean little without the CPU: 2 cores of the x86 models
+    # the project runs on differ by about 1.5x, and the vector ISA torch chose changes the float path.
+    from seg.tools.timing import cpu_name
+
+    terminalreporter.write_line(f"CPU: {cpu_name()}, {os.cpu_count()} cores, torch CPU capability "
+                                f"{torch.backends.cpu.get_cpu_capability()}")
