@@ -53,6 +53,41 @@ def ca_with_bn_stats(channels: int = 16, inplace: bool = False):
     return block.eval()
 
 
+def with_measured_bn(model: torch.nn.Module, *input_shape: int, seed: int = 0) -> torch.nn.Module:
+    """``model`` in eval mode at a well-conditioned operating point: each BN's running statistics
+    measured on two random batches of ``input_shape``, its affine terms set away from the kinks.
+
+    Built fresh, BN's statistics are (0, 1) and MobileNetV2's fan-out init shrinks the signal block
+    by block: features of ~1e-12 at the last level, logits that are the head's bias and gradients of
+    ~1e-18. Two implementations compared there at an atol agree however wrong one is. Measured
+    statistics normalise every layer, as training would, so each block sees values of order one.
+
+    BN's outputs are then centred at 2 (weights 0.5 to 1), between ReLU6's kinks at 0 and 6, and
+    CA's at 0, between hard-swish's at -3 and 3. Centred at 0, many values sit within rounding of a
+    kink, and two implementations that differ in the last bit disagree there by O(1) in the
+    backward: whole-DeepLab gradients then differed by up to 3% (and fp32 from float64 by up to
+    70%), depending on the seed. Centred away, they agree to 1e-6 of each tensor's scale.
+    """
+    from seg.modeling.attention import CoordAttention
+
+    in_ca = {id(m.bn1) for m in model.modules() if isinstance(m, CoordAttention)}
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [bn.momentum for bn in norms]
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for bn in norms:
+            bn.reset_running_stats()
+            bn.momentum = None  # a plain average over the batches
+            bn.weight.uniform_(0.5, 1.0, generator=gen)
+            bn.bias.fill_(0.0 if id(bn) in in_ca else 2.0)
+        model.train()
+        for _ in range(2):
+            model(torch.randn(input_shape, generator=gen))
+    for bn, momentum in zip(norms, momenta):
+        bn.momentum = momentum
+    return model.eval()
+
+
 @pytest.fixture(scope="session")
 def tiny_synthetic(tmp_path_factory) -> Path:
     """4 train and 2 val synthetic images of 32 px: enough for real runs that train and validate."""

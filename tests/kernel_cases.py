@@ -60,16 +60,34 @@ def assert_fused_as_accurate(out: dict[str, list[torch.Tensor]], dtype: torch.dt
     rounding noise there.
     """
     for i, (fused, ref, exact) in enumerate(zip(out["fused"], out["reference"], out["exact"])):
-        scale = max(exact.abs().max().item(), 1.0)
-        err_fused = (fused - exact).abs().max().item()
-        err_ref = (ref - exact).abs().max().item()
         # A tensor that is 0 by cancellation (conv1's bias gradient: BN's batch statistics cancel
         # it) holds only the rounding noise of a long sum of large terms in both runs, and how two
         # such noises compare is luck: an H200 run with other tile sizes gave 3.2x. A wrong index
         # still shows, as an error of the order of the terms.
         factor = 8 if exact.abs().max().item() < 1e-6 else 2
-        assert err_fused <= factor * err_ref + 4 * EPS[dtype] * scale, (
-            f"tensor {i}: fused error {err_fused:.3g}, reference error {err_ref:.3g}, scale {scale:.3g}")
+        assert_as_accurate(fused, ref, exact, dtype, factor, f"tensor {i}")
+
+
+def assert_as_accurate(got: torch.Tensor, ref: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype,
+                       factor: float = 2, what: str = "tensor") -> None:
+    """``got`` is within ``factor`` times ``ref``'s own error against the float64 ``exact``, plus
+    4 eps of ``dtype`` at the values' scale (at least 1)."""
+    exact = exact.double()
+    scale = max(exact.abs().max().item(), 1.0)
+    err = (got.double() - exact).abs().max().item()
+    err_ref = (ref.double() - exact).abs().max().item()
+    assert err <= factor * err_ref + 4 * EPS[dtype] * scale, (
+        f"{what}: error {err:.3g}, reference error {err_ref:.3g}, scale {scale:.3g}")
+
+
+def assert_same_gradients(reference: nn.Module, fused: nn.Module, rel: float = 1e-3) -> None:
+    """Every parameter's gradient in ``fused`` is within ``rel`` of that tensor's largest reference
+    gradient. Relative to each tensor's own scale, so that a tensor of tiny gradients (all of them,
+    in an encoder whose signal vanishes) is compared as sharply as any other."""
+    for (name, p_ref), p_fused in zip(reference.named_parameters(), fused.parameters()):
+        scale = p_ref.grad.abs().max().item()
+        err = (p_fused.grad - p_ref.grad).abs().max().item()
+        assert scale > 0 and err <= rel * scale, f"{name}: gradient error {err:.3g} at scale {scale:.3g}"
 
 
 def tiny_ca_net(classes: int = 3) -> nn.Module:

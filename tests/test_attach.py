@@ -174,9 +174,12 @@ def test_deeplabv3_trains_a_few_steps(name, output_stride):
         optimizer.step()
         assert torch.isfinite(loss)
     # timm zero-initialises each ResNet block's last BN, so the blocks after it get ~0 gradient at
-    # first: check that they are in the graph, and that the encoder as a whole learns
+    # first (whether such a tensor moves at all is rounding): check that they are in the graph, and
+    # that the loss reaches the stem, through every stage, with a real gradient
     assert all(p.grad is not None for p in gates)
-    assert sum(not torch.equal(p, q) for p, q in zip(model.encoder.parameters(), start)) > len(start) // 2
+    stem, stem_start = next(model.encoder.parameters()), start[0]
+    assert stem.dim() == 4 and stem.shape[1] == 3  # the first conv, on the image
+    assert (stem - stem_start).abs().max() > 1e-6
 
 
 def test_timm_weights_load_without_attention_too(tmp_path):

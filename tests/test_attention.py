@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import ca_with_bn_stats, shared_path
+from conftest import ca_with_bn_stats, shared_path, with_measured_bn
 from seg.kernels import cpu
 from seg.kernels.fast import optimize_for_inference
 from seg.modeling.attention import CBAM, CoordAttention, SqueezeExcite, make_attention
@@ -239,7 +239,8 @@ def test_fold_cache_cleared_by_eval_after_data_writes(monkeypatch, ca_path):
 def test_mobilenet_v2_ca_gates_in_place_with_unchanged_features():
     import segmentation_models_pytorch as smp
 
-    encoder = optimize_for_inference(smp.encoders.get_encoder("mobilenet_v2_ca", weights=None).eval())
+    encoder = smp.encoders.get_encoder("mobilenet_v2_ca", weights=None)
+    encoder = optimize_for_inference(with_measured_bn(encoder, 2, 3, 64, 64))
     blocks = [m for m in encoder.modules() if isinstance(m, CoordAttention)]
     assert len(blocks) == 16 and all(b.inplace for b in blocks)
     x = torch.randn(1, 3, 64, 64)

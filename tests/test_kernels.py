@@ -20,8 +20,10 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 pytest.importorskip("triton")
 
 import seg.kernels  # noqa: E402
+from conftest import with_measured_bn  # noqa: E402
 from kernel_cases import (  # noqa: E402
-    EPS, assert_fused_as_accurate, deeplab_ca, fused_reference_exact, memory_format, tiny_ca_net, train_losses)
+    EPS, assert_fused_as_accurate, assert_same_gradients, deeplab_ca, fused_reference_exact, memory_format, tiny_ca_net,
+    train_losses)
 from seg.config import ModelConfig  # noqa: E402
 from seg.kernels import coord_attention as kernels  # noqa: E402
 from seg.kernels import ops  # noqa: E402
@@ -183,16 +185,17 @@ def test_short_training_follows_reference_loss_curve():
 
 
 def test_deeplab_with_all_16_blocks_fused_gives_reference_gradients():
-    # The real encoder (its strides, dilation, channels_last). BN frozen: see train_losses.
-    reference = deeplab_ca().eval().to(memory_format=torch.channels_last)
+    # The real encoder (its strides, dilation, channels_last). BN frozen (see train_losses), at
+    # measured statistics: at its init ones every gradient in the encoder is below 1e-17. Over 12
+    # seeds the fused gradients were within 1.2e-5 of each tensor's scale; a wrong term errs by O(1).
+    reference = with_measured_bn(deeplab_ca(), 8, 3, 64, 64).to(memory_format=torch.channels_last)
     fused = copy.deepcopy(reference)
     assert use_fused(fused, True) == 16
     images = torch.randn(1, 3, 32, 32).to(memory_format=torch.channels_last)
     targets = images.argmax(1)
     for model in (reference, fused):
         F.cross_entropy(model(images), targets).backward()
-    for (name, p_ref), p_fused in zip(reference.named_parameters(), fused.parameters()):
-        torch.testing.assert_close(p_fused.grad, p_ref.grad, atol=1e-5, rtol=1e-4, msg=name)
+    assert_same_gradients(reference, fused)
 
 
 def test_compiled_training_with_fused_ops_matches_eager():

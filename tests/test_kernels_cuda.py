@@ -7,6 +7,7 @@ Skipped without CUDA (tests/conftest.py). Sizes are those of DeepLabV3 + mobilen
 import pytest
 import torch
 
+from conftest import with_measured_bn
 from kernel_cases import (
     EPS, assert_fused_as_accurate, deeplab_ca, fused_reference_exact, memory_format, train_losses)
 
@@ -119,7 +120,8 @@ def test_deeplab_inference_with_the_prologue_matches_the_reference(ops):
 
     from seg.kernels.fast import optimize_for_inference, use_fused
 
-    reference = deeplab_ca().to(DEVICE, memory_format=torch.channels_last).eval()
+    # measured BN statistics (on the CPU): at the init ones the logits are the head's bias, whatever the encoder did
+    reference = with_measured_bn(deeplab_ca(), 8, 3, 64, 64).to(DEVICE, memory_format=torch.channels_last)
     fast = optimize_for_inference(copy.deepcopy(reference))
     use_fused(fast, True)
     images = torch.randn(4, 3, 256, 320, device=DEVICE).to(memory_format=torch.channels_last)
