@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-# CA's CPU kernels and PyTorch's ops agree only to fp32 rounding (~1e-7), and by default each process
+# CA's CPU kernels and PyTorch's ops agree only to fp32 rounding, and by default each process
 # times both and keeps the faster (seg/kernels/calibrate.py). Tests compare runs made in different
 # processes bit for bit (kill and resume, torchrun restarts), and on a CPU where the two paths are
 # about as fast, two processes could choose differently. So every process of the suite, children
