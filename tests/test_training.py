@@ -155,6 +155,11 @@ def test_resume_validates_on_the_cpu_paths_the_run_chose_before_the_stop(tmp_pat
     run_training(StartPlan(run_dir, cfg, resume=True), single)
     assert {key: calibrate.choices()[key] for key in saved} == saved
     assert load_checkpoint(run_dir / "last.pt")["extra"]["cpu_paths"] == calibrate.choices()
+    # and so does evaluating the best checkpoint in another process, which then repeats its validation
+    best = load_checkpoint(run_dir / "best.pt")["extra"]["cpu_paths"]
+    monkeypatch.setattr(calibrate, "_choices", {key: not chosen for key, chosen in best.items()})
+    assert eval_seg.main(["--checkpoint", str(run_dir / "best.pt")]) == 0
+    assert {key: calibrate.choices()[key] for key in best} == best
 
 
 def _mk(path: Path) -> Path:

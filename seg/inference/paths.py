@@ -19,7 +19,7 @@ from torch import nn
 
 from seg.config import Config
 from seg.engine.graphs import ShapeGraphs
-from seg.kernels import HAS_TRITON
+from seg.kernels import HAS_TRITON, calibrate
 from seg.kernels.fast import optimize_for_inference, use_fused
 from seg.modeling.attention import CoordAttention
 from seg.modeling.models import model_from_checkpoint
@@ -53,5 +53,11 @@ def prepare_inference(model: nn.Module, device: torch.device, fast: bool = True)
 
 
 def inference_model(ckpt: dict, cfg: Config, device: torch.device) -> tuple[nn.Module, str]:
-    """The checkpoint's model on the inference path ``cfg.eval.fast`` asks for, and that path's name."""
+    """The checkpoint's model on the inference path ``cfg.eval.fast`` asks for, and that path's name.
+
+    On the CPU, CA blocks run the kernels or PyTorch's ops that the run's validation chose for each
+    shape (saved in the checkpoint), so evaluating best.pt repeats its validation to the last bit;
+    shapes it did not see are timed afresh (:mod:`seg.kernels.calibrate`).
+    """
+    calibrate.adopt((ckpt.get("extra") or {}).get("cpu_paths", {}))
     return prepare_inference(model_from_checkpoint(ckpt, cfg, device, fast=False), device, cfg.eval.fast)
