@@ -59,6 +59,13 @@ def test_train(case, tiny_synthetic, tmp_path, capsys):
     assert sha256s(root, tmp_path / "dup.yaml") == before
 
 
+def test_a_set_smaller_than_one_batch_is_refused_before_the_run_writes_anything(tiny_synthetic, tmp_path, capsys):
+    run = tmp_path / "run"
+    code = train_seg.main(["--out", str(run), *run_args(tiny_synthetic, "data.batch_size=1000")])
+    one_error(capsys, code, "the training set has 4 samples, fewer than one batch of 1000")
+    assert not run.exists() or sorted(p.name for p in run.iterdir()) == []
+
+
 # --- eval --------------------------------------------------------------------------------------------
 
 EVAL_CASES = ["save-dir is a file", "json is a folder", "config is a folder", "duplicate yaml keys",

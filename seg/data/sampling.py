@@ -65,15 +65,22 @@ class SeededDataset(Dataset):
 
 
 def endless_batches(loader: DataLoader, start_iteration: int) -> Iterator:
-    """Yield batches forever from a loader over a :class:`ResumableSampler`, from ``start_iteration``.
+    """Batches forever from a loader over a :class:`ResumableSampler`, from ``start_iteration``.
 
     The loader must use ``drop_last=True``, so one epoch is ``len(sampler) // batch_size`` batches.
+    A set smaller than one batch is refused here, when called, not at the first batch: a run calls
+    this before it writes anything into its directory.
     """
     sampler: ResumableSampler = loader.sampler
     batches_per_epoch = sampler.num_samples // loader.batch_size
     if batches_per_epoch == 0:
         raise DatasetError(f"the training set has {len(sampler.dataset)} samples, fewer than one batch of "
                            f"{loader.batch_size} per process; lower data.batch_size")
+    return _batches(loader, sampler, batches_per_epoch, start_iteration)
+
+
+def _batches(loader: DataLoader, sampler: ResumableSampler, batches_per_epoch: int,
+             start_iteration: int) -> Iterator:
     epoch, batch = divmod(start_iteration, batches_per_epoch)
     while True:
         sampler.set_position(epoch, batch * loader.batch_size)

@@ -128,6 +128,7 @@ def _pretrain(cfg: Config, run_dir: Path, dist: DistInfo, resumed: dict | None) 
     state = build_pretrain_state(cfg, device, dist.world_size)
     if resumed is not None:
         resume_state(resumed, state)
+    batches = endless_batches(train_loader, state.iteration)
     log_file = nullcontext()
     if dist.is_main:  # every check passed: from here on the run owns the directory
         begin_run(run_dir, cfg, resumed)
@@ -154,7 +155,7 @@ def _pretrain(cfg: Config, run_dir: Path, dist: DistInfo, resumed: dict | None) 
     with log_file:
         log.info("pretraining in %s, starting at iteration %d", run_dir, state.iteration)
         try:
-            train(state, endless_batches(train_loader, state.iteration), total_iters=cfg.train.iters, device=device,
+            train(state, batches, total_iters=cfg.train.iters, device=device,
                   amp=cfg.train.amp, channels_last=cfg.train.channels_last, grad_clip=cfg.optim.grad_clip,
                   loss_fn=lambda out, target: F.cross_entropy(out.float(), target, label_smoothing=smoothing),
                   log_interval=cfg.train.log_interval,

@@ -223,6 +223,7 @@ def _train(cfg: Config, run_dir: Path, dist: DistInfo, resumed: dict | None) -> 
     check_cuda_graphs(cfg, device, dist)
     if resumed is not None:
         resume_state(resumed, state)
+    batches = endless_batches(train_loader, state.iteration)
     # every check passed: from here on the run owns the directory
     log_file = nullcontext()
     if dist.is_main:
@@ -265,7 +266,7 @@ def _train(cfg: Config, run_dir: Path, dist: DistInfo, resumed: dict | None) -> 
     with log_file:
         log.info("run directory %s, starting at iteration %d", run_dir, state.iteration)
         try:
-            train(state, endless_batches(train_loader, state.iteration), total_iters=cfg.train.iters, device=device,
+            train(state, batches, total_iters=cfg.train.iters, device=device,
                   amp=cfg.train.amp, channels_last=cfg.train.channels_last, aux_weight=cfg.model.aux_weight,
                   grad_clip=cfg.optim.grad_clip, log_interval=cfg.train.log_interval,
                   eval_interval=cfg.train.eval_interval, on_log=tracker.scalars, on_eval=on_eval)
