@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -84,6 +85,20 @@ def test_eval_of_best_checkpoint_equals_recorded_best(demo_run, tmp_path):
     result = json.loads(report.read_text())
     assert result["miou"] == pytest.approx(best, abs=1e-9)
     assert result["images"] == 3 and len(list((tmp_path / "pred").glob("*_overlay.jpg"))) == 3
+
+
+def test_eval_scores_the_synthetic_set_its_run_validated_on(demo_run, data_root, tmp_path):
+    # Another config with other sizes regenerates the same data.root (the run's set is then gone);
+    # eval regenerates the set the checkpoint's config describes instead of scoring whatever is there.
+    from seg.data import make_synthetic
+
+    root = shutil.copytree(data_root, tmp_path / "data")
+    best = max(json.loads(line)["miou"] for line in (demo_run / "metrics.jsonl").read_text().splitlines())
+    make_synthetic(root, n_train=2, n_val=5, size=48)
+    report = tmp_path / "eval.json"
+    assert eval_seg.main(["--checkpoint", str(demo_run / "best.pt"), "--json", str(report), f"data.root={root}"]) == 0
+    result = json.loads(report.read_text())
+    assert result["images"] == 3 and result["miou"] == pytest.approx(best, abs=1e-9)
 
 
 def test_eval_records_its_inference_path_and_the_reference_predicts_the_same(demo_run, tmp_path):

@@ -152,6 +152,11 @@ def make_synthetic(root: str | Path, n_train: int = 600, n_val: int = 100, size:
     return voc
 
 
+def holds_synthetic(root: str | Path) -> bool:
+    """Whether ``root`` holds a complete synthetic dataset (of any parameters)."""
+    return (Path(root) / "VOCdevkit" / "VOC2012" / SPEC_FILE).is_file()
+
+
 class SyntheticSegmentation(VOCSegmentation):
     """The synthetic dataset (made by :func:`make_synthetic`), read through the VOC reader."""
 

@@ -15,13 +15,13 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from seg.config import Config, ConfigError, config_to_dict, inference_settings
-from seg.data import build_dataset, build_eval_transform, build_loader, build_train_transform, make_synthetic
-from seg.data.base import DatasetError
+from seg.data import build_dataset, build_eval_transform, build_loader, build_train_transform
 from seg.data.sampling import endless_batches
 from seg.engine.graphs import graph_training
 from seg.engine.loop import NonFiniteLossError, TrainState, train
 from seg.engine.optim import build_optimizer, build_scheduler
 from seg.evaluation.loop import evaluate
+from seg.evaluation.scoring import prepare_synthetic
 from seg.kernels import calibrate
 from seg.kernels.fast import optimize_for_inference
 from seg.modeling.models import model_from_config
@@ -38,13 +38,8 @@ log = logging.getLogger(__name__)
 def build_datasets(cfg: Config, dist: DistInfo):
     """Train and val datasets; the synthetic set is generated on first use (by rank 0 alone)."""
     data = cfg.data
-    if data.name == "synthetic" and dist.is_main:
-        try:
-            make_synthetic(data.root, n_train=data.synthetic_train_images, n_val=data.synthetic_val_images,
-                           size=data.synthetic_image_size, seed=0)
-        except OSError as err:
-            raise DatasetError(f"data.root={data.root}: cannot write the synthetic dataset there "
-                               f"({err.strerror}: {err.filename}); choose a writable data.root") from None
+    if dist.is_main:
+        prepare_synthetic(cfg)
     barrier()
     train_tf = build_train_transform(data.crop_size, scale=tuple(data.scale_range), hflip=data.hflip,
                                      jitter=data.jitter)

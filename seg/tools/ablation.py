@@ -28,11 +28,10 @@ import torch
 
 from seg.config import Config, ConfigError, available_cpus, config_from_dict, config_to_dict, load_config
 from seg.config.cli import HelpFormatter, parse_with_overrides
-from seg.data import make_synthetic
 from seg.engine.trainer import run_training
 from seg.errors import USER_ERRORS, print_user_error
 from seg.evaluation.metrics import metrics_record
-from seg.evaluation.scoring import score, val_dataset
+from seg.evaluation.scoring import prepare_synthetic, score, val_dataset
 from seg.modeling.models import model_from_checkpoint, model_from_config
 from seg.runs.checkpoint import checkpoint_config, load_checkpoint
 from seg.runs.rundir import BEST, RunDirError
@@ -98,12 +97,6 @@ def run_parallel(runs: dict[Path, Config], jobs: int, gpus: list[str]) -> None:
     if failed:
         raise RunDirError(f"{len(failed)} of {len(children)} runs failed: " +
                           "; ".join(f"{job.name} (exit {job.returncode}, see {job.log})" for job in failed))
-
-
-def make_synthetic_for(cfg: Config) -> None:
-    d = cfg.data
-    make_synthetic(d.root, n_train=d.synthetic_train_images, n_val=d.synthetic_val_images,
-                   size=d.synthetic_image_size, seed=0)
 
 
 def run_child(run_dir: Path, config: str, threads: int) -> int:
@@ -232,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         cfgs = plan_runs(args, overrides)
         if args.jobs > 1:
             if args.smoke:  # generated once here, not by several children at the same time
-                make_synthetic_for(next(iter(next(iter(cfgs.values())).values())))
+                prepare_synthetic(next(iter(next(iter(cfgs.values())).values())))
             run_parallel({args.out / name / f"seed{seed}": cfg for name, by_seed in cfgs.items()
                           for seed, cfg in by_seed.items()}, args.jobs, args.gpus.split(",") if args.gpus else [])
         records = {name: [train_one(cfg, args.out / name / f"seed{seed}") for seed, cfg in by_seed.items()]
