@@ -50,7 +50,8 @@ def check_split(name: str, root: Path, split: str, workers: int) -> tuple[int, l
     try:
         dataset = build_dataset(name, root, split)
     except SplitMissing as err:
-        return 0, [], [f"{split}: {str(err).splitlines()[0]}"]  # the expected layout follows; once is enough
+        # the first line, without the expected layout that follows it: a note says what is absent
+        return 0, [], [f"{split}: {str(err).splitlines()[0].removesuffix('; expected layout:')}"]
     except (DatasetError, FileNotFoundError) as err:
         return 0, [f"{split}: {err}"], []
     # batch_size=None hands items over one by one; workers read in parallel

@@ -37,7 +37,7 @@ def test_every_problem_is_listed_with_its_file(tmp_path, capsys):
     assert "small.jpg is 16x16 but its mask" in problems[2]
     assert problems[3].startswith("problem: val: 1 file(s)") and "a.jpg" in problems[3]
     assert [line for line in lines if line.startswith("note: ")] == [
-        f"note: test: CamVid folder {tmp_path / 'test'} not found; expected layout:"]
+        f"note: test: CamVid folder {tmp_path / 'test'} not found"]  # no dangling "expected layout:"
     assert lines[-1] == f"camvid at {tmp_path}: 4 samples checked, 4 problem(s), 1 split(s) absent"
 
 
@@ -78,7 +78,7 @@ def test_withheld_test_split_is_a_note_and_workers_fit_the_cpus(tmp_path, capsys
     monkeypatch.setattr(script, "available_cpus", lambda: 2)
     assert script.main(["--name", "camvid", "--root", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith(f"note: test: CamVid folder {tmp_path / 'testannot'} not found")
+    assert lines[0] == f"note: test: CamVid folder {tmp_path / 'testannot'} not found"
     assert lines[-1].endswith("2 samples checked, 0 problem(s), 1 split(s) absent")
     assert workers == [2, 2]  # the default 4, capped at the 2 CPUs
     assert script.main(["--name", "camvid", "--root", str(tmp_path / "nowhere"), "--workers", "0"]) == 1
