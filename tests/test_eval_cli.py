@@ -40,6 +40,19 @@ def test_weights_that_do_not_fit_list_keys_and_shapes(checkpoint, tmp_path, caps
     assert "segmentation_head.0.weight: checkpoint (5, 32, 1, 1) vs model (7, 32, 1, 1)" in err
 
 
+def test_weights_that_do_not_fit_are_one_line(checkpoint, capsys):
+    err = _error(["--checkpoint", str(checkpoint), "data.num_classes=7", "model.decoder_channels=16"], capsys)
+    assert err.count("\n") == 1 and "shape mismatch (" in err and "more" in err
+
+
+def test_a_bare_weights_file_is_named_as_such(tmp_path, capsys):
+    weights = tmp_path / "encoder.pth"
+    torch.save({f"features.{i}.weight": torch.zeros(2) for i in range(500)}, weights)
+    err = _error(["--checkpoint", str(weights)], capsys)
+    assert err.startswith(f"error: {weights} is a bare weights file (500 tensors") and "model.encoder_weights" in err
+    assert err.count("\n") == 1 and len(err) < 300
+
+
 def test_missing_data_root(checkpoint, capsys):
     assert "/no/such/root" in _error(["--checkpoint", str(checkpoint), "--data-root", "/no/such/root"], capsys)
 

@@ -24,7 +24,7 @@ from seg.errors import UserError
 from seg.utils.atomic import write_atomic
 
 REQUIRED_KEYS = ("model", "optimizer", "scheduler", "scaler", "iteration", "best_miou", "config", "rng", "extra")
-MAX_LISTED = 10  # mismatched keys shown in an error; the count says how many more there are
+MAX_LISTED = 5  # mismatched keys shown in an error's one line; the count says how many more there are
 _PLAIN = (str, int, float, bool, type(None), torch.Tensor)
 
 
@@ -167,6 +167,10 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
         raise CheckpointError(f"{path} is corrupt: {e}") from e
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, expected a checkpoint dict")
+    if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        raise CheckpointError(f"{path} is a bare weights file ({len(ckpt)} tensors, e.g. {next(iter(ckpt))}), not a "
+                              "training checkpoint; an encoder's (a pretraining run's encoder.pth) goes in "
+                              "model.encoder_weights, a run's best.pt or last.pt here")
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]
     if missing:
         raise CheckpointError(f"{path} lacks {missing} (has {sorted(ckpt)}); a bare weights file belongs to "
@@ -182,7 +186,7 @@ def checkpoint_config(ckpt: dict, path: str | Path = "checkpoint") -> Config:
 
 def _listed(items: list[str]) -> str:
     more = f" ... and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else ""
-    return "\n    ".join(items[:MAX_LISTED]) + more
+    return ", ".join(items[:MAX_LISTED]) + more
 
 
 def load_model_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
@@ -194,8 +198,8 @@ def load_model_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor])
     shapes = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
               for k, v in state_dict.items() if k in expected and v.shape != expected[k].shape]
     if missing or unexpected or shapes:
-        parts = [f"{title} ({len(items)}):\n    {_listed(items)}"
+        parts = [f"{title} ({len(items)}): {_listed(items)}"
                  for title, items in (("missing in checkpoint", missing), ("unexpected in checkpoint", unexpected),
                                       ("shape mismatch", shapes)) if items]
-        raise CheckpointError(f"weights do not fit {type(model).__name__}; " + "\n  ".join(parts))
+        raise CheckpointError(f"weights do not fit {type(model).__name__}; " + "; ".join(parts))
     model.load_state_dict(state_dict, strict=True)
