@@ -29,6 +29,11 @@ def test_missing_checkpoint(tmp_path, capsys):
     assert str(tmp_path / "nope.pt") in _error(["--checkpoint", str(tmp_path / "nope.pt")], capsys)
 
 
+def test_a_run_folder_given_as_checkpoint_names_the_file_to_give(tmp_path, capsys):
+    assert f"checkpoint {tmp_path} is a folder; name a file in it, such as {tmp_path / 'best.pt'}" in _error(
+        ["--checkpoint", str(tmp_path)], capsys)
+
+
 def test_corrupt_checkpoint(tmp_path, capsys):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")

@@ -150,6 +150,8 @@ def save_atomic(obj: Any, path: str | Path) -> None:
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
     """Read a checkpoint written by :func:`save_checkpoint` with ``weights_only=True``; clear errors otherwise."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder; name a file in it, such as {path / 'best.pt'}")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if not zipfile.is_zipfile(path):
