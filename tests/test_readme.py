@@ -202,3 +202,12 @@ def test_readme_is_a_front_door():
     assert f"```bash\n{ci_command}\n```" in readme  # the Quick-start test command is exactly CI's
     assert "```bash\npython3 -m venv .venv && .venv/bin/pip install -r requirements.txt && " \
            ".venv/bin/python train_seg.py\n```" in readme
+
+
+def test_configs_readme_counts_and_names_every_file():
+    text = (ROOT / "configs" / "README.md").read_text()
+    files = sorted((ROOT / "configs").glob("*.yaml"))
+    assert f"There are {len(files)} files" in text
+    # camvid_{mobilenet_v2,_se,_cbam,_ca}.yaml names four files in one table cell
+    listed = set(re.findall(r"`(\w+?)(?:\.yaml)?`", text)) | {"camvid_mobilenet_v2" + s for s in ("", "_se", "_cbam", "_ca")}
+    assert [f.stem for f in files if f.stem not in listed] == []
