@@ -132,7 +132,7 @@ def _check_segment(tokens: list[str]) -> None:
     prog, args = tokens[0], tokens[1:]
     if prog in PYTHONS:
         _check_python(args)
-    elif prog == "torchrun":
+    elif prog in ("torchrun", ".venv/bin/torchrun"):
         launch = torchrun_parser().parse_args(args)
         _check_entry(launch.training_script, launch.training_script_args)
     elif prog.endswith("bin/pip"):
