@@ -11,10 +11,12 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+from seg.data.base import DatasetError  # noqa: E402
 from seg.data.synthetic import make_synthetic  # noqa: E402
+from seg.errors import print_user_error  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> Path:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python datasets/make_synthetic.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, required=True, help="output folder (VOCdevkit/VOC2012 goes inside)")
@@ -23,10 +25,14 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--size", type=int, default=96, help="image side in pixels (default: 96)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the shapes (default: 0)")
     args = parser.parse_args(argv)
-    voc = make_synthetic(args.root, args.n_train, args.n_val, args.size, args.seed)
+    try:
+        voc = make_synthetic(args.root, args.n_train, args.n_val, args.size, args.seed)
+    except OSError as err:
+        return print_user_error(DatasetError(f"cannot write the synthetic dataset in {args.root} "
+                                             f"({err.strerror}: {err.filename})"))
     print(f"synthetic dataset ready in {voc}")
-    return voc
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

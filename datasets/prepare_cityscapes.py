@@ -18,6 +18,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 from seg.data.base import read_gray_png  # noqa: E402
 from seg.data.cityscapes import LABEL_IDS_SUFFIX, TRAIN_IDS_SUFFIX, label_ids_to_train_ids  # noqa: E402
+from seg.errors import print_user_error  # noqa: E402
 
 
 def _convert(label_ids: Path) -> None:
@@ -43,14 +44,19 @@ def prepare(root: Path, workers: int = 4) -> int:
     return len(files)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python datasets/prepare_cityscapes.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, required=True, help="folder holding gtFine/ and leftImg8bit/")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="converter processes (default: all CPUs)")
     args = parser.parse_args(argv)
-    print(f"{prepare(args.root, args.workers)} label files converted or already present")
+    try:
+        count = prepare(args.root, args.workers)
+    except OSError as err:  # a missing root, an unwritable folder: one line naming it
+        return print_user_error(err)
+    print(f"{count} label files converted or already present")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -21,6 +21,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 from seg.data.palette import save_index_png  # noqa: E402
 from seg.data.voc import VOC_CLASSES, find_voc_dir  # noqa: E402
+from seg.errors import print_user_error  # noqa: E402
 
 AUG_DIR = "SegmentationClassAug"
 
@@ -72,7 +73,7 @@ def prepare(sbd: Path, voc: Path, workers: int = 4) -> list[str]:
     sbd = sbd / "dataset" if (sbd / "dataset" / "cls").is_dir() else sbd
     if not (sbd / "cls").is_dir():
         raise FileNotFoundError(f"{sbd} has no cls/ folder; expected benchmark_RELEASE/dataset/{{cls/*.mat,"
-                                "train.txt,val.txt}}")
+                                "train.txt,val.txt}")
     voc = find_voc_dir(voc)
     ids = train_aug_ids(sbd, voc)
     (voc / AUG_DIR).mkdir(exist_ok=True)
@@ -88,16 +89,20 @@ def prepare(sbd: Path, voc: Path, workers: int = 4) -> list[str]:
     return ids
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python datasets/prepare_voc_aug.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sbd", type=Path, required=True, help="benchmark_RELEASE (or its dataset/ folder)")
     parser.add_argument("--voc", type=Path, required=True, help="VOCdevkit/VOC2012 (or a folder above it)")
     parser.add_argument("--workers", type=int, default=4, help="converter processes (default: 4)")
     args = parser.parse_args(argv)
-    ids = prepare(args.sbd, args.voc, args.workers)
+    try:
+        ids = prepare(args.sbd, args.voc, args.workers)
+    except (OSError, ValueError) as err:  # a missing folder, an unreadable .mat (load_sbd_mask): one line naming it
+        return print_user_error(err)
     print(f"train_aug: {len(ids)} ids")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

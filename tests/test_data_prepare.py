@@ -98,8 +98,22 @@ def test_prepare_cityscapes(tmp_path):
 
 def test_make_synthetic_cli_matches_library(tmp_path):
     from seg.data.synthetic import make_synthetic
-    voc = _script("make_synthetic").main(["--root", str(tmp_path / "cli"), "--n-train", "3", "--n-val", "2",
-                                          "--size", "40"])
+    assert _script("make_synthetic").main(["--root", str(tmp_path / "cli"), "--n-train", "3", "--n-val", "2",
+                                           "--size", "40"]) == 0
+    voc = tmp_path / "cli" / "VOCdevkit" / "VOC2012"
     lib = make_synthetic(tmp_path / "lib", n_train=3, n_val=2, size=40)
     assert [(p.relative_to(voc), p.read_bytes()) for p in sorted(voc.rglob("*"))
             if p.is_file()] == [(p.relative_to(lib), p.read_bytes()) for p in sorted(lib.rglob("*")) if p.is_file()]
+
+
+@pytest.mark.parametrize("name, argv, words", [
+    ("prepare_cityscapes", ["--root", "{tmp}/nowhere"], "no *_gtFine_labelIds.png under {tmp}/nowhere/gtFine"),
+    ("prepare_voc_aug", ["--sbd", "{tmp}/nowhere", "--voc", "{tmp}"], "{tmp}/nowhere has no cls/ folder"),
+    ("make_synthetic", ["--root", "{tmp}/file.txt/sub"], "cannot write the synthetic dataset in {tmp}/file.txt/sub"),
+])
+def test_scripts_report_bad_paths_in_one_line(name, argv, words, tmp_path, capsys):
+    (tmp_path / "file.txt").write_text("a file where a folder is expected")
+    code = _script(name).main([a.format(tmp=tmp_path) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and words.format(tmp=tmp_path) in err
+    assert err.count("\n") == 1 and "}}" not in err
