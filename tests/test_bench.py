@@ -200,11 +200,22 @@ def test_projections_scope_times_what_computes_the_plain_projection(capsys):
     assert "16 pw-linear projections at 32x32, 1 threads" in capsys.readouterr().out
 
 
-def test_block_scope_needs_a_gpu_when_asked_for_cuda():
+@pytest.mark.parametrize("argv", [["--device", "cuda", "--scope", "block"], ["--device", "cpu", "--scope", "tiles"]])
+def test_kernel_scopes_need_a_gpu(argv):
+    if torch.cuda.is_available() and "cuda" in argv:
+        pytest.skip("this checks the refusal on a machine without CUDA")
+    with pytest.raises(SystemExit, match=f"--scope {argv[3]} needs a CUDA GPU \\(--device {argv[1]}\\)"):
+        bench.main(argv)
+
+
+def test_report_on_cuda_without_a_gpu_is_one_error_line(tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("this checks the refusal on a machine without CUDA")
-    with pytest.raises(SystemExit, match="--scope block needs a CUDA GPU"):
-        bench.main(["--device", "cuda", "--scope", "block"])
+    from seg.tools import report
+
+    assert report.main(["--out", str(tmp_path / "r"), "--device", "cuda", "--smoke"]) == 2
+    assert capsys.readouterr().err == "error: --device cuda asked for, but this machine has no CUDA GPU; use --device cpu\n"
+    assert not (tmp_path / "r").exists()
 
 
 def test_pipeline_scope_times_each_input_against_bare_decode_with_an_aa(capsys, tmp_path):

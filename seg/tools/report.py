@@ -221,6 +221,9 @@ def cost_parts(args: argparse.Namespace, report: dict, work: Path, logs: Path, l
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda asked for, but this machine has no CUDA GPU; use --device cpu", file=sys.stderr)
+        return 2
     # logs: what to read; work: the bench JSONs (also in report.json) and the run directories, kept
     # deeper than two levels so that the eight files that matter are all that lie within them
     logs, work = args.out / "logs", args.out / "work" / "parts"
