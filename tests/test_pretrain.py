@@ -174,10 +174,10 @@ def test_transfer_tool_pretrains_once_and_fine_tunes_both_starts_per_seed(tmp_pa
     from seg.tools import transfer
 
     out = tmp_path / "transfer"
-    argv = ["--out", str(out), "--smoke", "--seeds", "0", "1", "--pretrain-iters", "2", "--seg-iters", "2"]
+    argv = ["--out", str(out), "--smoke", "--seeds", "0", "1"]  # --smoke's 2 iterations each
     assert transfer.main(argv) == 0
     result = json.loads((out / "transfer.json").read_text())
-    assert [r["seed"] for r in result["rows"]] == [0, 1] and result["seg_iters"] == 2
+    assert [r["seed"] for r in result["rows"]] == [0, 1] and (result["pretrain_iters"], result["seg_iters"]) == (2, 2)
     for row in result["rows"]:
         assert row["margin"] == pytest.approx(row["pretrained"] - row["scratch"])
         stored = load_config(out / "pretrained" / f"seed{row['seed']}" / "config.yaml", [])

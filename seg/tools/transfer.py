@@ -31,6 +31,7 @@ from seg.utils.distributed import current, setup_logging
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 PRETRAIN, SEGMENT = CONFIGS / "pretrain" / "synthetic.yaml", CONFIGS / "demo.yaml"
+PRETRAIN_ITERS, SEG_ITERS, SMOKE_ITERS = 400, 300, 2
 SMOKE = ["data.synthetic_train_images=16", "data.synthetic_val_images=8", "data.synthetic_image_size=32",
          "data.crop_size=32", "data.batch_size=4", "data.val_batch_size=8", "optim.warmup_iters=0",
          "train.vis_images=0", "train.ca_maps=false"]
@@ -40,10 +41,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m seg.tools.transfer", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="folder for every run and transfer.json (required)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="segmentation seeds")
-    p.add_argument("--pretrain-iters", type=int, default=400, help="pretraining iterations")
-    p.add_argument("--seg-iters", type=int, default=300, help="segmentation iterations of each start")
-    p.add_argument("--smoke", action="store_true", help="tiny sets and sizes: checks the plumbing in seconds")
-    return p.parse_args(argv)
+    p.add_argument("--pretrain-iters", type=int, help=f"pretraining iterations (default: {PRETRAIN_ITERS}, "
+                                                       f"{SMOKE_ITERS} with --smoke)")
+    p.add_argument("--seg-iters", type=int, help=f"segmentation iterations of each start (default: {SEG_ITERS}, "
+                                                  f"{SMOKE_ITERS} with --smoke)")
+    p.add_argument("--smoke", action="store_true", help="tiny sets, sizes and iteration counts: checks the plumbing in "
+                                                        "seconds")
+    args = p.parse_args(argv)
+    smoke = args.smoke
+    args.pretrain_iters = args.pretrain_iters or (SMOKE_ITERS if smoke else PRETRAIN_ITERS)
+    args.seg_iters = args.seg_iters or (SMOKE_ITERS if smoke else SEG_ITERS)
+    return args
 
 
 def final_miou(run_dir: Path) -> float:
