@@ -102,7 +102,7 @@ def summary(images: int, frames: int, skipped: list[Skipped], seconds: float, ou
     lines = [f"predicted {done} in {seconds:.1f} s ({path} path); outputs in {out}"]
     if skipped:
         lines.append(f"skipped {len(skipped)}:")
-        lines += [f"  {s.path}: {s.reason}" for s in skipped]
+        lines += [f"  {s}" for s in skipped]
     return "\n".join(lines)
 
 

@@ -81,6 +81,7 @@ def test_predict_skips_and_counts(case, ckpt, tmp_path, capsys):
     assert "error:" not in captured.err
     warnings = [line for line in captured.err.splitlines() if line.startswith("warning: skipped")]
     assert len(warnings) == 1 and str(bad) in warnings[0] and words in warnings[0], captured.err
+    assert warnings[0].count(str(bad)) == 1, warnings[0]  # the path once, not again in the reason
     assert "predicted 1 image(s)" in captured.out and "skipped 1:" in captured.out
     assert sha256s(photos) == before
     written = sorted(p.name for p in (tmp_path / "masks").rglob("*") if p.is_file())

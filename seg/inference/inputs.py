@@ -66,6 +66,10 @@ class Skipped:
     path: Path
     reason: str
 
+    def __str__(self) -> str:
+        # a reader's message names the path already (e.g. "cannot read image P: ..."): once is enough
+        return self.reason if str(self.path) in self.reason else f"{self.path}: {self.reason}"
+
 
 def _entry(path: Path, relative: Path) -> Input:
     return Input(path, relative.with_suffix(""), path.suffix.lower() in VIDEO_SUFFIXES)

@@ -58,8 +58,9 @@ class Progress:
     @staticmethod
     def warn(path: Path, reason: str) -> Skipped:
         """One warning line on stderr naming the skipped ``path``; return the record."""
-        print(f"warning: skipped {path}: {reason}", file=sys.stderr, flush=True)
-        return Skipped(path, reason)
+        skipped = Skipped(path, reason)
+        print(f"warning: skipped {skipped}", file=sys.stderr, flush=True)
+        return skipped
 
     def close(self) -> None:
         if self.bar is not None:
