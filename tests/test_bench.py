@@ -204,7 +204,7 @@ def test_projections_scope_times_what_computes_the_plain_projection(capsys):
 def test_kernel_scopes_need_a_gpu(argv):
     if torch.cuda.is_available() and "cuda" in argv:
         pytest.skip("this checks the refusal on a machine without CUDA")
-    with pytest.raises(SystemExit, match=f"--scope {argv[3]} needs a CUDA GPU \\(--device {argv[1]}\\)"):
+    with pytest.raises(SystemExit, match=f"--scope {argv[3]} needs a CUDA GPU \\(--device {argv[1]};"):
         bench.main(argv)
 
 

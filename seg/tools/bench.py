@@ -35,7 +35,7 @@ import torch
 
 from seg.config import available_cpus
 from seg.config.cli import HelpFormatter
-from seg.kernels import calibrate
+from seg.kernels import HAS_TRITON, INTERPRET, calibrate
 from seg.tools import bench_blocks, bench_eval, bench_pipeline, bench_pretrain
 from seg.tools.bench_models import AA, ATROUS_RATES, CA_TORCH, ENCODERS, VARIANTS, run_bench
 from seg.tools.bench_runners import BenchSetup, FLOPS_SIZE, STEPS
@@ -201,8 +201,11 @@ def other_scope(args: argparse.Namespace) -> int:
               f"(A/A {ratio(t, bench_blocks.AA, 'conv'):.3f}x), fused with unit gates {spread(t['fused'])} ms "
               f"({ratio(t, 'fused', 'conv'):.3f}x conv)")
         return 0
-    if not (args.device.startswith("cuda") and torch.cuda.is_available()):  # they time the Triton kernels
-        raise SystemExit(f"error: --scope {args.scope} needs a CUDA GPU (--device {args.device})")
+    # they time the Triton kernels: on a GPU, or on CPU tensors under Triton's interpreter (a test runs them so)
+    on_gpu = args.device.startswith("cuda") and torch.cuda.is_available()
+    if not (on_gpu or (args.device == "cpu" and HAS_TRITON and INTERPRET)):
+        raise SystemExit(f"error: --scope {args.scope} needs a CUDA GPU (--device {args.device}; on a CPU it "
+                         "runs only under TRITON_INTERPRET=1)")
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device
     print(f"device: {name}, torch {torch.__version__}")
     lines = bench_blocks.sweep_tiles(args.device) + [""] + bench_blocks.sweep_projection_tiles(args.device) \
