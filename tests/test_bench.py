@@ -214,7 +214,7 @@ def test_report_on_cuda_without_a_gpu_is_one_error_line(tmp_path, capsys):
     from seg.tools import report
 
     assert report.main(["--out", str(tmp_path / "r"), "--device", "cuda", "--smoke"]) == 2
-    assert capsys.readouterr().err == "error: --device cuda asked for, but this machine has no CUDA GPU; use --device cpu\n"
+    assert capsys.readouterr().err == "error: device 'cuda' asked for, but this machine has no CUDA GPU; use cpu\n"
     assert not (tmp_path / "r").exists()
 
 

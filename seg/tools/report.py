@@ -38,9 +38,12 @@ from pathlib import Path
 
 import torch
 
+from seg.config import ConfigError
+from seg.errors import print_user_error
 from seg.runs.rundir import METRICS
 from seg.tools.report_format import format_report
 from seg.tools.timing import cpu_name
+from seg.utils.distributed import resolve_device
 
 ENCODERS = {"plain": "mobilenet_v2", "SE": "mobilenet_v2_se", "CBAM": "mobilenet_v2_cbam", "CA": "mobilenet_v2_ca"}
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "camvid_gpu.yaml"
@@ -221,9 +224,10 @@ def cost_parts(args: argparse.Namespace, report: dict, work: Path, logs: Path, l
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda asked for, but this machine has no CUDA GPU; use --device cpu", file=sys.stderr)
-        return 2
+    try:
+        resolve_device(args.device)  # before any part starts: no CUDA is one line, not a child's traceback
+    except ConfigError as err:
+        return print_user_error(err)
     # logs: what to read; work: the bench JSONs (also in report.json) and the run directories, kept
     # deeper than two levels so that the (at most eight) files that matter are all that lie within them
     logs, work = args.out / "logs", args.out / "work" / "parts"
