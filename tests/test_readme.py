@@ -127,7 +127,7 @@ def _check_python(args: list[str]) -> None:
 
 
 def _check_segment(tokens: list[str]) -> None:
-    while tokens and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", tokens[0]):  # leading environment variables
+    while tokens and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", tokens[0]):  # leading environment variables (quoted: may hold spaces)
         tokens = tokens[1:]
     prog, args = tokens[0], tokens[1:]
     if prog in PYTHONS:
