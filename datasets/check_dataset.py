@@ -50,8 +50,7 @@ def check_split(name: str, root: Path, split: str, workers: int) -> tuple[int, l
     try:
         dataset = build_dataset(name, root, split)
     except SplitMissing as err:
-        # the first line, without the expected layout that follows it: a note says what is absent
-        return 0, [], [f"{split}: {str(err).splitlines()[0].removesuffix('; expected layout:')}"]
+        return 0, [], [f"{split}: {err.absent}"]  # what is absent; the layout is for errors
     except (DatasetError, FileNotFoundError) as err:
         return 0, [f"{split}: {err}"], []
     # batch_size=None hands items over one by one; workers read in parallel

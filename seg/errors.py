@@ -22,5 +22,8 @@ USER_ERRORS = (UserError, FileNotFoundError)
 
 def print_user_error(err: BaseException) -> int:
     """Print ``err`` as one ``error:`` line on stderr and return the user-error exit code."""
-    print(f"error: {err}", file=sys.stderr)
+    # Our messages are one line already; a library's or the OS's may not be, and one line is what
+    # logs, CI and `grep error:` rely on.
+    message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    print(f"error: {message}", file=sys.stderr)
     return USER_ERROR_EXIT

@@ -37,7 +37,7 @@ def test_every_problem_is_listed_with_its_file(tmp_path, capsys):
     assert "small.jpg is 16x16 but its mask" in problems[2]
     assert problems[3].startswith("problem: val: 1 file(s)") and "a.jpg" in problems[3]
     assert [line for line in lines if line.startswith("note: ")] == [
-        f"note: test: CamVid folder {tmp_path / 'test'} not found"]  # no dangling "expected layout:"
+        f"note: test: CamVid folder {tmp_path / 'test'} not found"]  # what is absent, without the layout
     assert lines[-1] == f"camvid at {tmp_path}: 4 samples checked, 4 problem(s), 1 split(s) absent"
 
 

@@ -1,18 +1,25 @@
 """Bad input gives a clear error that names the file and what was expected."""
 
 import multiprocessing
+import pickle
 import shutil
+from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
+import train_seg
 from seg.data import DatasetError, build_dataset
+from seg.data.base import SplitMissing
 from seg.data.camvid import CamVid
 from seg.data.cityscapes import Cityscapes
 from seg.data.palette import save_index_png
 from seg.data.synthetic import SyntheticSegmentation, make_synthetic
 from seg.data.voc import VOCSegmentation
+from seg.errors import print_user_error
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture()
@@ -24,6 +31,33 @@ def voc(tmp_path):
 def test_missing_root_describes_layout(tmp_path):
     with pytest.raises(FileNotFoundError, match="JPEGImages"):
         VOCSegmentation(tmp_path / "nowhere", "train")
+
+
+@pytest.mark.parametrize("config, missing", [
+    ("voc_os16_mobilenet_v2.yaml", ""), ("cityscapes_os8_mobilenet_v2.yaml", "leftImg8bit/train"),
+    ("camvid_mobilenet_v2.yaml", "train"),
+])
+def test_a_wrong_root_is_one_error_line_naming_the_path_and_layout(config, missing, tmp_path, capsys):
+    root = tmp_path / "empty"
+    root.mkdir()
+    argv = ["--config", str(REPO / "configs" / config), "--out", str(tmp_path / "run"), f"data.root={root}",
+            "train.device=cpu"]
+    assert train_seg.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert f"{root / missing}".rstrip("/") in err and "; expected <root>/" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_missing_split_keeps_its_parts_through_pickling():
+    err = pickle.loads(pickle.dumps(SplitMissing("x not found", "<root>/x")))  # as from a worker process
+    assert (str(err), err.absent, err.expected) == ("x not found; expected <root>/x", "x not found", "<root>/x")
+    assert isinstance(err, DatasetError) and isinstance(err, FileNotFoundError)
+
+
+def test_user_errors_print_as_one_line_whatever_the_message(capsys):
+    assert print_user_error(FileNotFoundError("no file\n  at  /a b/c\n")) == 2
+    assert capsys.readouterr().err == "error: no file at  /a b/c\n"  # spaces inside a line are kept
 
 
 def test_missing_split_list_names_it(voc):
@@ -104,7 +138,10 @@ def test_cityscapes_missing_annotation(tmp_path):
     (tmp_path / "gtFine" / "val").mkdir(parents=True)  # present but empty; no gtFine/val at all is a withheld split
     with pytest.raises(DatasetError, match="1 annotation.*frankfurt_000000_000294_gtFine_labelIds.png"):
         Cityscapes(tmp_path, "val")
-    with pytest.raises(DatasetError, match="no \\*_leftImg8bit.png files under .*train"):
+    with pytest.raises(SplitMissing, match=r"^Cityscapes folder .*leftImg8bit/train not found; expected <root>/"):
+        Cityscapes(tmp_path, "train")
+    (tmp_path / "leftImg8bit" / "train").mkdir()
+    with pytest.raises(DatasetError, match=r"^no \*_leftImg8bit.png files under .*train; expected <root>/"):
         Cityscapes(tmp_path, "train")
 
 

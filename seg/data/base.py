@@ -29,8 +29,16 @@ class DatasetError(UserError, ValueError):
 class SplitMissing(DatasetError, FileNotFoundError):
     """A split that is not there: its folder or list is absent, or its labels are withheld (a test split).
 
-    ``datasets/check_dataset.py`` notes it rather than counting a problem; training still stops on it.
+    ``datasets/check_dataset.py`` notes it (``absent``) rather than counting a problem; training still
+    stops on it, with the layout that was expected.
     """
+
+    def __init__(self, absent: str, expected: str) -> None:
+        super().__init__(f"{absent}; expected {expected}")
+        self.absent, self.expected = absent, expected
+
+    def __reduce__(self):  # pickled (from a worker process) by its two parts, not its message
+        return type(self), (self.absent, self.expected)
 
 
 JPEG_END = b"\xff\xd9"  # EOI marker
@@ -136,7 +144,7 @@ def read_gray_png(path: Path) -> np.ndarray:
 def list_ids(list_file: Path, layout: str) -> list[str]:
     """Read a split list (one id per line), explaining the expected layout when it is absent."""
     if not list_file.is_file():
-        raise SplitMissing(f"split list {list_file} not found; expected layout:\n{layout}")
+        raise SplitMissing(f"split list {list_file} not found", layout)
     ids = [line.split()[0] for line in list_file.read_text().splitlines() if line.strip()]
     if not ids:
         raise DatasetError(f"split list {list_file} is empty")
@@ -154,8 +162,7 @@ def check_present(paths: Sequence[Path], source: str) -> None:
         if path.name not in listings[path.parent]:
             missing.append(str(path))
     if missing:
-        shown = "\n  ".join(missing[:MAX_LISTED])
-        raise DatasetError(f"{len(missing)} file(s) listed by {source} are missing, e.g.:\n  {shown}")
+        raise DatasetError(f"{len(missing)} file(s) listed by {source} are missing, e.g. {missing[:MAX_LISTED]}")
 
 
 def check_label_range(mask: np.ndarray, num_classes: int, path: Path) -> None:

@@ -16,8 +16,9 @@ CAMVID_PALETTE = np.array([
     (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0), (0, 128, 192)], dtype=np.uint8)
 CAMVID_VOID = 11
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-CAMVID_LAYOUT = """  <root>/<split>/*.png|*.jpg      RGB images
-  <root>/<split>annot/*.png       8-bit labels 0..10, 11 = void; same file stem as the image"""
+# one line, as every user error is (the full description: docs/datasets.md)
+CAMVID_LAYOUT = ("<root>/<split>/*.png|*.jpg images with 8-bit labels (0..10, 11 = void) of the same stem in "
+                 "<root>/<split>annot/*.png")
 
 _VOID_TO_IGNORE = np.arange(256, dtype=np.uint8)
 _VOID_TO_IGNORE[CAMVID_VOID] = IGNORE_INDEX
@@ -25,7 +26,7 @@ _VOID_TO_IGNORE[CAMVID_VOID] = IGNORE_INDEX
 
 def _stems(folder: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
     if not folder.is_dir():
-        raise SplitMissing(f"CamVid folder {folder} not found; expected layout:\n{CAMVID_LAYOUT}")
+        raise SplitMissing(f"CamVid folder {folder} not found", CAMVID_LAYOUT)
     return {p.stem: p for p in folder.iterdir() if p.suffix.lower() in suffixes}
 
 
@@ -46,7 +47,7 @@ class CamVid(SegmentationDataset):
         images = _stems(self.root / split, IMAGE_SUFFIXES)
         labels = _stems(self.root / f"{split}annot", (".png",))
         if not images:
-            raise DatasetError(f"no images in {self.root / split}; expected layout:\n{CAMVID_LAYOUT}")
+            raise DatasetError(f"no images in {self.root / split}; expected {CAMVID_LAYOUT}")
         for have, lack, what in ((images, labels, "label"), (labels, images, "image")):
             orphans = sorted(set(have) - set(lack))
             if orphans:

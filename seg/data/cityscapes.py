@@ -17,9 +17,10 @@ IMAGE_SUFFIX = "_leftImg8bit.png"
 LABEL_IDS_SUFFIX = "_gtFine_labelIds.png"
 TRAIN_IDS_SUFFIX = "_gtFine_labelTrainIds.png"
 TARGETS = ("auto", "labelIds", "labelTrainIds")
-CITYSCAPES_LAYOUT = """  <root>/leftImg8bit/<split>/<city>/<name>_leftImg8bit.png
-  <root>/gtFine/<split>/<city>/<name>_gtFine_labelIds.png
-  <root>/gtFine/<split>/<city>/<name>_gtFine_labelTrainIds.png   optional (datasets/prepare_cityscapes.py)"""
+# one line, as every user error is (the full description: docs/datasets.md)
+CITYSCAPES_LAYOUT = ("<root>/leftImg8bit/<split>/<city>/<name>_leftImg8bit.png with labels in "
+                     "<root>/gtFine/<split>/<city>/<name>_gtFine_labelIds.png (or _gtFine_labelTrainIds.png, "
+                     "written by datasets/prepare_cityscapes.py)")
 
 
 def _train_labels() -> list:
@@ -69,12 +70,13 @@ class Cityscapes(SegmentationDataset):
         self.root, self.split = Path(root), split
         image_dir = self.root / "leftImg8bit" / split
         images = sorted(image_dir.glob(f"*/*{IMAGE_SUFFIX}"))
-        error = DatasetError if image_dir.is_dir() else SplitMissing
+        if not image_dir.is_dir():
+            raise SplitMissing(f"Cityscapes folder {image_dir} not found", CITYSCAPES_LAYOUT)
         if not images:
-            raise error(f"no *{IMAGE_SUFFIX} files under {image_dir}; expected layout:\n{CITYSCAPES_LAYOUT}")
+            raise DatasetError(f"no *{IMAGE_SUFFIX} files under {image_dir}; expected {CITYSCAPES_LAYOUT}")
         if not (self.root / "gtFine" / split).is_dir():
-            raise SplitMissing(f"split {split!r} has no labels: {self.root / 'gtFine' / split} not found; "
-                               f"expected layout:\n{CITYSCAPES_LAYOUT}")
+            raise SplitMissing(f"split {split!r} has no labels: {self.root / 'gtFine' / split} not found",
+                               CITYSCAPES_LAYOUT)
         samples, missing = [], []
         for image in images:
             stem = self.root / "gtFine" / split / image.parent.name / image.name[: -len(IMAGE_SUFFIX)]
@@ -87,7 +89,7 @@ class Cityscapes(SegmentationDataset):
             samples.append((image, wanted))
         if missing:
             raise DatasetError(f"{len(missing)} annotation(s) missing under {self.root / 'gtFine' / split}, "
-                               f"e.g. {missing[:5]}; expected layout:\n{CITYSCAPES_LAYOUT}")
+                               f"e.g. {missing[:5]}; expected {CITYSCAPES_LAYOUT}")
         super().__init__(samples, transform)
 
     def load_mask(self, index: int) -> np.ndarray:

@@ -10,11 +10,10 @@ VOC_CLASSES = (
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
 )
 AUG_SPLIT = "train_aug"
-VOC_LAYOUT = """  <root>/VOCdevkit/VOC2012/   (or <root> itself being that folder)
-    JPEGImages/<id>.jpg
-    SegmentationClass/<id>.png          palette PNG, class index per pixel, 255 = void
-    SegmentationClassAug/<id>.png       only for split 'train_aug' (datasets/prepare_voc_aug.py)
-    ImageSets/Segmentation/<split>.txt  one id per line (train, val, trainval, train_aug)"""
+# one line, as every user error is (the full description: docs/datasets.md)
+VOC_LAYOUT = ("<root>/VOCdevkit/VOC2012/ (or <root> being that folder) holding JPEGImages/<id>.jpg, "
+              "SegmentationClass/<id>.png (palette PNGs of class indices, 255 = void; SegmentationClassAug/ for "
+              "train_aug, from datasets/prepare_voc_aug.py) and ImageSets/Segmentation/<split>.txt (one id per line)")
 
 
 def find_voc_dir(root: str | Path) -> Path:
@@ -23,7 +22,7 @@ def find_voc_dir(root: str | Path) -> Path:
     for candidate in (root / "VOCdevkit" / "VOC2012", root / "VOC2012", root):
         if (candidate / "JPEGImages").is_dir():
             return candidate
-    raise FileNotFoundError(f"no VOC2012 folder with JPEGImages/ under {root}; expected layout:\n{VOC_LAYOUT}")
+    raise FileNotFoundError(f"no VOC2012 folder with JPEGImages/ under {root}; expected {VOC_LAYOUT}")
 
 
 class VOCSegmentation(SegmentationDataset):
@@ -46,7 +45,7 @@ class VOCSegmentation(SegmentationDataset):
         ids = list_ids(list_file, VOC_LAYOUT)
         mask_dir = self.root / ("SegmentationClassAug" if split == AUG_SPLIT else "SegmentationClass")
         if not mask_dir.is_dir():  # VOC's test split ships its list and images, never its masks
-            raise SplitMissing(f"split {split!r} has no masks: {mask_dir} not found; expected layout:\n{VOC_LAYOUT}")
+            raise SplitMissing(f"split {split!r} has no masks: {mask_dir} not found", VOC_LAYOUT)
         samples = [(self.root / "JPEGImages" / f"{i}.jpg", mask_dir / f"{i}.png") for i in ids]
         check_present([p for pair in samples for p in pair], list_file)
         super().__init__(samples, transform)
