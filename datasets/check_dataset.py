@@ -45,10 +45,11 @@ class ProblemPerSample(Dataset):
 
 
 def check_split(name: str, root: Path, split: str, workers: int) -> tuple[int, list[str], list[str]]:
-    """(samples read, problems, notes) for one split; a split that cannot even be listed is one problem,
-    one that is not there (or has no labels) one note."""
+    """(samples read, problems, notes) for one split: each missing or orphan file and each sample that
+    does not read is a problem; a split that cannot be listed is one problem, one that is not there
+    (or has no labels) one note."""
     try:
-        dataset = build_dataset(name, root, split)
+        dataset = build_dataset(name, root, split, strict=False)  # list what is missing, read the rest
     except SplitMissing as err:
         return 0, [], [f"{split}: {err.absent}"]  # what is absent; the layout is for errors
     except (DatasetError, FileNotFoundError) as err:
@@ -57,7 +58,7 @@ def check_split(name: str, root: Path, split: str, workers: int) -> tuple[int, l
     loader = DataLoader(ProblemPerSample(dataset), batch_size=None, num_workers=workers)
     # the bar only on a terminal: redrawn into a pipe or log file it is hundreds of lines of noise
     bar = tqdm(loader, desc=split, total=len(dataset), dynamic_ncols=True, disable=not sys.stderr.isatty())
-    problems = [problem for problem in bar if problem]
+    problems = dataset.problems + [problem for problem in bar if problem]
     return len(dataset), problems, []
 
 

@@ -24,6 +24,7 @@ def test_every_problem_is_listed_with_its_file(tmp_path, capsys):
                                 "range": (image, bad_label)})
     cut = tmp_path / "train" / "cut.jpg"
     cut.write_bytes(cut.read_bytes()[:200])
+    cv2.imwrite(str(tmp_path / "trainannot" / "lost.png"), label)  # a label without its image
     _camvid(tmp_path, "val", {"a": (image, label)})
     (tmp_path / "valannot" / "a.png").unlink()
     script = _script("check_dataset")
@@ -31,14 +32,17 @@ def test_every_problem_is_listed_with_its_file(tmp_path, capsys):
                         "--workers", "0"]) == 1
     lines = capsys.readouterr().out.splitlines()
     problems = [line for line in lines if line.startswith("problem: ")]
-    assert len(problems) == 4, lines
-    assert f"{cut} is truncated" in problems[0]
-    assert "range.png holds values [40]" in problems[1]  # samples are in file-name order
-    assert "small.jpg is 16x16 but its mask" in problems[2]
-    assert problems[3].startswith("problem: val: 1 file(s)") and "a.jpg" in problems[3]
+    expected = [  # a problem line starts so
+        f"problem: {tmp_path / 'trainannot' / 'lost.png'} has no matching image (matched by stem)",
+        f"problem: {cut} is truncated",  # the orphan did not stop the split's reading
+        f"problem: label {tmp_path / 'trainannot' / 'range.png'} holds values [40]",  # in file-name order
+        f"problem: image {tmp_path / 'train' / 'small.jpg'} is 16x16 but its mask",
+        f"problem: {tmp_path / 'val' / 'a.jpg'} has no matching label (matched by stem)",
+    ]
+    assert len(problems) == len(expected) and all(map(str.startswith, problems, expected)), lines
     assert [line for line in lines if line.startswith("note: ")] == [
         f"note: test: CamVid folder {tmp_path / 'test'} not found"]  # what is absent, without the layout
-    assert lines[-1] == f"camvid at {tmp_path}: 4 samples checked, 4 problem(s), 1 split(s) absent"
+    assert lines[-1] == f"camvid at {tmp_path}: 4 samples checked, 5 problem(s), 1 split(s) absent"
 
 
 def test_clean_dataset_passes_with_worker_processes(tmp_path, capsys):

@@ -70,6 +70,12 @@ def test_missing_listed_files_are_named(voc):
     (voc / "SegmentationClass" / "train_00003.png").unlink()
     with pytest.raises(DatasetError, match=r"2 file\(s\)(.|\n)*train_00001\.jpg(.|\n)*train_00003\.png"):
         SyntheticSegmentation(voc, "train")
+    lenient = SyntheticSegmentation(voc, "train", strict=False)  # as check_dataset reads a split
+    assert [image.stem for image, _ in lenient.samples] == ["train_00000", "train_00002"]
+    listed = voc / "ImageSets" / "Segmentation" / "train.txt"
+    assert lenient.problems == [f"{voc / 'JPEGImages' / 'train_00001.jpg'} is missing (listed by {listed})",
+                                f"{voc / 'SegmentationClass' / 'train_00003.png'} is missing (listed by {listed})"]
+    assert SyntheticSegmentation(voc, "val").problems == []
 
 
 def test_unreadable_image(voc):
@@ -126,6 +132,9 @@ def test_camvid_orphans_are_named(tmp_path):
     cv2.imwrite(str(root / "train" / "b.jpg"), np.zeros((8, 8, 3), np.uint8))
     with pytest.raises(DatasetError, match="no matching label .*b.jpg"):
         CamVid(root, "train")
+    lenient = CamVid(root, "train", strict=False)
+    assert lenient.samples == [(root / "train" / "a.png", root / "trainannot" / "a.png")]
+    assert lenient.problems == [f"{root / 'train' / 'b.jpg'} has no matching label (matched by stem)"]
     with pytest.raises(FileNotFoundError, match="valannot"):
         (root / "val").mkdir()
         CamVid(root, "val")
@@ -138,6 +147,9 @@ def test_cityscapes_missing_annotation(tmp_path):
     (tmp_path / "gtFine" / "val").mkdir(parents=True)  # present but empty; no gtFine/val at all is a withheld split
     with pytest.raises(DatasetError, match="1 annotation.*frankfurt_000000_000294_gtFine_labelIds.png"):
         Cityscapes(tmp_path, "val")
+    lenient = Cityscapes(tmp_path, "val", strict=False)
+    missing = tmp_path / "gtFine" / "val" / "frankfurt" / "frankfurt_000000_000294_gtFine_labelIds.png"
+    assert (lenient.samples, lenient.problems) == ([], [f"annotation {missing} is missing"])
     with pytest.raises(SplitMissing, match=r"^Cityscapes folder .*leftImg8bit/train not found; expected <root>/"):
         Cityscapes(tmp_path, "train")
     (tmp_path / "leftImg8bit" / "train").mkdir()

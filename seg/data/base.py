@@ -151,18 +151,13 @@ def list_ids(list_file: Path, layout: str) -> list[str]:
     return ids
 
 
-def check_present(paths: Sequence[Path], source: str) -> None:
-    """Raise naming the first few of ``paths`` that do not exist (listing each folder once)."""
+def missing_files(paths: Sequence[Path]) -> list[Path]:
+    """Those of ``paths`` that do not exist, in order (each folder is listed once: one stat per file
+    is slow on network filesystems)."""
     listings: dict[Path, set[str]] = {}
-    missing = []
-    for path in paths:
-        if path.parent not in listings:
-            folder = path.parent
-            listings[folder] = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
-        if path.name not in listings[path.parent]:
-            missing.append(str(path))
-    if missing:
-        raise DatasetError(f"{len(missing)} file(s) listed by {source} are missing, e.g. {missing[:MAX_LISTED]}")
+    for folder in {path.parent for path in paths}:
+        listings[folder] = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+    return [path for path in paths if path.name not in listings[path.parent]]
 
 
 def check_label_range(mask: np.ndarray, num_classes: int, path: Path) -> None:
@@ -186,9 +181,12 @@ class SegmentationDataset(Dataset):
     classes: tuple[str, ...] = ()
     palette: np.ndarray = np.zeros((0, 3), dtype=np.uint8)
 
-    def __init__(self, samples: list[tuple[Path, Path]], transform: TransformFn | None = None) -> None:
+    def __init__(self, samples: list[tuple[Path, Path]], transform: TransformFn | None = None,
+                 problems: Sequence[str] = ()) -> None:
         self.samples = samples
         self.transform = transform
+        # what a lenient listing (``strict=False``) left out: one line per missing or orphan file
+        self.problems = list(problems)
 
     @property
     def num_classes(self) -> int:

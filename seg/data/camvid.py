@@ -5,7 +5,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from seg.data.base import DatasetError, SegmentationDataset, SplitMissing, TransformFn, read_gray_png
+from seg.data.base import MAX_LISTED, DatasetError, SegmentationDataset, SplitMissing, TransformFn, read_gray_png
 from seg.data.palette import IGNORE_INDEX
 
 CAMVID_CLASSES = ("sky", "building", "pole", "road", "pavement", "tree", "sign_symbol", "fence", "car",
@@ -37,23 +37,29 @@ class CamVid(SegmentationDataset):
         root: folder holding ``<split>/`` and ``<split>annot/``.
         split: ``train``, ``val`` or ``test``.
         transform: optional ``transform(image, mask) -> (image, mask)``.
+        strict: refuse an image without a label or a label without an image; False leaves them out
+            and lists them in ``problems`` (``datasets/check_dataset.py`` reads the rest).
     """
 
     classes = CAMVID_CLASSES
     palette = CAMVID_PALETTE
 
-    def __init__(self, root: str | Path, split: str = "train", transform: TransformFn | None = None) -> None:
+    def __init__(self, root: str | Path, split: str = "train", transform: TransformFn | None = None,
+                 strict: bool = True) -> None:
         self.root, self.split = Path(root), split
         images = _stems(self.root / split, IMAGE_SUFFIXES)
         labels = _stems(self.root / f"{split}annot", (".png",))
         if not images:
             raise DatasetError(f"no images in {self.root / split}; expected {CAMVID_LAYOUT}")
+        problems = []
         for have, lack, what in ((images, labels, "label"), (labels, images, "image")):
             orphans = sorted(set(have) - set(lack))
-            if orphans:
+            if orphans and strict:
                 raise DatasetError(f"{len(orphans)} file(s) in {self.root} have no matching {what} "
-                                   f"(matched by stem), e.g. {[str(have[s]) for s in orphans[:5]]}")
-        super().__init__([(images[s], labels[s]) for s in sorted(images)], transform)
+                                   f"(matched by stem), e.g. {[str(have[s]) for s in orphans[:MAX_LISTED]]}")
+            problems += [f"{have[s]} has no matching {what} (matched by stem)" for s in orphans]
+        super().__init__([(images[s], labels[s]) for s in sorted(images.keys() & labels.keys())], transform,
+                         problems)
 
     def load_mask(self, index: int) -> np.ndarray:
         return cv2.LUT(read_gray_png(self.samples[index][1]), _VOID_TO_IGNORE)

@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 from cityscapesscripts.helpers.labels import labels as CITYSCAPES_LABELS
 
-from seg.data.base import DatasetError, SegmentationDataset, SplitMissing, TransformFn, read_gray_png
+from seg.data.base import MAX_LISTED, DatasetError, SegmentationDataset, SplitMissing, TransformFn, read_gray_png
 from seg.data.palette import IGNORE_INDEX
 
 IMAGE_SUFFIX = "_leftImg8bit.png"
@@ -58,13 +58,15 @@ class Cityscapes(SegmentationDataset):
         transform: optional ``transform(image, mask) -> (image, mask)``.
         target: ``labelIds`` maps raw ids through :data:`TRAIN_ID_LUT`; ``labelTrainIds`` reads the
             prepared PNGs; ``auto`` reads a prepared PNG where one exists and maps labelIds otherwise.
+        strict: refuse images without annotations; False leaves them out and lists them in
+            ``problems`` (``datasets/check_dataset.py`` reads the rest).
     """
 
     classes = CITYSCAPES_CLASSES
     palette = CITYSCAPES_PALETTE
 
     def __init__(self, root: str | Path, split: str = "train", transform: TransformFn | None = None,
-                 target: str = "auto") -> None:
+                 target: str = "auto", strict: bool = True) -> None:
         if target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
         self.root, self.split = Path(root), split
@@ -84,13 +86,14 @@ class Cityscapes(SegmentationDataset):
             wanted = label_ids if target == "labelIds" else train_ids
             if target == "auto" and not train_ids.is_file():
                 wanted = label_ids
-            if not wanted.is_file():
+            if wanted.is_file():
+                samples.append((image, wanted))
+            else:
                 missing.append(str(wanted))
-            samples.append((image, wanted))
-        if missing:
+        if missing and strict:
             raise DatasetError(f"{len(missing)} annotation(s) missing under {self.root / 'gtFine' / split}, "
-                               f"e.g. {missing[:5]}; expected {CITYSCAPES_LAYOUT}")
-        super().__init__(samples, transform)
+                               f"e.g. {missing[:MAX_LISTED]}; expected {CITYSCAPES_LAYOUT}")
+        super().__init__(samples, transform, [f"annotation {path} is missing" for path in missing])
 
     def load_mask(self, index: int) -> np.ndarray:
         path = self.samples[index][1]

@@ -30,12 +30,13 @@ DATASETS: dict[str, type[SegmentationDataset]] = {
 }
 
 
-def build_dataset(name: str, root: str | Path, split: str,
-                  transform: TransformFn | None = None) -> SegmentationDataset:
-    """Instantiate a dataset by name: one of ``voc``, ``cityscapes``, ``camvid``, ``synthetic``."""
+def build_dataset(name: str, root: str | Path, split: str, transform: TransformFn | None = None,
+                  strict: bool = True) -> SegmentationDataset:
+    """Instantiate a dataset by name: one of ``voc``, ``cityscapes``, ``camvid``, ``synthetic``.
+    ``strict=False`` lists missing and orphan files in ``dataset.problems`` instead of refusing them."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(DATASETS)}")
-    return DATASETS[name](root, split, transform)
+    return DATASETS[name](root, split, transform, strict=strict)
 
 
 class ContiguousSampler(Sampler[int]):

@@ -2,7 +2,8 @@
 
 from pathlib import Path
 
-from seg.data.base import SegmentationDataset, SplitMissing, TransformFn, check_present, list_ids
+from seg.data.base import (MAX_LISTED, DatasetError, SegmentationDataset, SplitMissing, TransformFn, list_ids,
+                            missing_files)
 from seg.data.palette import voc_palette
 
 VOC_CLASSES = (
@@ -33,12 +34,15 @@ class VOCSegmentation(SegmentationDataset):
         split: name of a list in ``ImageSets/Segmentation`` (``train``, ``val``, ``trainval``, ``train_aug``);
             ``train_aug`` reads its masks from ``SegmentationClassAug``.
         transform: optional ``transform(image, mask) -> (image, mask)``.
+        strict: refuse a list naming missing files; False leaves those samples out and lists them
+            in ``problems`` (``datasets/check_dataset.py`` reads the rest).
     """
 
     classes = VOC_CLASSES
     palette = voc_palette(len(VOC_CLASSES))
 
-    def __init__(self, root: str | Path, split: str = "train", transform: TransformFn | None = None) -> None:
+    def __init__(self, root: str | Path, split: str = "train", transform: TransformFn | None = None,
+                 strict: bool = True) -> None:
         self.root = find_voc_dir(root)
         self.split = split
         list_file = self.root / "ImageSets" / "Segmentation" / f"{split}.txt"
@@ -47,5 +51,10 @@ class VOCSegmentation(SegmentationDataset):
         if not mask_dir.is_dir():  # VOC's test split ships its list and images, never its masks
             raise SplitMissing(f"split {split!r} has no masks: {mask_dir} not found", VOC_LAYOUT)
         samples = [(self.root / "JPEGImages" / f"{i}.jpg", mask_dir / f"{i}.png") for i in ids]
-        check_present([p for pair in samples for p in pair], list_file)
-        super().__init__(samples, transform)
+        missing = missing_files([p for pair in samples for p in pair])
+        if missing and strict:
+            raise DatasetError(f"{len(missing)} file(s) listed by {list_file} are missing, "
+                               f"e.g. {[str(p) for p in missing[:MAX_LISTED]]}")
+        gone = set(missing)
+        samples = [pair for pair in samples if gone.isdisjoint(pair)]
+        super().__init__(samples, transform, [f"{p} is missing (listed by {list_file})" for p in missing])
