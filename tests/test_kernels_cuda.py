@@ -66,19 +66,29 @@ def test_block_forward_and_gradients_at_full_size(ops, shape, dtype, channels_la
     assert_fused_as_accurate(out, dtype)
 
 
+def deeplab_ca_measured_bn():
+    # Frozen at its init statistics, BN passes the head's bias alone: on the CPU the loss curves of a model
+    # with every CA gate removed and of the real one agreed to 5 digits. At measured statistics they
+    # differed by 0.87 in the first loss (squared gates: 0.6).
+    return with_measured_bn(deeplab_ca(), 4, 3, 128, 128)
+
+
 def test_bf16_channels_last_compiled_training_follows_reference(ops):
-    # BN frozen so the two curves can be compared (see train_losses); fullgraph: no graph break.
-    kwargs = dict(steps=5, size=256, batch=8, device=DEVICE, amp="bf16", channels_last=True, bn_eval=True,
-                  compile_backend="inductor")
-    reference = train_losses(deeplab_ca, False, **kwargs)
-    fused = train_losses(deeplab_ca, True, **kwargs)
-    assert reference[-1] < reference[0]
+    # BN frozen so the two curves can be compared (see train_losses); fullgraph: no graph break. Frozen
+    # measured statistics leave no BN to damp a step, so the rate is small: 3e-5 fell steadily on the CPU
+    # (1.30 to 1.14 in 5 steps at 128 px), where 3e-4 and above oscillated or diverged.
+    kwargs = dict(steps=5, size=256, batch=8, lr=3e-5, device=DEVICE, amp="bf16", channels_last=True,
+                  bn_eval=True, compile_backend="inductor")
+    reference = train_losses(deeplab_ca_measured_bn, False, **kwargs)
+    fused = train_losses(deeplab_ca_measured_bn, True, **kwargs)
+    assert reference[-1] < 0.95 * reference[0]  # it learns, so the curve carries information
     torch.testing.assert_close(torch.tensor(fused), torch.tensor(reference), atol=2e-2, rtol=2e-2)
 
 
 def test_bf16_channels_last_compiled_training_with_batch_statistics(ops):
-    # The paper's setting. With batch statistics only the first loss, before any update, can be
-    # matched (see train_losses); the rest must stay finite.
+    # The paper's setting, as a smoke test: compiled, bf16, full size, and finite. With batch statistics
+    # only the first loss, before any update, can be matched (see train_losses), and that loss is a weak
+    # check: on the CPU, removing every CA gate moved it by 0.2%. The curve comparison above is the real one.
     kwargs = dict(steps=5, size=512, batch=16, device=DEVICE, amp="bf16", channels_last=True,
                   compile_backend="inductor")
     reference = train_losses(deeplab_ca, False, **kwargs)
