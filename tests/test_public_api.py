@@ -1,7 +1,7 @@
 """The public paths users hold stay put when the package moves inside: ``import seg``, its
 top-level names, ``seg.config`` and ``seg.data``, the ``python -m`` commands, and checkpoints and
-hub folders saved by an earlier layout (``fixtures/flat_layout``, made by ``make.py`` there at
-commit 0b5e035, when every module sat directly in ``seg/``)."""
+hub folders saved by an earlier layout (``fixtures/flat_layout``, made by ``measure_bn.py`` then
+``make.py`` there at commit 0b5e035, when every module sat directly in ``seg/``)."""
 
 import runpy
 import sys
@@ -54,6 +54,13 @@ def test_python_m_commands_answer_help(command, monkeypatch, capsys):
     assert done.value.code == 0 and "usage:" in capsys.readouterr().out
 
 
+def assert_same_logits(got: torch.Tensor, expected: torch.Tensor) -> None:
+    # The logits reach 50 and differ by about as much between the two inputs (measure_bn.py). Float32
+    # is off float64 by 1e-5 of that scale here, and by other amounts on other CPUs' paths: the
+    # tolerance is a share of the scale, not a fixed atol.
+    torch.testing.assert_close(got, expected, atol=1e-4 * expected.abs().max().item(), rtol=0)
+
+
 @pytest.fixture(scope="module")
 def reference():
     return torch.load(FIXTURE / "outputs.pt", weights_only=True)
@@ -66,11 +73,11 @@ def test_a_checkpoint_of_the_flat_layout_loads_and_predicts_the_same(reference):
     ckpt = load_checkpoint(FIXTURE / "best.pt")
     model = model_from_checkpoint(ckpt, checkpoint_config(ckpt, "best.pt"), torch.device("cpu"))
     with torch.no_grad():
-        torch.testing.assert_close(model(reference["input"]), reference["logits"], atol=1e-4, rtol=1e-4)
+        assert_same_logits(model(reference["input"]), reference["logits"])
 
 
 @pytest.mark.parametrize("load", [seg.from_pretrained, smp.from_pretrained], ids=["seg", "smp"])
 def test_a_hub_folder_of_the_flat_layout_loads_and_predicts_the_same(load, reference):
     model = load(FIXTURE / "hub").eval()
     with torch.no_grad():
-        torch.testing.assert_close(model(reference["input"]), reference["logits"], atol=1e-4, rtol=1e-4)
+        assert_same_logits(model(reference["input"]), reference["logits"])
