@@ -93,7 +93,7 @@ class EncoderTester:
         if not self.check_compile:
             pytest.skip("covered by other encoders of the same family")
         # Dynamo tracing is what breaks on unsupported Python; inductor codegen only costs time.
-        encoder = self.build()
+        encoder = with_measured_bn(self.build(), 2, 3, SIZE, SIZE)  # features that depend on the input
         assert encoder._is_torch_compilable
         x = torch.randn(1, 3, SIZE, SIZE)
         with torch.no_grad():
