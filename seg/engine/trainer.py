@@ -25,7 +25,8 @@ from seg.evaluation.scoring import prepare_synthetic
 from seg.kernels import calibrate
 from seg.kernels.fast import optimize_for_inference
 from seg.modeling.models import model_from_config
-from seg.runs.checkpoint import CheckpointError, load_model_weights, restore_rng, save_checkpoint, unwrap_model
+from seg.runs.checkpoint import (CheckpointError, load_model_weights, restore_rng, save_checkpoint, saved_cpu_paths,
+                                 unwrap_model)
 from seg.runs.rundir import BEST, LAST, LOG, RunDirError, append_metrics, begin_run, log_to_file
 from seg.runs.start import StartPlan, started
 from seg.runs.tracking import Tracker
@@ -117,7 +118,7 @@ def resume_state(ckpt: dict, state: TrainState) -> None:
         state.scaler.load_state_dict(ckpt["scaler"])
     state.iteration, state.best_miou = ckpt["iteration"], ckpt["best_miou"]
     restore_rng(ckpt["rng"])
-    calibrate.adopt((ckpt["extra"] or {}).get("cpu_paths", {}))
+    calibrate.adopt(saved_cpu_paths(ckpt))
     log.info("resumed at iteration %d (best mIoU %.4f)", state.iteration, state.best_miou)
 
 

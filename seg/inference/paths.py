@@ -23,6 +23,7 @@ from seg.kernels import HAS_TRITON, calibrate
 from seg.kernels.fast import optimize_for_inference, use_fused
 from seg.modeling.attention import CoordAttention
 from seg.modeling.models import model_from_checkpoint
+from seg.runs.checkpoint import saved_cpu_paths
 
 REFERENCE, LEAN, GRAPHS, FUSED_GRAPHS = "reference", "lean", "graphs", "fused+graphs"
 
@@ -59,5 +60,5 @@ def inference_model(ckpt: dict, cfg: Config, device: torch.device) -> tuple[nn.M
     shape (saved in the checkpoint), so evaluating best.pt repeats its validation to the last bit;
     shapes it did not see are timed afresh (:mod:`seg.kernels.calibrate`).
     """
-    calibrate.adopt((ckpt.get("extra") or {}).get("cpu_paths", {}))
+    calibrate.adopt(saved_cpu_paths(ckpt))
     return prepare_inference(model_from_checkpoint(ckpt, cfg, device, fast=False), device, cfg.eval.fast)

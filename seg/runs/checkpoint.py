@@ -186,6 +186,12 @@ def checkpoint_config(ckpt: dict, path: str | Path = "checkpoint") -> Config:
     return config_from_dict(ckpt["config"], ckpt.get("config_version", 1), f"config stored in {path}")
 
 
+def saved_cpu_paths(ckpt: Mapping[str, Any]) -> dict:
+    """The CA CPU-path choices (:func:`seg.kernels.calibrate.choices`) stored with the checkpoint's
+    validation; empty for checkpoints from before they were stored, or saved without a validation."""
+    return (ckpt.get("extra") or {}).get("cpu_paths", {})
+
+
 def _listed(items: list[str]) -> str:
     more = f" ... and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else ""
     return ", ".join(items[:MAX_LISTED]) + more
