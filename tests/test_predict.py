@@ -1,6 +1,7 @@
 """predict_seg.py and seg.Predictor on a tiny trained synthetic run (CPU): equal to eval_seg --save-dir,
 folders with bad files, videos, ONNX, and the user errors."""
 
+import shutil
 from pathlib import Path
 
 import cv2
@@ -33,8 +34,28 @@ def run_args(root: Path) -> list[str]:
     ]
 
 
+def _balance_head(checkpoint: Path, images: list[np.ndarray], mode: str) -> None:
+    """Set the head's bias so that every class has the same mean logit over ``images`` in ``mode``.
+
+    Then no class can win every pixel unless all tie there, so the masks hold several classes and a
+    comparison of masks means something. One bias cannot do this for both modes: sliding windows see
+    features of their own, and a bias balanced over both left the whole-image masks one class on
+    some CPUs."""
+    features = []
+    predictor = Predictor.from_checkpoint(checkpoint, device="cpu", mode=mode)
+    hook = predictor.model.segmentation_head[0].register_forward_hook(
+        lambda module, args, output: features.append(args[0].mean((0, 2, 3))))
+    predictor.predict_batch(images)
+    hook.remove()
+    ckpt = load_checkpoint(checkpoint)
+    weight = ckpt["model"]["segmentation_head.0.weight"]
+    ckpt["model"]["segmentation_head.0.bias"] = -(weight.flatten(1) @ torch.stack(features).mean(0))
+    torch.save(ckpt, checkpoint)
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
+    """A trained run whose best.pt is balanced for whole-image inference, and best_slide.pt for sliding windows."""
     out = tmp_path_factory.mktemp("run")
     root = tmp_path_factory.mktemp("data")
     assert train_seg.main(["--out", str(out), *run_args(root)]) == 0
@@ -44,21 +65,10 @@ def run(tmp_path_factory) -> Path:
     model = model_from_checkpoint(ckpt, checkpoint_config(ckpt, "best.pt"), torch.device("cpu"))
     ckpt["model"] = with_measured_bn(model, 2, 3, 32, 32).state_dict()
     torch.save(ckpt, out / "best.pt")
-    # Two iterations leave one class ahead everywhere, and a constant mask would match anything: the head's
-    # bias is set so that every class has the same mean logit over the val images' decoder features, taken
-    # in both inference modes (sliding windows see features of their own), so several classes win somewhere.
+    shutil.copyfile(out / "best.pt", out / "best_slide.pt")
     images = [_rgb(path) for path, _ in build_dataset("synthetic", root, "val").samples]
-    features = []
-    for mode in ("whole", "slide"):
-        predictor = Predictor.from_checkpoint(out / "best.pt", device="cpu", mode=mode)
-        hook = predictor.model.segmentation_head[0].register_forward_hook(
-            lambda module, args, output: features.append(args[0].mean((0, 2, 3))))
-        predictor.predict_batch(images)
-        hook.remove()
-    ckpt = load_checkpoint(out / "best.pt")
-    weight = ckpt["model"]["segmentation_head.0.weight"]
-    ckpt["model"]["segmentation_head.0.bias"] = -(weight.flatten(1) @ torch.stack(features).mean(0))
-    torch.save(ckpt, out / "best.pt")
+    _balance_head(out / "best.pt", images, "whole")
+    _balance_head(out / "best_slide.pt", images, "slide")
     return out
 
 
@@ -81,7 +91,7 @@ def _rgb(path: Path) -> np.ndarray:
 
 @pytest.mark.parametrize("mode", ["whole", "slide"])
 def test_masks_equal_eval_save_dir(run, val_images, tmp_path, capsys, mode):
-    argv = ["--checkpoint", str(run / "best.pt"), "--mode", mode]
+    argv = ["--checkpoint", str(run / ("best.pt" if mode == "whole" else "best_slide.pt")), "--mode", mode]
     assert eval_seg.main([*argv, "--save-dir", str(tmp_path / "eval")]) == 0
     code, out, _ = _predict([*argv, "--batch", "2", *map(str, val_images), "--out", str(tmp_path / "pred")], capsys)
     assert code == 0 and "predicted 3 image(s)" in out
