@@ -20,6 +20,8 @@ import eval_seg
 import seg
 import seg.export.onnx as export
 import train_seg
+from seg.data import DatasetError
+from seg.engine import trainer
 from seg.errors import USER_ERRORS, UserError, print_user_error
 from seg.modeling.hub import HubError
 from seg.modeling.models import build_model
@@ -64,6 +66,28 @@ def test_a_set_smaller_than_one_batch_is_refused_before_the_run_writes_anything(
     code = train_seg.main(["--out", str(run), *run_args(tiny_synthetic, "data.batch_size=1000")])
     one_error(capsys, code, "the training set has 4 samples, fewer than one batch of 1000")
     assert not run.exists() or sorted(p.name for p in run.iterdir()) == []
+
+
+@pytest.mark.parametrize("bad_at", [1, 2], ids=["first validation", "after a checkpoint"])
+def test_a_file_gone_bad_mid_run_says_how_to_go_on_and_that_works(bad_at, tiny_synthetic, tmp_path, capsys,
+                                                                    monkeypatch):
+    run, real, validations = tmp_path / "run", trainer.evaluate, []
+
+    def evaluate(*args, **kwargs):  # validation `bad_at` meets a val image that went bad during the run
+        validations.append(1)
+        if len(validations) == bad_at:
+            raise DatasetError(f"cannot read image {tiny_synthetic / 'x.jpg'}: not an image file")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "evaluate", evaluate)
+    code = train_seg.main(["--out", str(run), *run_args(tiny_synthetic)])
+    line = one_error(capsys, code, "x.jpg: not an image file")
+    hint = f"; once the data is fixed, --resume --out {run} continues from {run / 'last.pt'}"
+    assert line.endswith(hint) == (bad_at == 2)  # before the first checkpoint, rerunning is all there is
+    monkeypatch.setattr(trainer, "evaluate", real)
+    again = ["--resume", "--out", str(run)] if bad_at == 2 else ["--out", str(run), *run_args(tiny_synthetic)]
+    assert train_seg.main(again) == 0
+    assert [json.loads(r)["iter"] for r in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 
 # --- eval --------------------------------------------------------------------------------------------
