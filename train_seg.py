@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
             print_summary(run_dir, state.best_miou)
         return 0
     except USER_ERRORS as err:  # one clear line, no traceback
-        if isinstance(err, DatasetError) and run_dir is not None and (run_dir / LAST).is_file():
+        # not under --overwrite: a last.pt there may be the run this command was asked to discard
+        if isinstance(err, DatasetError) and run_dir is not None and (run_dir / LAST).is_file() and not args.overwrite:
             err = with_resume_hint(err, run_dir)
         return print_user_error(err)
     except RuntimeError as err:
