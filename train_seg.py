@@ -18,12 +18,11 @@ import sys
 from pathlib import Path
 
 from seg.config.cli import HelpFormatter, add_start_arguments, parse_with_overrides
-from seg.data import DatasetError
 from seg.engine.trainer import run_training
 from seg.errors import USER_ERRORS, print_user_error
 from seg.evaluation.metrics import iou_table
 from seg.runs.rundir import LAST, METRICS
-from seg.runs.start import plan_start
+from seg.runs.start import plan_start, with_resume_hint
 from seg.utils.distributed import cleanup, init_distributed, is_peer_failure, setup_logging
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
@@ -54,14 +53,9 @@ def peer_failure_message(err: RuntimeError, rank: int, run_dir: Path, timeout_s:
             f"{run_dir / LAST}; by hand: torchrun ... train_seg.py --resume --out {run_dir}")
 
 
-def with_resume_hint(err: DatasetError, run_dir: Path) -> DatasetError:
-    """A bad file met after the run checkpointed: say that fixing it and resuming loses nothing more."""
-    return DatasetError(f"{err}; once the data is fixed, --resume --out {run_dir} continues from {run_dir / LAST}")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    dist, run_dir = None, None
+    dist, plan = None, None
     try:
         setup_logging()  # seg.engine.trainer adds RUN_DIR/train.log once the start is accepted
         plan = plan_start(args.out, args.config, args.overrides, args.resume, args.overwrite, DEFAULT_CONFIG)
@@ -72,10 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             print_summary(run_dir, state.best_miou)
         return 0
     except USER_ERRORS as err:  # one clear line, no traceback
-        # not under --overwrite: a last.pt there may be the run this command was asked to discard
-        if isinstance(err, DatasetError) and run_dir is not None and (run_dir / LAST).is_file() and not args.overwrite:
-            err = with_resume_hint(err, run_dir)
-        return print_user_error(err)
+        return print_user_error(with_resume_hint(err, plan))
     except RuntimeError as err:
         if dist is None or not dist.distributed or not is_peer_failure(err):
             raise

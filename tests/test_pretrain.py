@@ -163,6 +163,28 @@ def test_a_segmentation_set_is_refused_in_one_line(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_file_gone_bad_after_a_checkpoint_says_how_to_resume_and_that_works(tmp_path, capsys, monkeypatch):
+    from seg.data import DatasetError
+    from seg.engine import pretrainer
+
+    argv, run, real, validations = tiny(tmp_path / "data"), tmp_path / "run", pretrainer.evaluate_topk, []
+
+    def evaluate_topk(*args, **kwargs):  # the second validation meets a val image that went bad
+        validations.append(1)
+        if len(validations) == 2:
+            raise DatasetError(f"cannot read image {tmp_path / 'x.jpg'}: not an image file")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pretrainer, "evaluate_topk", evaluate_topk)
+    assert pretrain.main(["--out", str(run), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: cannot read image") and err.endswith(
+        f"; once the data is fixed, --resume --out {run} continues from {run / 'last.pt'}")
+    monkeypatch.setattr(pretrainer, "evaluate_topk", real)
+    assert pretrain.main(["--resume", "--out", str(run)]) == 0
+    assert [json.loads(r)["iter"] for r in (run / "metrics.jsonl").read_text().splitlines()] == [2, 4]
+
+
 @pytest.mark.slow  # a system test of the tool: five training runs
 def test_transfer_tool_pretrains_once_and_fine_tunes_both_starts_per_seed(tmp_path, capsys):
     """The mechanics of seg.tools.transfer (its figure is quoted from a real run, not asserted here:

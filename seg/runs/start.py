@@ -27,6 +27,7 @@ from typing import Iterator, Literal, Union
 import torch
 
 from seg.config import Config, ConfigError, load_config
+from seg.data.base import DatasetError
 from seg.runs.rundir import LAST, check_start, locked, resume_config
 from seg.utils.distributed import DistInfo, max_restarts, restart_count
 
@@ -139,6 +140,18 @@ def decide_start(stack: ExitStack, plan: StartPlan, dist: DistInfo) -> dict | No
     if refusal is not None:
         raise refusal
     return resumed
+
+
+def with_resume_hint(err: BaseException, plan: StartPlan | None) -> BaseException:
+    """``err``, ending with the resume command where a bad data file stopped a run that has a
+    ``last.pt`` to go on from: fixing the file and resuming then loses only the iterations since it.
+
+    Not under ``--overwrite``, where a ``last.pt`` may be the run the command was to discard.
+    """
+    if not isinstance(err, DatasetError) or plan is None or plan.overwrite or not (plan.run_dir / LAST).is_file():
+        return err
+    return DatasetError(f"{err}; once the data is fixed, --resume --out {plan.run_dir} continues from "
+                        f"{plan.run_dir / LAST}")
 
 
 @contextmanager

@@ -20,7 +20,7 @@ from seg.config.cli import HelpFormatter, add_start_arguments, parse_with_overri
 from seg.engine.pretrainer import ENCODER_FILE, run_pretraining
 from seg.errors import USER_ERRORS, print_user_error
 from seg.runs.rundir import METRICS
-from seg.runs.start import plan_start
+from seg.runs.start import plan_start, with_resume_hint
 from seg.utils.distributed import process_group, setup_logging
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "pretrain" / "synthetic.yaml"
@@ -45,6 +45,7 @@ def print_summary(run_dir: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
+    plan = None
     try:
         plan = plan_start(args.out, args.config, args.overrides, args.resume, args.overwrite, DEFAULT_CONFIG)
         with process_group(plan.config.train.dist_timeout_s) as dist:
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
                 print_summary(plan.run_dir)
         return 0
     except USER_ERRORS as err:
-        return print_user_error(err)
+        return print_user_error(with_resume_hint(err, plan))
 
 
 if __name__ == "__main__":
