@@ -1,4 +1,5 @@
-"""Shared fixtures: paths to the optional real data beside the repo, and a CA block with BN statistics."""
+"""Shared fixtures: paths to the optional real data beside the repo, a CA block with BN statistics,
+models at measured BN statistics, and comparisons at an output's scale."""
 
 import gc
 import os
@@ -51,6 +52,19 @@ def ca_with_bn_stats(channels: int = 16, inplace: bool = False):
         block.bn1.weight.uniform_(0.5, 1.5)
         block.bn1.bias.uniform_(-0.5, 0.5)
     return block.eval()
+
+
+def assert_close_at_scale(got, expected, share: float = 1e-4, name: str | None = None) -> None:
+    """``got`` equals ``expected`` to a ``share`` of ``expected``'s largest |value| (tensors or arrays);
+    ``name`` prefixes the failure message.
+
+    For outputs computed in another summation order (another process, CPU path or kernel): their
+    rounding error grows with the output's scale, not with each element's size, while a wrong weight
+    or layer moves them by a percent or more of that scale. A fixed atol is either too tight for
+    large outputs or too loose for small ones."""
+    got, expected = torch.as_tensor(got), torch.as_tensor(expected)
+    torch.testing.assert_close(got, expected, atol=share * expected.abs().max().item(), rtol=0,
+                               msg=(lambda message: f"{name}: {message}") if name else None)
 
 
 def with_measured_bn(model: torch.nn.Module, *input_shape: int, seed: int = 0) -> torch.nn.Module:

@@ -90,7 +90,6 @@ def test_a_file_gone_bad_mid_run_says_how_to_go_on_and_that_works(bad_at, tiny_s
     assert [json.loads(r)["iter"] for r in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 
-
 def test_a_bad_file_under_overwrite_does_not_point_at_the_run_it_was_to_discard(tiny_synthetic, tmp_path, capsys):
     root, run = shutil.copytree(tiny_synthetic, tmp_path / "data"), tmp_path / "run"
     assert train_seg.main(["--out", str(run), *run_args(root)]) == 0
