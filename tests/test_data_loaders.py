@@ -7,6 +7,7 @@ import torch.distributed as dist
 from torch.utils.data import DistributedSampler
 
 from seg.data import ContiguousSampler, build_dataset, build_loader, make_synthetic
+from seg.data.sampling import ResumableSampler
 from seg.data.transforms import build_eval_transform, build_train_transform
 
 
@@ -41,6 +42,22 @@ def test_workers_draw_different_augmentations():
     loader = build_loader(_Same(build_train_transform(24, seed=0)), batch_size=1, train=True, num_workers=2, seed=0)
     (first, _), (second, _) = [batch for _, batch in zip(range(2), loader)]  # one batch from each worker
     assert not torch.equal(first, second)
+
+
+def test_every_sample_of_every_epoch_and_rank_draws_its_own_augmentation_seed():
+    samplers = [ResumableSampler(range(10), num_replicas=2, rank=rank, seed=3) for rank in (0, 1)]
+    seeds = []
+    for epoch in (0, 1, 2):
+        for sampler in samplers:
+            sampler.set_position(epoch, 0)
+            seeds += [seed for _, seed in sampler]
+    assert len(seeds) == 3 * 10 and len(set(seeds)) == len(seeds)
+    # and a resumed epoch draws exactly what the uninterrupted one drew from that position on
+    sampler = samplers[1]
+    sampler.set_position(2, 0)
+    whole = list(sampler)
+    sampler.set_position(2, 3)
+    assert list(sampler) == whole[3:]
 
 
 def test_contiguous_sampler_splits_without_padding():

@@ -2,8 +2,14 @@
 
 import numpy as np
 import torch
+from torchvision.models import MobileNet_V2_Weights
 
-from seg.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform, build_train_transform
+from seg.data.transforms import build_eval_transform, build_train_transform
+
+# The oracle for normalisation: torchvision's ImageNet weights were trained on inputs normalised so,
+# and an ImageNet-pretrained encoder must see its inputs as it did then.
+_IMAGENET = MobileNet_V2_Weights.IMAGENET1K_V1.transforms()
+IMAGENET_MEAN, IMAGENET_STD = _IMAGENET.mean, _IMAGENET.std
 
 
 def _pair(rng, height=40, width=50, labels=(0, 3, 7, 255)):
