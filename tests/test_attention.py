@@ -104,6 +104,29 @@ def test_factory_rejects_unknown_name_listing_valid_ones():
         make_attention("eca", 64)
 
 
+def test_se_and_cbam_compute_their_papers_equations():
+    """SE (Hu et al., eq. 2-3): x * sigmoid(W2 relu(W1 avg(x))). CBAM (Woo et al., eq. 2-3): channel gate
+    sigmoid(MLP(avg(x)) + MLP(max(x))), then spatial gate sigmoid(conv7x7([mean_c; max_c])) on the result.
+    Written out with the blocks' own weights; the input's spikes keep each max apart from its mean."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 32, 5, 7)
+    x[:, :, 1, 2] += 6.0
+
+    def mlp(fc: nn.Sequential, v: torch.Tensor) -> torch.Tensor:
+        hidden = torch.relu(torch.einsum("hc,nc->nh", fc[0].weight[:, :, 0, 0], v) + fc[0].bias)
+        return torch.einsum("ch,nh->nc", fc[2].weight[:, :, 0, 0], hidden) + fc[2].bias
+
+    se, cbam = SqueezeExcite(32), CBAM(32)
+    with torch.no_grad():
+        expected_se = x * torch.sigmoid(mlp(se.fc, x.mean((2, 3))))[:, :, None, None]
+        gated = x * torch.sigmoid(mlp(cbam.mlp, x.mean((2, 3))) + mlp(cbam.mlp, x.amax((2, 3))))[:, :, None, None]
+        pooled = torch.stack([gated.mean(1), gated.amax(1)], dim=1)
+        expected_cbam = gated * torch.sigmoid(nn.functional.conv2d(pooled, cbam.spatial.weight, cbam.spatial.bias,
+                                                                   padding=3))
+        torch.testing.assert_close(se(x), expected_se)
+        torch.testing.assert_close(cbam(x), expected_cbam)
+
+
 def test_gates_keep_values_bounded_by_input():
     # Every gate lies in (0, 1), so |out| <= |in| elementwise.
     x = torch.randn(2, 32, 6, 6)

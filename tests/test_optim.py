@@ -26,6 +26,22 @@ def test_unknown_optimiser_is_named():
         build_optimizer(nn.Linear(2, 2), "adam", 0.1)
 
 
+def test_poly_schedule_warms_up_linearly_from_a_tenth_then_decays_with_power_0_9():
+    """optim.schedule=poly (the default): lr * (0.1 + 0.9 * t / W) for t < W, then lr * (1 - t / T)^0.9."""
+    from seg.engine.optim import build_scheduler
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=0.01)
+    scheduler = build_scheduler(optimizer, total_iters=10, warmup_iters=4)
+    got = [optimizer.param_groups[0]["lr"]]
+    for _ in range(10):
+        optimizer.step()  # no gradient, no change: only the order torch expects
+        scheduler.step()
+        got.append(optimizer.param_groups[0]["lr"])
+    want = [0.01 * (0.1 + 0.9 * t / 4) for t in range(4)] + [0.01 * (1 - t / 10) ** 0.9 for t in range(4, 11)]
+    assert got == pytest.approx(want, abs=1e-12) and got[-1] == 0.0
+
+
 def test_cosine_schedule_by_iteration_matches_the_formula_and_resumes():
     """optim.schedule=cosine: linear warm-up from 0.1x, then 0.5 * lr * (1 + cos(pi * t / T)), hand-computed."""
     import math
