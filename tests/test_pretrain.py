@@ -8,7 +8,7 @@ import pytest
 import segmentation_models_pytorch as smp
 import torch
 
-from conftest import with_measured_bn
+from conftest import assert_close_at_scale, with_measured_bn
 from seg.config import load_config
 from seg.engine import trainer
 from seg.engine.pretrainer import ENCODER_FILE, build_classifier
@@ -75,6 +75,20 @@ def test_warm_start_computes_the_plain_network_and_every_attention_parameter_lea
         optimizer.step()
     unmoved = [n for n, p in params.items() if (p - start[n]).abs().max() < 1e-6]
     assert not unmoved, unmoved
+
+
+@pytest.mark.parametrize("encoder", ["mobilenet_v2_ca", "mobilenet_v2_se", "mobilenet_v2_cbam", "resnet50_cbam"])
+def test_identity_warm_start_holds_at_any_gate_bias(encoder, tmp_path):
+    # At the default bias 0 every gate is 0.5 and CBAM's two gates (sigmoid(2b), sigmoid(b)) are equal,
+    # so a wrong fold factor could pass there; at 1.5 they are 0.95 and 0.82.
+    plain, _, _ = plain_checkpoint(tmp_path / "plain.pth", encoder.rsplit("_", 1)[0])
+    model = smp.encoders.get_encoder(encoder, weights=None)
+    load_encoder_weights(model, tmp_path / "plain.pth")
+    assert identity_warm_start(model, bias=1.5) == 16  # expanded MobileNetV2 blocks, or ResNet-50 bottlenecks
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        for level, (got, want) in enumerate(zip(model.eval()(x), plain(x))):
+            assert_close_at_scale(got, want, name=f"feature {level}")
 
 
 def test_warm_start_refuses_an_encoder_without_attention():
