@@ -58,3 +58,17 @@ def test_eval_keeps_image_and_labels():
     np.testing.assert_array_equal(y.numpy(), mask)
     expected = (image[5, 6] / 255.0 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
     np.testing.assert_allclose(x[:, 5, 6].numpy(), expected, atol=1e-5)
+
+
+def test_train_rescales_within_the_scale_range():
+    # a 10x10 image labelled 3 throughout, padded into a 48 px crop: the label covers (10 * factor)^2 pixels
+    image, mask = np.zeros((10, 10, 3), np.uint8), np.full((10, 10), 3, np.uint8)
+
+    def area(scale, seed=0):
+        _, y = build_train_transform(48, scale=scale, hflip=False, seed=seed)(image, mask)
+        return int((y == 3).sum())
+
+    assert area((0.5, 0.5)) == 25 and area((2.0, 2.0)) == 400
+    areas = [area((0.5, 2.0), seed) for seed in range(40)]
+    assert min(areas) >= 25 and max(areas) <= 400
+    assert min(areas) < 60 and max(areas) > 300  # both ends of the range are drawn
