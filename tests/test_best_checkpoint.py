@@ -1,5 +1,6 @@
 """Which validation best.pt holds: the first with the highest score (mIoU, or top-1 when pretraining),
-replaced only on a strict improvement, with a validation at the last iteration even off the interval."""
+replaced only on a strict improvement (a resume included), with a validation at the last iteration even off the
+interval."""
 
 import json
 
@@ -36,3 +37,14 @@ def test_pretraining_keeps_the_best_top1_whatever_top5_does(tmp_path, monkeypatc
     assert [m["iter"] for m in _metrics(run)] == [2, 4]
     best = load_checkpoint(run / "best.pt")
     assert (best["iteration"], best["best_miou"]) == (2, 0.5)
+
+
+def test_a_resumed_run_keeps_the_best_score_it_had(tiny_synthetic, tmp_path, monkeypatch):
+    scores, real = iter([0.6, 0.4]), trainer.evaluate
+    monkeypatch.setattr(trainer, "evaluate", lambda *a, **k: {**real(*a, **k), "miou": next(scores)})
+    run, args = tmp_path / "run", [*run_args(tiny_synthetic), "train.eval_interval=2"]
+    assert train_seg.main(["--out", str(run), *args, "train.iters=2"]) == 0
+    assert train_seg.main(["--resume", "--out", str(run), *args, "train.iters=4"]) == 0  # 0.4 at iteration 4
+    best, last = load_checkpoint(run / "best.pt"), load_checkpoint(run / "last.pt")
+    assert (best["iteration"], best["best_miou"]) == (2, 0.6)
+    assert (last["iteration"], last["best_miou"]) == (4, 0.6)
