@@ -90,6 +90,21 @@ def test_predict_skips_and_counts(case, ckpt, tmp_path, capsys):
         assert cv2.imread(str(tmp_path / "masks" / "x_color.png")).shape == (40, 40, 3)
 
 
+def test_a_video_frames_folder_counts_among_its_outputs(tmp_path):
+    from seg.inference.inputs import collect_inputs
+
+    (tmp_path / "in" / "clip").mkdir(parents=True)
+    (tmp_path / "in" / "clip.mp4").write_bytes(b"")
+    (tmp_path / "in" / "clip" / "clip_000000.png").write_bytes(b"")  # where clip.mp4's first frame goes
+    items, skipped = collect_inputs([str(tmp_path / "in")], tmp_path / "out", save_frames=True)
+    assert [i.path.name for i in items] == ["clip_000000.png"]
+    assert [(s.path.name, s.reason) for s in skipped] == [
+        ("clip.mp4", f"its output {Path('clip/clip_000000.png')} would overwrite that of "
+                     f"{tmp_path / 'in' / 'clip' / 'clip_000000.png'}")]
+    items, skipped = collect_inputs([str(tmp_path / "in")], tmp_path / "out")  # no frames, no clash
+    assert len(items) == 2 and not skipped
+
+
 def bad_card(source: Path, target: Path, key: str, raw: str) -> Path:
     """A copy of ONNX model ``source`` whose metadata ``key`` holds the text ``raw``."""
     model = onnx.load(str(source))
