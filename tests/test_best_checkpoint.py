@@ -16,10 +16,15 @@ def _metrics(run) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+def _scripted_miou(monkeypatch, *scores: float) -> None:
+    """Validations score ``scores`` in turn (the rest of each record is real)."""
+    real, script = trainer.evaluate, iter(scores)
+    monkeypatch.setattr(trainer, "evaluate", lambda *a, **k: {**real(*a, **k), "miou": next(script)})
+
+
 def test_best_pt_holds_the_highest_miou_and_the_last_iteration_is_validated(tiny_synthetic, tmp_path, monkeypatch):
     # scripted scores: 0.58 comes last and close to the best, but below it; so does 0.5 earlier
-    scores, real = iter([0.5, 0.6, 0.58]), trainer.evaluate
-    monkeypatch.setattr(trainer, "evaluate", lambda *a, **k: {**real(*a, **k), "miou": next(scores)})
+    _scripted_miou(monkeypatch, 0.5, 0.6, 0.58)
     run = tmp_path / "run"
     argv = ["--out", str(run), *run_args(tiny_synthetic), "train.iters=5", "train.eval_interval=2"]
     assert train_seg.main(argv) == 0
@@ -40,8 +45,7 @@ def test_pretraining_keeps_the_best_top1_whatever_top5_does(tmp_path, monkeypatc
 
 
 def test_a_resumed_run_keeps_the_best_score_it_had(tiny_synthetic, tmp_path, monkeypatch):
-    scores, real = iter([0.6, 0.4]), trainer.evaluate
-    monkeypatch.setattr(trainer, "evaluate", lambda *a, **k: {**real(*a, **k), "miou": next(scores)})
+    _scripted_miou(monkeypatch, 0.6, 0.4)
     run, args = tmp_path / "run", [*run_args(tiny_synthetic), "train.eval_interval=2"]
     assert train_seg.main(["--out", str(run), *args, "train.iters=2"]) == 0
     assert train_seg.main(["--resume", "--out", str(run), *args, "train.iters=4"]) == 0  # 0.4 at iteration 4

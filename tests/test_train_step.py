@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-
 from torch import nn
 
 import seg.engine.loop as engine
