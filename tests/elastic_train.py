@@ -17,6 +17,7 @@ import torch
 
 import seg.engine.trainer
 import train_seg
+from seg.utils.atomic import write_atomic
 
 
 def install_fault(spec: str, pids: Path | None) -> None:
@@ -30,7 +31,7 @@ def install_fault(spec: str, pids: Path | None) -> None:
         calls += 1
         if calls == int(nth):
             if pids is not None:
-                (pids / "fault.time").write_text(str(time.time()))
+                write_atomic(pids / "fault.time", str(time.time()).encode())
             os.kill(os.getpid(), signal.SIGKILL if action == "kill" else signal.SIGSTOP)
         return real(*args, **kwargs)
 
@@ -41,7 +42,8 @@ def main() -> int:
     torch.set_num_threads(1)
     pids = Path(os.environ["ELASTIC_PIDS"]) if os.environ.get("ELASTIC_PIDS") else None
     if pids is not None:
-        (pids / f"rank{os.environ['RANK']}.pid").write_text(str(os.getpid()))
+        # whole or absent: the test polls for this file and reads it the moment it appears
+        write_atomic(pids / f"rank{os.environ['RANK']}.pid", str(os.getpid()).encode())
     if os.environ.get("ELASTIC_FAULT"):
         install_fault(os.environ["ELASTIC_FAULT"], pids)
     return train_seg.main(sys.argv[1:])
