@@ -15,6 +15,10 @@ import torch
 # about as fast, two processes could choose differently. So every process of the suite, children
 # included, runs the kernels; test_calibrate.py checks the timing choice with a fake clock.
 os.environ.setdefault("SEG_CPU_KERNELS", "1")
+# The child processes the system tests start (the report's parts, torchrun's workers) use one
+# thread, like the tests (below). With the other xdist worker busy, a second OpenMP thread often
+# waits for a core, and every parallel region waits for it while its peer spins.
+os.environ["OMP_NUM_THREADS"] = "1"
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -30,6 +34,11 @@ def shared_path(*parts: str) -> Path:
 
 
 def pytest_collection_modifyitems(config, items):
+    # xdist (--dist loadscope) hands a worker one module at a time, in this order. The modules with
+    # system tests take up to two minutes each; run last, one of them kept a worker busy for a minute
+    # after the other had finished. So they go first, and the many quick modules even out the end.
+    system = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in system)  # stable: a module's tests keep their order
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
