@@ -35,7 +35,7 @@ def ddp_args(root: Path, *extra: str) -> list[str]:
 
 def launch(launcher: list[str], argv: list, fault: str | None = None, pids: Path | None = None,
            env: dict | None = None) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "ELASTIC_FAULT": fault or "",
+    env = {**os.environ, "PYTHONPATH": str(REPO), "ELASTIC_FAULT": fault or "",
            "ELASTIC_PIDS": str(pids or ""), **(env or {})}
     return subprocess.Popen([*launcher, str(WORKER), *map(str, argv)], env=env, cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -37,7 +37,7 @@ class Forker:
     """Talks to one ``fork_train.py`` process: each ``run`` forks a child and waits for it."""
 
     def __init__(self, logs: Path) -> None:
-        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
         self.proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "fork_train.py")], env=env,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.logs, self.count = logs, 0

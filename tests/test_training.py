@@ -235,7 +235,7 @@ def test_ddp_two_cpu_ranks_end_with_identical_parameters(tmp_path, data_root):
     )
     # 2 per rank: without SyncBatchNorm (CPU) the ASPP's pooled BN needs two samples per process
     overrides = tiny_overrides(data_root, iters=4) + ["data.batch_size=4"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
     # --standalone: the launcher picks a free port, so parallel runs cannot collide
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                     "--standalone", str(script), str(tmp_path), *overrides], check=True, env=env, cwd=tmp_path, timeout=300)
