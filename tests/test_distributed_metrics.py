@@ -74,7 +74,8 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_two_gloo_ranks_equal_one_process(tmp_path):
     out = tmp_path / "rank0.json"
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD_SIZE, join=True)
+    # forked, as DataLoader workers are: spawned ranks would spend seconds re-importing torch and seg
+    mp.start_processes(_worker, args=(_free_port(), str(out)), nprocs=WORLD_SIZE, join=True, start_method="fork")
     got = json.loads(out.read_text())
     single = _evaluate(DataLoader(_dataset(), batch_size=3)).compute()
     assert got["info"] == [0, WORLD_SIZE, True, "cpu"]

@@ -3,7 +3,9 @@ machine, a refusal on every rank, and a bounded wait for a silent peer. CPU, glo
 
 Workers run ``tests/elastic_train.py``: ``train_seg.py`` plus a fault that SIGKILLs or SIGSTOPs one
 rank when it enters its Nth validation. The runs validate (and commit ``last.pt``) after every
-iteration, so a fault at the 2nd validation lands after the first ``last.pt``.
+iteration, so a fault at the 2nd validation lands after the first ``last.pt``. The reference run is
+plain torchrun; the others start torchrun from ``tests/elastic_launch.py``, which forks the workers
+from a process that has already imported seg, and must still equal the reference to the bit.
 """
 
 import json
@@ -25,6 +27,7 @@ pytestmark = pytest.mark.slow  # torchrun jobs, killed and restarted
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "elastic_train.py"
+LAUNCHER = REPO / "tests" / "elastic_launch.py"
 TIMEOUT_S = 30  # train.dist_timeout_s of every run here: their checkpoints hold it, so all must agree
 
 
@@ -41,12 +44,14 @@ def launch(launcher: list[str], argv: list, fault: str | None = None, pids: Path
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def torchrun(*flags: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--monitor-interval", "0.2", *flags]
+def torchrun(*flags: str, fork: bool = True) -> list[str]:
+    """torchrun's command line; with ``fork`` its workers fork from a launcher that has seg imported."""
+    launcher = [str(LAUNCHER), "--start-method", "fork", "--run-path"] if fork else ["-m", "torch.distributed.run"]
+    return [sys.executable, *launcher, "--monitor-interval", "0.2", *flags]
 
 
-def standalone(nproc: int = 2, *flags: str) -> list[str]:
-    return torchrun("--standalone", "--nproc-per-node", str(nproc), *flags)
+def standalone(nproc: int = 2, *flags: str, fork: bool = True) -> list[str]:
+    return torchrun("--standalone", "--nproc-per-node", str(nproc), *flags, fork=fork)
 
 
 def finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, str]:
@@ -67,9 +72,9 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def reference(tiny_synthetic, tmp_path_factory):
-    """An uninterrupted 2-worker run."""
+    """An uninterrupted 2-worker run, by plain torchrun: each worker a fresh interpreter."""
     out = tmp_path_factory.mktemp("ddp_reference")
-    rc, log = finish(launch(standalone(), ["--out", out, *ddp_args(tiny_synthetic)]))
+    rc, log = finish(launch(standalone(fork=False), ["--out", out, *ddp_args(tiny_synthetic)]))
     assert rc == 0, log
     assert [json.loads(line)["iter"] for line in (out / "metrics.jsonl").read_text().splitlines()] == \
         list(range(1, ITERS + 1))

@@ -236,9 +236,11 @@ def test_ddp_two_cpu_ranks_end_with_identical_parameters(tmp_path, data_root):
     # 2 per rank: without SyncBatchNorm (CPU) the ASPP's pooled BN needs two samples per process
     overrides = tiny_overrides(data_root, iters=4) + ["data.batch_size=4"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    # --standalone: the launcher picks a free port, so parallel runs cannot collide
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                    "--standalone", str(script), str(tmp_path), *overrides], check=True, env=env, cwd=tmp_path, timeout=300)
+    # torchrun --standalone: the launcher picks a free port, so parallel runs cannot collide. Its
+    # workers fork from tests/elastic_launch.py, which has seg imported (test_elastic runs plain torchrun).
+    launcher = [sys.executable, str(REPO / "tests" / "elastic_launch.py"), "--start-method", "fork", "--run-path"]
+    subprocess.run([*launcher, "--nproc_per_node=2", "--standalone", str(script), str(tmp_path), *overrides],
+                   check=True, env=env, cwd=tmp_path, timeout=300)
     a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert a.keys() == b.keys()
     for key in a:
