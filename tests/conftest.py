@@ -1,10 +1,14 @@
 """Shared fixtures: paths to the optional real data beside the repo, a CA block with BN statistics,
 models at measured BN statistics, and comparisons at an output's scale."""
 
+import contextlib
 import gc
+import multiprocessing
 import os
+import sys
 import threading
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -31,6 +35,32 @@ def shared_path(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is absent: this test needs the project's shared material")
     return path
+
+
+def start_forked(target: Callable[[], int | None], log: Path) -> multiprocessing.Process:
+    """``target()`` in a child forked from this process, its output in ``log``, its return value
+    the exit code. A fresh interpreter would first spend 5 to 7 CPU-seconds importing torch and seg."""
+    child = multiprocessing.get_context("fork").Process(target=_logged, args=(target, str(log)))
+    child.start()
+    return child
+
+
+def run_forked(target: Callable[[], int | None], log: Path, timeout: float = 240) -> int:
+    """:func:`start_forked`, waited for: the child's exit code (killed and failed past ``timeout``)."""
+    child = start_forked(target, log)
+    child.join(timeout)
+    if child.exitcode is None:
+        child.kill()
+        child.join()
+        pytest.fail(f"a forked child ran past {timeout} s; its output is in {log}")
+    return child.exitcode
+
+
+def _logged(target: Callable[[], int | None], log: str) -> None:
+    with open(log, "w") as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        os.dup2(out.fileno(), 1)  # and what C code and subprocesses write
+        os.dup2(out.fileno(), 2)
+        sys.exit(target())
 
 
 def pytest_collection_modifyitems(config, items):

@@ -6,10 +6,8 @@ test_bad_inputs_predict.py. The shared helpers and the checkpoint trained for tw
 tests/bad_input_cases.py."""
 
 import json
-import os
+import resource
 import shutil
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -21,12 +19,13 @@ import seg
 import seg.export.onnx as export
 import train_seg
 from seg.data import DatasetError
+from seg.data.base import read_image, read_label_png
 from seg.engine import trainer
 from seg.errors import USER_ERRORS, UserError, print_user_error
 from seg.modeling.hub import HubError
 from seg.modeling.models import build_model
 from tests.bad_input_cases import BAD_IMAGES, DUPLICATE_KEYS, VOC, ckpt, one_error, pickled, png_bomb, sha256s, write  # noqa: F401 (fixtures)
-from tests.conftest import REPO
+from tests.conftest import run_forked
 from tests.test_data_prepare import _script
 from tests.test_rundir import run_args
 
@@ -220,22 +219,18 @@ def test_check_dataset_reports(case, tiny_synthetic, tmp_path, capsys):
 
 # --- the pixel limit holds with memory bounded ---------------------------------------------------------
 
-BOUNDED_READ = """
-import resource, sys
-from pathlib import Path
-from seg.data.base import DatasetError, read_image, read_label_png
-
-# the address space used so far (torch, OpenCV...) plus a few hundred MB: decoding 30000x30000 RGB needs 2.7 GB
-with open("/proc/self/status") as status:
-    used = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:"))
-resource.setrlimit(resource.RLIMIT_AS, (used + 300 * 2**20, resource.getrlimit(resource.RLIMIT_AS)[1]))
-for path in sys.argv[1:]:
-    for read in (read_image, read_label_png):
-        try:
-            read(Path(path))
-        except DatasetError as err:
-            print(err)
-"""
+def _bounded_read(*paths: Path) -> None:
+    """In a forked child: read each file as image and label with the address space capped, printing each refusal."""
+    # the address space used so far (torch, OpenCV...) plus a few hundred MB: decoding 30000x30000 RGB needs 2.7 GB
+    with open("/proc/self/status") as status:
+        used = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:"))
+    resource.setrlimit(resource.RLIMIT_AS, (used + 300 * 2**20, resource.getrlimit(resource.RLIMIT_AS)[1]))
+    for path in paths:
+        for read in (read_image, read_label_png):
+            try:
+                read(path)
+            except DatasetError as err:
+                print(err)
 
 
 @pytest.mark.slow  # a child process under a memory limit
@@ -244,13 +239,13 @@ def test_header_bomb_is_refused_before_decoding_with_memory_bounded(tmp_path):
     bomb = write(tmp_path / "bomb.png", png_bomb())  # past PIL's own hard limit too
     small = write(tmp_path / "small.png", png_bomb(10000, 10000))  # only our limit stops this one
     assert len(bomb.read_bytes()) < 200
-    done = subprocess.run([sys.executable, "-c", BOUNDED_READ, str(bomb), str(small)], cwd=REPO, capture_output=True,
-                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    log = tmp_path / "child.log"
+    code, out = run_forked(lambda: _bounded_read(bomb, small), log, timeout=120), log.read_text()
+    assert code == 0 and "Traceback" not in out, out[-2000:]
     over = "over the limit of 89,478,485"
-    assert done.stdout.splitlines() == [
+    assert out.splitlines() == [
         f"image {bomb} declares more than 178,956,970 pixels, {over}",
         f"label {bomb} declares more than 178,956,970 pixels, {over}",
         f"image {small} declares 10000x10000 = 100,000,000 pixels, {over}",
         f"label {small} declares 10000x10000 = 100,000,000 pixels, {over}",
-    ], done.stdout
+    ], out

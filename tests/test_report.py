@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from datetime import datetime
@@ -11,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from seg.tools import report
+from conftest import run_forked, start_forked
+from seg.tools import ablation, report
 
 pytestmark = pytest.mark.slow  # the report's smoke run and the ablation's parallel jobs
 
@@ -63,24 +63,29 @@ def _log_span(run_dir: Path) -> tuple[datetime, datetime]:
 
 
 def _ablation_argv(out: Path) -> list[str]:
-    return [sys.executable, "-m", "seg.tools.ablation", "--configs", str(REPO / "configs" / "demo.yaml"), "--encoders",
-            "mobilenet_v2", "mobilenet_v2_ca", "--seeds", "0", "--jobs", "2", "--smoke", "--no-step-time",
-            "--out", str(out), "train.iters=6", "train.eval_interval=2"]
+    return ["--configs", str(REPO / "configs" / "demo.yaml"), "--encoders", "mobilenet_v2", "mobilenet_v2_ca",
+            "--seeds", "0", "--jobs", "2", "--smoke", "--no-step-time", "--out", str(out), "train.iters=6",
+            "train.eval_interval=2"]
+
+
+def _ablation_session(argv: list[str]) -> int:
+    """In a forked child: ``python -m seg.tools.ablation ARGV`` as the leader of a new session."""
+    os.setsid()
+    return ablation.main(argv)
 
 
 def test_jobs_train_at_the_same_time_and_resume_after_a_kill(tmp_path):
     out = tmp_path / "ablation"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(_ablation_argv(out), cwd=REPO, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parent = start_forked(lambda: _ablation_session(_ablation_argv(out)), tmp_path / "killed.log")
     runs = [out / f"demo-{e}" / "seed0" for e in ("mobilenet_v2", "mobilenet_v2_ca")]
     deadline = time.time() + 120
     while not any((r / "last.pt").is_file() for r in runs) and time.time() < deadline:
         time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL)  # the parent and both training children, mid-run
-    proc.wait()
+    os.killpg(parent.pid, signal.SIGKILL)  # the parent and both training children, mid-run
+    parent.join()
     assert not all((r / "final.json").is_file() for r in runs)
-    subprocess.run(_ablation_argv(out), cwd=REPO, env=env, check=True, timeout=300, capture_output=True)
+    log = tmp_path / "rerun.log"
+    assert run_forked(lambda: _ablation_session(_ablation_argv(out)), log, timeout=300) == 0, log.read_text()[-3000:]
     for run in runs:
         assert json.loads((run / "final.json").read_text())["seed"] == 0
         assert [json.loads(line)["iter"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [2, 4, 6]
