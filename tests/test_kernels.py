@@ -217,7 +217,7 @@ def test_gpu_bench_runs_its_tables_and_restores_the_tiles(monkeypatch, capsys):
                                                            dict(BLOCK_M=32, MAX_BLOCK_O=32, MAX_BLOCK_K=16, NUM_WARPS=4)])
     monkeypatch.setattr(bench_blocks, "_ms", lambda fn, repeats: (fn(), 0.5)[1])
     defaults = (kernels.MAX_TILE, kernels.MAX_ROWS, projection.BLOCK_M, projection.MAX_BLOCK_O, projection.NUM_WARPS)
-    assert bench.main(["--scope", "block", "--device", "cpu", "--repeats", "2"]) == 0
+    assert bench.main(["--scope", "block", "--device", "cpu", "--repeats", "1"]) == 0  # 20 timed steps
     assert bench.main(["--scope", "tiles", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     kernel_lines = [line for line in out.splitlines() if line.startswith("| a (2, 6, 5, 7)")]
