@@ -7,6 +7,7 @@ import multiprocessing
 import os
 import sys
 import threading
+import traceback
 from pathlib import Path
 from typing import Callable
 
@@ -60,7 +61,12 @@ def _logged(target: Callable[[], int | None], log: str) -> None:
     with open(log, "w") as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
         os.dup2(out.fileno(), 1)  # and what C code and subprocesses write
         os.dup2(out.fileno(), 2)
-        sys.exit(target())
+        try:
+            code = target()
+        except Exception:
+            traceback.print_exc()  # into the log, which the test shows
+            code = 1
+    sys.exit(code)
 
 
 def pytest_collection_modifyitems(config, items):

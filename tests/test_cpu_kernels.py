@@ -7,6 +7,8 @@ the build fail.
 
 import contextlib
 import logging
+import os
+import signal
 import time
 
 import pytest
@@ -150,8 +152,10 @@ def test_a_checkout_at_another_path_loads_the_cached_build(ext, tmp_path, monkey
     assert "compiling" not in capsys.readouterr().err
 
 
-def _build_afresh() -> int:
+def _build_afresh(new_session: bool = False) -> int:
     """In a forked child: build into TORCH_EXTENSIONS_DIR, whatever this process had loaded."""
+    if new_session:
+        os.setsid()  # so that one killpg ends the build: python, ninja and the compiler
     cpu._module = None
     return 0 if hasattr(cpu._build(), "gate") else 1
 
@@ -160,12 +164,13 @@ def _build_afresh() -> int:
 def test_a_build_killed_midway_is_redone_by_the_next_process(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))
     folder = cpu.build_dir()
-    child = start_forked(_build_afresh, tmp_path / "killed.log")
+    child = start_forked(lambda: _build_afresh(new_session=True), tmp_path / "killed.log")
     # build.ninja is written just before the compiler starts
     deadline = time.monotonic() + 60
     while not (folder / "build.ninja").exists() and child.is_alive() and time.monotonic() < deadline:
         time.sleep(0.02)
-    child.kill()
+    # the whole build: a compiler left running would race the next build for the same files
+    os.killpg(child.pid, signal.SIGKILL)
     child.join()
     assert (folder / "build.ninja").exists() and not (folder / "seg_ca_cpu.so").exists(), "not caught mid-build"
     assert run_forked(_build_afresh, tmp_path / "redone.log") == 0, (tmp_path / "redone.log").read_text()[-2000:]
