@@ -5,6 +5,7 @@ import contextlib
 import gc
 import multiprocessing
 import os
+import runpy
 import sys
 import threading
 import traceback
@@ -43,17 +44,39 @@ def start_forked(target: Callable[[], int | None], log: Path) -> multiprocessing
     the exit code. A fresh interpreter would first spend 5 to 7 CPU-seconds importing torch and seg."""
     child = multiprocessing.get_context("fork").Process(target=_logged, args=(target, str(log)))
     child.start()
+    child.log = log
     return child
 
 
+def start_python(args: list[str], log: Path, env: dict[str, str] | None = None) -> multiprocessing.Process:
+    """``python ARGS`` (a script or ``-m module``, then its arguments) in the repo, with ``env`` added
+    to the environment, as :func:`start_forked`: its exit code is the child's."""
+    return start_forked(lambda: _python(args, env or {}), log)
+
+
+def _python(args: list[str], env: dict[str, str]) -> None:
+    os.environ.update(env)
+    os.chdir(REPO)
+    if args[0] == "-m":
+        sys.argv = args[1:]  # run_module puts the module's path in argv[0]
+        runpy.run_module(args[1], run_name="__main__", alter_sys=True)
+    else:
+        sys.argv = list(args)
+        runpy.run_path(args[0], run_name="__main__")
+
+
 def run_forked(target: Callable[[], int | None], log: Path, timeout: float = 240) -> int:
-    """:func:`start_forked`, waited for: the child's exit code (killed and failed past ``timeout``)."""
-    child = start_forked(target, log)
+    """:func:`start_forked`, waited for: the child's exit code."""
+    return wait_forked(start_forked(target, log), timeout)
+
+
+def wait_forked(child: multiprocessing.Process, timeout: float = 240) -> int:
+    """The exit code of a :func:`start_forked` child; past ``timeout`` it is killed and the test fails."""
     child.join(timeout)
     if child.exitcode is None:
         child.kill()
         child.join()
-        pytest.fail(f"a forked child ran past {timeout} s; its output is in {log}")
+        pytest.fail(f"a forked child ran past {timeout} s; its output is in {child.log}")
     return child.exitcode
 
 

@@ -3,12 +3,15 @@ machine, a refusal on every rank, and a bounded wait for a silent peer. CPU, glo
 
 Workers run ``tests/elastic_train.py``: ``train_seg.py`` plus a fault that SIGKILLs or SIGSTOPs one
 rank when it enters its Nth validation. The runs validate (and commit ``last.pt``) after every
-iteration, so a fault at the 2nd validation lands after the first ``last.pt``. The reference run is
-plain torchrun; the others start torchrun from ``tests/elastic_launch.py``, which forks the workers
-from a process that has already imported seg, and must still equal the reference to the bit.
+iteration, so a fault at the 2nd validation lands after the first ``last.pt``.
+
+The reference run is plain torchrun in a fresh interpreter. The others are forked from the test's
+process, torchrun included (``--start-method fork --run-path``: its workers fork from it), so none
+spends 5 to 7 CPU-seconds importing torch and seg; they must still equal the reference to the bit.
 """
 
 import json
+import multiprocessing
 import os
 import signal
 import socket
@@ -20,6 +23,7 @@ from pathlib import Path
 import pytest
 
 import train_seg
+from conftest import start_python, wait_forked
 from seg.runs.checkpoint import load_checkpoint
 from tests.test_kill_resume import ITERS, assert_same_as, error_line, run_args
 
@@ -27,7 +31,6 @@ pytestmark = pytest.mark.slow  # torchrun jobs, killed and restarted
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "elastic_train.py"
-LAUNCHER = REPO / "tests" / "elastic_launch.py"
 TIMEOUT_S = 30  # train.dist_timeout_s of every run here: their checkpoints hold it, so all must agree
 
 
@@ -36,27 +39,25 @@ def ddp_args(root: Path, *extra: str) -> list[str]:
     return [*run_args(root), "data.batch_size=4", f"train.dist_timeout_s={TIMEOUT_S}", *extra]
 
 
-def launch(launcher: list[str], argv: list, fault: str | None = None, pids: Path | None = None,
-           env: dict | None = None) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "ELASTIC_FAULT": fault or "",
-           "ELASTIC_PIDS": str(pids or ""), **(env or {})}
-    return subprocess.Popen([*launcher, str(WORKER), *map(str, argv)], env=env, cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def launch(launcher: list[str], argv: list, log: Path, fault: str | None = None, pids: Path | None = None,
+           env: dict | None = None) -> multiprocessing.Process:
+    """``python LAUNCHER tests/elastic_train.py ARGV``, forked from this process, its output in ``log``."""
+    env = {"ELASTIC_FAULT": fault or "", "ELASTIC_PIDS": str(pids or ""), **(env or {})}
+    return start_python([*launcher, str(WORKER), *map(str, argv)], log, env)
 
 
-def torchrun(*flags: str, fork: bool = True) -> list[str]:
-    """torchrun's command line; with ``fork`` its workers fork from a launcher that has seg imported."""
-    launcher = [str(LAUNCHER), "--start-method", "fork", "--run-path"] if fork else ["-m", "torch.distributed.run"]
-    return [sys.executable, *launcher, "--monitor-interval", "0.2", *flags]
+def torchrun(*flags: str) -> list[str]:
+    """torchrun, whose workers fork from it (it has torch and seg imported) and run the script with runpy."""
+    return ["-m", "torch.distributed.run", "--start-method", "fork", "--run-path", "--monitor-interval", "0.2", *flags]
 
 
-def standalone(nproc: int = 2, *flags: str, fork: bool = True) -> list[str]:
-    return torchrun("--standalone", "--nproc-per-node", str(nproc), *flags, fork=fork)
+def standalone(nproc: int = 2, *flags: str) -> list[str]:
+    return torchrun("--standalone", "--nproc-per-node", str(nproc), *flags)
 
 
-def finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, str]:
-    out, _ = proc.communicate(timeout=timeout)
-    return proc.returncode, out
+def finish(proc: multiprocessing.Process, timeout: float = 240) -> tuple[int, str]:
+    """(exit code, output) of a :func:`launch`."""
+    return wait_forked(proc, timeout), proc.log.read_text()
 
 
 def rank_logs(log_dir: Path) -> dict[int, str]:
@@ -72,9 +73,14 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def reference(tiny_synthetic, tmp_path_factory):
-    """An uninterrupted 2-worker run, by plain torchrun: each worker a fresh interpreter."""
+    """An uninterrupted 2-worker run by plain torchrun, each worker a fresh interpreter: the forked
+    launches of the tests must equal it to the bit."""
     out = tmp_path_factory.mktemp("ddp_reference")
-    rc, log = finish(launch(standalone(fork=False), ["--out", out, *ddp_args(tiny_synthetic)]))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(WORKER), "--out", str(out), *ddp_args(tiny_synthetic)],
+                          cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+                          timeout=240)
+    rc, log = done.returncode, done.stdout + done.stderr
     assert rc == 0, log
     assert [json.loads(line)["iter"] for line in (out / "metrics.jsonl").read_text().splitlines()] == \
         list(range(1, ITERS + 1))
@@ -85,7 +91,7 @@ def test_elastic_restart_after_a_killed_worker_equals_an_uninterrupted_run(refer
     out, pids, logs = tmp_path / "run", tmp_path / "pids", tmp_path / "logs"
     pids.mkdir()
     proc = launch(standalone(2, "--max-restarts", "1", "--log-dir", str(logs), "--redirects", "3"),
-                  ["--out", out, *ddp_args(tiny_synthetic)], fault="1:0:2:kill", pids=pids)
+                  ["--out", out, *ddp_args(tiny_synthetic)], tmp_path / "job.log", fault="1:0:2:kill", pids=pids)
     rc, log = finish(proc)
     assert rc == 0, log
     assert (pids / "fault.time").is_file() and list(logs.glob("*/attempt_1")), "no worker was killed and restarted"
@@ -98,7 +104,7 @@ def test_without_restarts_a_killed_worker_ends_the_job_in_time_and_a_manual_resu
     out, pids, logs = tmp_path / "run", tmp_path / "pids", tmp_path / "logs"
     pids.mkdir()
     proc = launch(standalone(2, "--log-dir", str(logs), "--redirects", "3"),
-                  ["--out", out, *ddp_args(tiny_synthetic)], fault="1:0:2:kill", pids=pids)
+                  ["--out", out, *ddp_args(tiny_synthetic)], tmp_path / "job.log", fault="1:0:2:kill", pids=pids)
     rc, log = finish(proc)
     ended = time.time()
     assert rc != 0 and (pids / "fault.time").is_file(), log
@@ -107,7 +113,8 @@ def test_without_restarts_a_killed_worker_ends_the_job_in_time_and_a_manual_resu
     assert not Path(f"/proc/{survivor}").exists()
     assert "Traceback" not in rank_logs(logs)[0]
     assert load_checkpoint(out / "last.pt")["iteration"] >= 1  # the run directory is intact
-    rc, log = finish(launch(standalone(), ["--resume", "--out", out, *ddp_args(tiny_synthetic)]))
+    rc, log = finish(launch(standalone(), ["--resume", "--out", out, *ddp_args(tiny_synthetic)],
+                            tmp_path / "resume.log"))
     assert rc == 0, log
     assert_same_as(out, reference)
 
@@ -116,7 +123,7 @@ def test_two_nodes_with_c10d_rendezvous_train_together(reference, tiny_synthetic
     out, port = tmp_path / "run", free_port()
     node = torchrun("--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
                     f"127.0.0.1:{port}", "--rdzv-id", "two-nodes", "--local-addr", "127.0.0.1")
-    procs = [launch(node, ["--out", out, *ddp_args(tiny_synthetic)]) for _ in range(2)]
+    procs = [launch(node, ["--out", out, *ddp_args(tiny_synthetic)], tmp_path / f"node{i}.log") for i in range(2)]
     for proc in procs:
         rc, log = finish(proc)
         assert rc == 0, log
@@ -140,13 +147,14 @@ def test_second_job_on_the_same_out_is_refused_on_every_rank(tiny_synthetic, tmp
     pids.mkdir()
     # the first job stops its rank 0 (the lock holder) mid-run; its rank 1 waits for it
     first = launch(standalone(), ["--out", out, *run_args(tiny_synthetic), "data.batch_size=4"],
-                   fault="0:0:1:stop", pids=pids)
+                   tmp_path / "first.log", fault="0:0:1:stop", pids=pids)
     try:
         wait_for(lambda: (pids / "rank0.pid").is_file() and stopped(int((pids / "rank0.pid").read_text())))
         holder = int((pids / "rank0.pid").read_text())
         before = {p.name: p.read_bytes() for p in out.iterdir()}
-        rc, log = finish(launch(standalone(2, "--log-dir", str(logs), "--redirects", "3"),
-                                ["--out", out, *run_args(tiny_synthetic), "data.batch_size=4"]))
+        second = launch(standalone(2, "--log-dir", str(logs), "--redirects", "3"),
+                        ["--out", out, *run_args(tiny_synthetic), "data.batch_size=4"], tmp_path / "second.log")
+        rc, log = finish(second)
         assert rc != 0, log
         lines = {rank: error_line(text) for rank, text in rank_logs(logs).items()}
         assert sorted(lines) == [0, 1] and lines[0] == lines[1], lines
@@ -158,8 +166,8 @@ def test_second_job_on_the_same_out_is_refused_on_every_rank(tiny_synthetic, tmp
                 os.kill(int(pid.read_text()), signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        first.communicate(timeout=60)
-    assert first.returncode != 0
+        rc, _ = finish(first, timeout=60)
+    assert rc != 0
 
 
 def test_a_silent_peer_ends_the_waiting_rank_within_the_timeout(tiny_synthetic, tmp_path):
@@ -168,7 +176,7 @@ def test_a_silent_peer_ends_the_waiting_rank_within_the_timeout(tiny_synthetic, 
     pids.mkdir()
     port, argv = free_port(), ["--out", out, *run_args(tiny_synthetic), "data.batch_size=4", "train.dist_timeout_s=3"]
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
-    procs = [launch([sys.executable], argv, fault="1:0:1:stop", pids=pids,
+    procs = [launch([], argv, tmp_path / f"rank{rank}.log", fault="1:0:1:stop", pids=pids,
                     env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}) for rank in (0, 1)]
     try:
         rc, log = finish(procs[0], timeout=120)
@@ -176,7 +184,7 @@ def test_a_silent_peer_ends_the_waiting_rank_within_the_timeout(tiny_synthetic, 
     finally:
         for proc in procs:
             proc.kill()
-            proc.wait()
+            proc.join()
     assert rc == 1, log
     line = error_line(log)
     assert "rank 0 lost contact with another rank" in line and "train.dist_timeout_s=3" in line

@@ -1,10 +1,7 @@
 """End-to-end training through the real entry points on a tiny synthetic set (CPU)."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import cv2
@@ -14,6 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import eval_seg
 import train_seg
+from conftest import start_python, wait_forked
 from seg.config import load_config
 from seg.engine.trainer import run_training
 from seg.runs.checkpoint import load_checkpoint
@@ -235,12 +233,12 @@ def test_ddp_two_cpu_ranks_end_with_identical_parameters(tmp_path, data_root):
     )
     # 2 per rank: without SyncBatchNorm (CPU) the ASPP's pooled BN needs two samples per process
     overrides = tiny_overrides(data_root, iters=4) + ["data.batch_size=4"]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    # torchrun --standalone: the launcher picks a free port, so parallel runs cannot collide. Its
-    # workers fork from tests/elastic_launch.py, which has seg imported (test_elastic runs plain torchrun).
-    launcher = [sys.executable, str(REPO / "tests" / "elastic_launch.py"), "--start-method", "fork", "--run-path"]
-    subprocess.run([*launcher, "--nproc_per_node=2", "--standalone", str(script), str(tmp_path), *overrides],
-                   check=True, env=env, cwd=tmp_path, timeout=300)
+    # torchrun --standalone: the launcher picks a free port, so parallel runs cannot collide. It is
+    # forked from this process, and forks its workers, so none of them imports torch and seg again.
+    log = tmp_path / "torchrun.log"
+    child = start_python(["-m", "torch.distributed.run", "--start-method", "fork", "--run-path", "--nproc_per_node=2",
+                          "--standalone", str(script), str(tmp_path), *overrides], log)
+    assert wait_forked(child, 300) == 0, log.read_text()[-3000:]
     a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert a.keys() == b.keys()
     for key in a:
