@@ -2,8 +2,10 @@
 models at measured BN statistics, and comparisons at an output's scale."""
 
 import contextlib
+import functools
 import gc
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import runpy
 import sys
@@ -41,17 +43,30 @@ def shared_path(*parts: str) -> Path:
 
 def start_forked(target: Callable[[], int | None], log: Path) -> multiprocessing.Process:
     """``target()`` in a child forked from this process, its output in ``log``, its return value
-    the exit code. A fresh interpreter would first spend 5 to 7 CPU-seconds importing torch and seg."""
+    the exit code. A fresh interpreter would first spend 5 to 7 CPU-seconds importing torch and seg.
+    The child must not run autograd (see ``FORK_SERVER``)."""
     child = multiprocessing.get_context("fork").Process(target=_logged, args=(target, str(log)))
     child.start()
     child.log = log
     return child
 
 
+# A child forked from a process that has run autograd cannot run it (torch refuses: its worker
+# threads do not survive a fork). Children that train are forked from this fork server instead: a
+# fresh interpreter that imported torch and seg once and has run nothing else.
+FORK_SERVER = multiprocessing.get_context("forkserver")
+FORK_SERVER.set_forkserver_preload(["train_seg", "torch.distributed.run"])
+
+
 def start_python(args: list[str], log: Path, env: dict[str, str] | None = None) -> multiprocessing.Process:
     """``python ARGS`` (a script or ``-m module``, then its arguments) in the repo, with ``env`` added
-    to the environment, as :func:`start_forked`: its exit code is the child's."""
-    return start_forked(lambda: _python(args, env or {}), log)
+    to the environment, forked from ``FORK_SERVER``: its output in ``log``, its exit code the child's."""
+    with contextlib.chdir(REPO):  # the server, started on first use, imports train_seg from its folder
+        multiprocessing.forkserver.ensure_running()
+    child = FORK_SERVER.Process(target=_logged, args=(functools.partial(_python, list(args), env or {}), str(log)))
+    child.start()
+    child.log = log
+    return child
 
 
 def _python(args: list[str], env: dict[str, str]) -> None:
