@@ -260,7 +260,7 @@ class _AttachedTester(EncoderTester):
         return encoder.eval()
 
     def test_attention_count(self):
-        assert _count(self.build(), ATTENTIONS[self.kind]) == CASES[self.name][0]
+        assert _count(self.build_for_shapes(), ATTENTIONS[self.kind]) == CASES[self.name][0]
 
 
 class TestAttachedMobileNetV3(_AttachedTester):

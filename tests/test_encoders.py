@@ -6,7 +6,7 @@ import torch
 import torchvision
 from torch import nn
 
-from conftest import with_measured_bn
+from conftest import with_measured_bn, zero_init
 from seg.modeling.attention import ATTENTIONS
 from seg.modeling.encoders import register as registry
 from seg.tools.complexity import count_params
@@ -29,12 +29,17 @@ class EncoderTester:
     def build(self, **kwargs) -> nn.Module:
         return smp.encoders.get_encoder(self.name, **kwargs).eval()
 
+    def build_for_shapes(self, **kwargs) -> nn.Module:
+        """:meth:`build` with zero weights, for the tests of shapes and counts (see conftest.zero_init)."""
+        with zero_init():
+            return self.build(**kwargs)
+
     def forward(self, encoder: nn.Module, in_channels: int = 3) -> list[torch.Tensor]:
         with torch.no_grad():
             return encoder(torch.randn(1, in_channels, SIZE, SIZE))
 
     def test_features_have_stated_channels_and_strides(self):
-        encoder = self.build()
+        encoder = self.build_for_shapes()
         assert isinstance(encoder.out_channels, list)
         features = self.forward(encoder)
         assert len(features) == 6
@@ -43,7 +48,7 @@ class EncoderTester:
 
     def test_depth(self):
         for depth in self.depths:
-            encoder = self.build(depth=depth)
+            encoder = self.build_for_shapes(depth=depth)
             features = self.forward(encoder)
             assert len(features) == depth + 1 == len(encoder.out_channels), f"depth {depth}"
             assert features[-1].shape[1] == encoder.out_channels[-1]
@@ -52,25 +57,25 @@ class EncoderTester:
     @pytest.mark.parametrize("depth", [0, 6])
     def test_bad_depth_raises(self, depth):
         with pytest.raises(ValueError, match="depth"):
-            self.build(depth=depth)
+            self.build_for_shapes(depth=depth)
 
     def test_output_stride_dilates(self):
         for stride in self.output_strides:
-            encoder = self.build(output_stride=stride)
+            encoder = self.build_for_shapes(output_stride=stride)
             assert encoder.output_stride == stride
             sizes = [f.shape[-1] for f in self.forward(encoder)]
             assert sizes == [SIZE // min(2**i, stride) for i in range(6)], f"OS {stride}"
 
     def test_in_channels(self):
         for in_channels in self.in_channels:
-            encoder = self.build(in_channels=in_channels)
+            encoder = self.build_for_shapes(in_channels=in_channels)
             features = self.forward(encoder, in_channels)
             assert features[0].shape[1] == in_channels == encoder.out_channels[0]
             assert features[-1].shape[1] == encoder.out_channels[-1]
 
     def test_attention_count(self):
         attention_cls = ATTENTIONS[self.name.rsplit("_", 1)[1]]
-        modules = [m for m in self.build().modules() if type(m) is attention_cls]
+        modules = [m for m in self.build_for_shapes().modules() if type(m) is attention_cls]
         assert len(modules) == self.n_attention
 
     @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
