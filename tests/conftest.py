@@ -59,7 +59,7 @@ FORK_SERVER.set_forkserver_preload(["train_seg", "torch.distributed.run"])
 
 
 def start_python(args: list[str], log: Path, env: dict[str, str] | None = None) -> multiprocessing.Process:
-    """``python ARGS`` (a script or ``-m module``, then its arguments) in the repo, with ``env`` added
+    """``python ARGS`` (a script, ``-m module`` or ``-c code``, then its arguments) in the repo, with ``env`` added
     to the environment, forked from ``FORK_SERVER``: its output in ``log``, its exit code the child's."""
     with contextlib.chdir(REPO):  # the server, started on first use, imports train_seg from its folder
         multiprocessing.forkserver.ensure_running()
@@ -75,6 +75,9 @@ def _python(args: list[str], env: dict[str, str]) -> None:
     if args[0] == "-m":
         sys.argv = args[1:]  # run_module puts the module's path in argv[0]
         runpy.run_module(args[1], run_name="__main__", alter_sys=True)
+    elif args[0] == "-c":
+        sys.argv = ["-c", *args[2:]]
+        exec(compile(args[1], "<string>", "exec"), {"__name__": "__main__"})
     else:
         sys.argv = list(args)
         runpy.run_path(args[0], run_name="__main__")

@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from conftest import assert_close_at_scale, ca_with_bn_stats, run_forked, start_forked, with_measured_bn
+from conftest import assert_close_at_scale, ca_with_bn_stats, start_python, wait_forked, with_measured_bn
 from seg.kernels import cpu
 from seg.kernels.fast import optimize_for_inference
 from seg.modeling.attention import CoordAttention
@@ -152,19 +152,17 @@ def test_a_checkout_at_another_path_loads_the_cached_build(ext, tmp_path, monkey
     assert "compiling" not in capsys.readouterr().err
 
 
-def _build_afresh(new_session: bool = False) -> int:
-    """In a forked child: build into TORCH_EXTENSIONS_DIR, whatever this process had loaded."""
-    if new_session:
-        os.setsid()  # so that one killpg ends the build: python, ninja and the compiler
-    cpu._module = None
-    return 0 if hasattr(cpu._build(), "gate") else 1
+# a build in a process of its own, as a fresh interpreter would (a fork of this process would carry
+# torch's record of the extension it loaded, and skip the build): exit code 0 if the kernels load
+BUILD = "import sys; from seg.kernels import cpu; sys.exit(cpu.kernels() is None)"
 
 
 @pytest.mark.slow
 def test_a_build_killed_midway_is_redone_by_the_next_process(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))
-    folder = cpu.build_dir()
-    child = start_forked(lambda: _build_afresh(new_session=True), tmp_path / "killed.log")
+    env, folder = {"TORCH_EXTENSIONS_DIR": str(tmp_path / "extensions")}, cpu.build_dir()
+    # its own session, so that one killpg ends the build: python, ninja and the compiler
+    child = start_python(["-c", "import os; os.setsid(); " + BUILD], tmp_path / "killed.log", env)
     # build.ninja is written just before the compiler starts
     deadline = time.monotonic() + 60
     while not (folder / "build.ninja").exists() and child.is_alive() and time.monotonic() < deadline:
@@ -173,7 +171,8 @@ def test_a_build_killed_midway_is_redone_by_the_next_process(tmp_path, monkeypat
     os.killpg(child.pid, signal.SIGKILL)
     child.join()
     assert (folder / "build.ninja").exists() and not (folder / "seg_ca_cpu.so").exists(), "not caught mid-build"
-    assert run_forked(_build_afresh, tmp_path / "redone.log") == 0, (tmp_path / "redone.log").read_text()[-2000:]
+    redone = start_python(["-c", BUILD], tmp_path / "redone.log", env)
+    assert wait_forked(redone) == 0, redone.log.read_text()[-2000:]
     assert (folder / "seg_ca_cpu.so").exists()
 
 
