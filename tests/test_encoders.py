@@ -78,6 +78,7 @@ class EncoderTester:
         modules = [m for m in self.build_for_shapes().modules() if type(m) is attention_cls]
         assert len(modules) == self.n_attention
 
+    @pytest.mark.slow  # torch.export traces the whole encoder with dynamo (4 to 6 s each)
     @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
     def test_script_and_export_match_eager(self):
         if not self.check_export:
