@@ -25,7 +25,7 @@ from seg.errors import USER_ERRORS, UserError, print_user_error
 from seg.modeling.hub import HubError
 from seg.modeling.models import build_model
 from tests.bad_input_cases import BAD_IMAGES, DUPLICATE_KEYS, VOC, ckpt, one_error, pickled, png_bomb, sha256s, write  # noqa: F401 (fixtures)
-from tests.conftest import run_forked
+from tests.children import run_forked
 from tests.test_data_prepare import _script
 from tests.test_rundir import run_args
 

@@ -14,7 +14,8 @@ import time
 import pytest
 import torch
 
-from conftest import assert_close_at_scale, ca_with_bn_stats, start_python, wait_forked, with_measured_bn
+from children import start_python, wait_forked
+from conftest import assert_close_at_scale, ca_with_bn_stats, with_measured_bn
 from seg.kernels import cpu
 from seg.kernels.fast import optimize_for_inference
 from seg.modeling.attention import CoordAttention

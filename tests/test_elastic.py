@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 import train_seg
-from conftest import start_python, wait_forked
+from children import start_python, wait_forked
 from seg.runs.checkpoint import load_checkpoint
 from tests.test_kill_resume import ITERS, assert_same_as, error_line, run_args
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_forked, start_forked
+from children import run_forked, start_forked
 from seg.tools import ablation, report
 
 pytestmark = pytest.mark.slow  # the report's smoke run and the ablation's parallel jobs

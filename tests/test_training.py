@@ -11,7 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import eval_seg
 import train_seg
-from conftest import start_python, wait_forked
+from children import start_python, wait_forked
 from seg.config import load_config
 from seg.engine.trainer import run_training
 from seg.runs.checkpoint import load_checkpoint
