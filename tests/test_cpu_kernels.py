@@ -160,8 +160,11 @@ BUILD = "import sys; from seg.kernels import cpu; sys.exit(cpu.kernels() is None
 
 @pytest.mark.slow
 def test_a_build_killed_midway_is_redone_by_the_next_process(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))
-    env, folder = {"TORCH_EXTENSIONS_DIR": str(tmp_path / "extensions")}, cpu.build_dir()
+    env = {"TORCH_EXTENSIONS_DIR": str(tmp_path / "extensions")}
+    # only for build_dir(): a fork server started with it in this process's environment would keep it
+    with monkeypatch.context() as patch:
+        patch.setenv("TORCH_EXTENSIONS_DIR", env["TORCH_EXTENSIONS_DIR"])
+        folder = cpu.build_dir()
     # its own session, so that one killpg ends the build: python, ninja and the compiler
     child = start_python(["-c", "import os; os.setsid(); " + BUILD], tmp_path / "killed.log", env)
     # build.ninja is written just before the compiler starts
