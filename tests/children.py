@@ -70,7 +70,8 @@ def run_forked(target: Callable[[], int | None], log: Path, timeout: float = 240
 
 
 def wait_forked(child: multiprocessing.Process, timeout: float = 240) -> int:
-    """The exit code of a :func:`start_forked` child; past ``timeout`` it is killed and the test fails."""
+    """The exit code of a :func:`start_forked` or :func:`start_python` child; past ``timeout`` it is
+    killed and the test fails."""
     child.join(timeout)
     if child.exitcode is None:
         child.kill()

@@ -5,9 +5,10 @@ Workers run ``tests/elastic_train.py``: ``train_seg.py`` plus a fault that SIGKI
 rank when it enters its Nth validation. The runs validate (and commit ``last.pt``) after every
 iteration, so a fault at the 2nd validation lands after the first ``last.pt``.
 
-The reference run is plain torchrun in a fresh interpreter. The others are forked from the test's
-process, torchrun included (``--start-method fork --run-path``: its workers fork from it), so none
-spends 5 to 7 CPU-seconds importing torch and seg; they must still equal the reference to the bit.
+The reference run is plain torchrun in a fresh interpreter. The others are forked from the fork
+server in ``tests/children.py``, torchrun included (``--start-method fork --run-path``: its workers
+fork from it), so none spends 5 to 7 CPU-seconds importing torch and seg; they must still equal the
+reference to the bit.
 """
 
 import json
@@ -41,7 +42,7 @@ def ddp_args(root: Path, *extra: str) -> list[str]:
 
 def launch(launcher: list[str], argv: list, log: Path, fault: str | None = None, pids: Path | None = None,
            env: dict | None = None) -> multiprocessing.Process:
-    """``python LAUNCHER tests/elastic_train.py ARGV``, forked from this process, its output in ``log``."""
+    """``python LAUNCHER tests/elastic_train.py ARGV`` by :func:`start_python`, its output in ``log``."""
     env = {"ELASTIC_FAULT": fault or "", "ELASTIC_PIDS": str(pids or ""), **(env or {})}
     return start_python([*launcher, str(WORKER), *map(str, argv)], log, env)
 

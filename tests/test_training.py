@@ -18,8 +18,6 @@ from seg.runs.checkpoint import load_checkpoint
 from seg.runs.start import StartPlan
 from seg.utils.distributed import DistInfo
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 def tiny_overrides(data_root: Path, iters: int = 4) -> list[str]:
     return [
@@ -234,7 +232,7 @@ def test_ddp_two_cpu_ranks_end_with_identical_parameters(tmp_path, data_root):
     # 2 per rank: without SyncBatchNorm (CPU) the ASPP's pooled BN needs two samples per process
     overrides = tiny_overrides(data_root, iters=4) + ["data.batch_size=4"]
     # torchrun --standalone: the launcher picks a free port, so parallel runs cannot collide. It is
-    # forked from this process, and forks its workers, so none of them imports torch and seg again.
+    # forked from the fork server, and forks its workers, so none of them imports torch and seg again.
     log = tmp_path / "torchrun.log"
     child = start_python(["-m", "torch.distributed.run", "--start-method", "fork", "--run-path", "--nproc_per_node=2",
                           "--standalone", str(script), str(tmp_path), *overrides], log)
