@@ -7,7 +7,7 @@ from torch import nn
 from segmentation_models_pytorch.decoders.deeplabv3.decoder import ASPPSeparableConv
 
 from seg.modeling.models import ARCHS, SegModel, build_model
-from seg.tools.complexity import count_flops, count_params
+from seg.tools.complexity import count_flops, count_flops_on_meta, count_params
 
 CLASSES = 5
 SIZE = 64
@@ -109,6 +109,18 @@ def test_count_flops_restores_train_mode():
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)).train()
     count_flops(model, (1, 3, 8, 8))
     assert model.training
+
+
+def test_meta_count_equals_the_cpu_count_and_leaves_the_model_as_it_was():
+    from conftest import ca_with_bn_stats
+
+    block = ca_with_bn_stats(16)  # eval, with the fast path whose folds are cached between calls
+    x = torch.randn(2, 16, 12, 9)
+    before, state = block(x), {k: v.clone() for k, v in block.state_dict().items()}
+    assert count_flops_on_meta(block, x.shape) == count_flops(block, x.shape) > 0
+    assert not block.training and all(t.device.type == "cpu" for t in block.state_dict().values())
+    torch.testing.assert_close(block.state_dict(), state, rtol=0, atol=0)
+    torch.testing.assert_close(block(x), before, rtol=0, atol=0)  # no fold of the meta tensors is reused
 
 
 def test_missing_encoder_weights_say_how_to_train_from_scratch(tmp_path):

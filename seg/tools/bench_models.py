@@ -158,12 +158,15 @@ def bench_group(encoder: str, output_stride: int, setup: BenchSetup, mode: str,
                 variants: dict[str, Variant] = VARIANTS) -> list[dict]:
     """Rows for every variant of ``encoder`` in ``mode``; the first variant is the baseline."""
     models = build_group(encoder, output_stride, variants, setup.device)
-    rows = []
+    rows, flops = [], {}
     for name, model in models.items():  # counted before timing swaps in CA's fast paths
         encoder_name, attention = variant_encoder(encoder, variants[name].attention)
+        # variants of one network (plain and its A/A copy, CA with and without its kernels) share a count
+        if (encoder_name, attention) not in flops:
+            flops[encoder_name, attention] = gflops(model, setup.flops_size)
         rows.append({"encoder": encoder, "variant": name, "encoder_name": encoder_name, "attention": attention,
                      "os": output_stride, "mode": mode, "params": count_params(model),
-                     "gflops": gflops(model, setup.flops_size), "flops_size": setup.flops_size})
+                     "gflops": flops[encoder_name, attention], "flops_size": setup.flops_size})
     times = time_models(models, setup, mode, variants)
     return [{**row, **times[row["variant"]]} for row in rows]
 
