@@ -157,11 +157,13 @@ def _seed():
 torch.set_num_threads(1)
 
 
+@pytest.hookimpl(wrapper=True)
 def pytest_sessionstart(session):
+    yield  # xdist starts its workers here; importing seg (about 5 s) first would hold them back
     # Compile CA's CPU kernels (~15 s, once per cache) on a thread of the first pytest process, while
     # the xdist workers start and collect (about as long); pytest_collection_finish waits for it.
     if not hasattr(session.config, "workerinput"):
-        from seg.kernels import cpu
+        from seg.kernels import cpu  # not on the thread: collecting in this process (-n 0) imports seg too
 
         session.config.stash[KERNEL_BUILD] = build = threading.Thread(target=cpu.kernels, daemon=True)
         build.start()

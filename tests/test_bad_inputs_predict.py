@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 
 import cv2
-import onnx
 import pytest
 
 import predict_seg
@@ -107,6 +106,8 @@ def test_a_video_frames_folder_counts_among_its_outputs(tmp_path):
 
 def bad_card(source: Path, target: Path, key: str, raw: str) -> Path:
     """A copy of ONNX model ``source`` whose metadata ``key`` holds the text ``raw``."""
+    import onnx
+
     model = onnx.load(str(source))
     for prop in model.metadata_props:
         if prop.key == key:

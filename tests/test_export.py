@@ -1,7 +1,6 @@
 """ONNX export through the CLI: static and dynamic H/W for each MobileNetV2 attention, and the error paths."""
 
 import numpy as np
-import onnx
 import pytest
 import torch
 
@@ -44,6 +43,8 @@ def test_static_export_matches_pytorch(tmp_path, capsys, encoder):
     argv = ["--checkpoint", str(_checkpoint(tmp_path, encoder)), "--out", str(out),
             "--height", str(HEIGHT), "--width", str(WIDTH)]
     assert export.main(argv) == 0
+    import onnx
+
     assert "argmax agreement" in capsys.readouterr().out
     dims = [d.dim_value for d in onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim]
     assert dims == [1, 3, HEIGHT, WIDTH]
@@ -136,6 +137,8 @@ def test_threads_flag_or_the_checkpoints_train_threads(tmp_path, monkeypatch, fl
 
 
 def _op_counts(path) -> dict[str, int]:
+    import onnx
+
     counts: dict[str, int] = {}
     for node in onnx.load(str(path)).graph.node:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1

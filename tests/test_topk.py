@@ -2,7 +2,6 @@
 
 import torch
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy
 
 from seg.evaluation.topk import evaluate_topk
 
@@ -21,6 +20,8 @@ def test_topk_counts_the_target_within_the_first_k_ranks():
 
 
 def test_topk_equals_torchmetrics():
+    from torchmetrics.classification import MulticlassAccuracy  # 2 s to import: only where it is used
+
     gen = torch.Generator().manual_seed(0)
     logits, targets = torch.randn(53, 10, generator=gen), torch.randint(0, 10, (53,), generator=gen)
     got = evaluate_topk(nn.Identity(), _batches(logits, targets, 8), device=CPU)
