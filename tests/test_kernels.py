@@ -216,8 +216,10 @@ def test_gpu_bench_runs_its_tables_and_restores_the_tiles(monkeypatch, capsys):
     monkeypatch.setattr(bench_blocks, "PROJECTION_TILES", [dict(BLOCK_M=16, MAX_BLOCK_O=16, MAX_BLOCK_K=16, NUM_WARPS=2),
                                                            dict(BLOCK_M=32, MAX_BLOCK_O=32, MAX_BLOCK_K=16, NUM_WARPS=4)])
     monkeypatch.setattr(bench_blocks, "_ms", lambda fn, repeats: (fn(), 0.5)[1])
+    monkeypatch.setattr(bench_blocks, "BLOCK_STEPS", 1)  # the interpreter takes 0.1 s a step; 3 steps, not 75
+    monkeypatch.setattr(bench_blocks, "BLOCK_WARMUP", 0)
     defaults = (kernels.MAX_TILE, kernels.MAX_ROWS, projection.BLOCK_M, projection.MAX_BLOCK_O, projection.NUM_WARPS)
-    assert bench.main(["--scope", "block", "--device", "cpu", "--repeats", "1"]) == 0  # 20 timed steps
+    assert bench.main(["--scope", "block", "--device", "cpu", "--repeats", "1"]) == 0
     assert bench.main(["--scope", "tiles", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     kernel_lines = [line for line in out.splitlines() if line.startswith("| a (2, 6, 5, 7)")]

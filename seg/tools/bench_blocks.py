@@ -39,6 +39,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TILES = [dict(MAX_TILE=t, MAX_ROWS=r) for t, r in ((4096, 16), (8192, 16), (2048, 8), (8192, 32), (16384, 32))]
 AA = "A/A"
 WARMUP = 3
+BLOCK_STEPS, BLOCK_WARMUP = 20, 5  # per repeat, as do_bench's medians had; and before timing
 # (N, C, H, W, O) of the expanded blocks' projections in DeepLabV3 + MobileNetV2, OS 16, 512x512, batch 16
 PROJECTIONS = {"s2": (16, 96, 256, 256, 24), "s4": (16, 144, 128, 128, 32), "s8": (16, 192, 64, 64, 64),
                "s16": (16, 576, 32, 32, 96), "s16'": (16, 960, 32, 32, 160)}
@@ -83,9 +84,9 @@ def block_rows(x: torch.Tensor, repeats: int) -> dict[str, float]:
     def step(block):
         return lambda: block(x).backward(grad)
 
-    # 20 steps per repeat, as do_bench's medians had; the variants interleaved by the shared harness
-    times = interleaved({name: step(block) for name, block in blocks.items()}, repeats * 20, warmup=5,
-                        sync=torch.cuda.synchronize if x.is_cuda else lambda: None)
+    # the variants interleaved by the shared harness
+    times = interleaved({name: step(block) for name, block in blocks.items()}, repeats * BLOCK_STEPS,
+                        warmup=BLOCK_WARMUP, sync=torch.cuda.synchronize if x.is_cuda else lambda: None)
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
