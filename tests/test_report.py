@@ -10,12 +10,23 @@ from pathlib import Path
 
 import pytest
 
-from children import run_forked, start_forked
+from children import run_forked, start_forked, start_python, wait_forked
 from seg.tools import ablation, report
 
 pytestmark = pytest.mark.slow  # the report's smoke run and the ablation's parallel jobs
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _forked_part(name: str, argv: list[str], seconds: float, log: Path, env: dict | None = None) -> dict:
+    """``report.run_part`` with the part forked from the fork server, not started afresh: the five
+    parts' imports were about 25 of the smoke run's 70 CPU-seconds. ``run_part`` itself, a fresh
+    process cut at its budget, is the next test's."""
+    assert argv[0] == sys.executable, argv
+    start = time.perf_counter()
+    code = wait_forked(start_python(argv[1:], log, {"PYTHONUNBUFFERED": "1", **(env or {})}), timeout=seconds)
+    return {"part": name, "status": "ok" if code == 0 else f"failed (exit {code})",
+            "seconds": round(time.perf_counter() - start, 1), "log": f"{log.parent.name}/{log.name}"}
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +36,9 @@ def smoke(tmp_path_factory):
     # must not cut a part and drop its table; the report's own timing is not what this test checks.
     # --jobs 1 trains the ablation's 8 runs in the ablation's own process: 8 child start-ups (about 4 s
     # of imports each) are most of its smoke; the parallel children have their own test below.
-    assert report.main(["--smoke", "--device", "cpu", "--out", str(out), "--budget", "1200", "--jobs", "1"]) == 0
+    with pytest.MonkeyPatch.context() as patch:  # module scope: the monkeypatch fixture is per test
+        patch.setattr(report, "run_part", _forked_part)
+        assert report.main(["--smoke", "--device", "cpu", "--out", str(out), "--budget", "1200", "--jobs", "1"]) == 0
     return out
 
 
