@@ -41,7 +41,8 @@ FORK_SERVER.set_forkserver_preload(["train_seg", "torch.distributed.run"])
 def start_python(args: list[str], log: Path, env: dict[str, str] | None = None) -> multiprocessing.Process:
     """``python ARGS`` (a script, ``-m module`` or ``-c code``, then its arguments) in the repo, with
     ``env`` added to the environment, forked from ``FORK_SERVER``: its output in ``log``. The server
-    keeps the environment of the moment the first call started it: pass changes in ``env``."""
+    keeps the environment of the moment the first call started it: pass changes in ``env``. What
+    its preloaded modules read at import (such as ``SEG_CPU_KERNELS``) keeps the server's value."""
     with contextlib.chdir(REPO):  # the server, started on first use, imports train_seg from its folder
         multiprocessing.forkserver.ensure_running()
     child = FORK_SERVER.Process(target=_logged, args=(functools.partial(_python, list(args), env or {}), str(log)))

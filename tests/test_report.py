@@ -21,7 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 def _forked_part(name: str, argv: list[str], seconds: float, log: Path, env: dict | None = None) -> dict:
     """``report.run_part`` with the part forked from the fork server, not started afresh: the five
     parts' imports were about 25 of the smoke run's 70 CPU-seconds. ``run_part`` itself, a fresh
-    process cut at its budget, is the next test's."""
+    process cut at its budget, is the next test's. (The CUDA tests' ``SEG_CPU_KERNELS=0`` comes too
+    late for the server's imports; on a CPU those tests skip either way.)"""
     assert argv[0] == sys.executable, argv
     start = time.perf_counter()
     code = wait_forked(start_python(argv[1:], log, {"PYTHONUNBUFFERED": "1", **(env or {})}), timeout=seconds)
