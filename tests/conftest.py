@@ -155,6 +155,10 @@ def _seed():
 
 # Two OpenMP threads on a shared 2-core machine make small forwards ~100x slower; tests use one.
 torch.set_num_threads(1)
+# Importing and collecting make ~400,000 objects that live to the end (see pytest_collection_finish),
+# and with the default thresholds (700, 10, 10) full collections walked them again and again. Five
+# model-heavy test files spent 1.3 to 1.4 s in the collector per xdist worker, and 0.9 s with these.
+gc.set_threshold(20_000, 20, 20)
 
 
 @pytest.hookimpl(wrapper=True)
