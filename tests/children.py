@@ -12,6 +12,7 @@ import multiprocessing
 import multiprocessing.forkserver
 import os
 import runpy
+import socket
 import sys
 import traceback
 from pathlib import Path
@@ -63,6 +64,13 @@ def _python(args: list[str], env: dict[str, str]) -> None:
     else:
         sys.argv = list(args)
         runpy.run_path(args[0], run_name="__main__")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago, for a child's rendezvous or process group."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_forked(target: Callable[[], int | None], log: Path, timeout: float = 240) -> int:

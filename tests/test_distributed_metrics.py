@@ -4,13 +4,13 @@ import json
 import logging
 import math
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
+from children import free_port
 from seg.data import ContiguousSampler
 from seg.data.palette import IGNORE_INDEX
 from seg.evaluation.metrics import ConfusionMatrix
@@ -65,17 +65,11 @@ def _worker(rank: int, port: int, out_path: str) -> None:
         sd.cleanup()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_gloo_ranks_equal_one_process(tmp_path):
     out = tmp_path / "rank0.json"
     # forked, as DataLoader workers are: spawned ranks would spend seconds re-importing torch and seg
-    mp.start_processes(_worker, args=(_free_port(), str(out)), nprocs=WORLD_SIZE, join=True, start_method="fork")
+    mp.start_processes(_worker, args=(free_port(), str(out)), nprocs=WORLD_SIZE, join=True, start_method="fork")
     got = json.loads(out.read_text())
     single = _evaluate(DataLoader(_dataset(), batch_size=3)).compute()
     assert got["info"] == [0, WORLD_SIZE, True, "cpu"]

@@ -15,7 +15,6 @@ import json
 import multiprocessing
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 import pytest
 
 import train_seg
-from children import start_python, wait_forked
+from children import free_port, start_python, wait_forked
 from seg.runs.checkpoint import load_checkpoint
 from tests.test_kill_resume import ITERS, assert_same_as, error_line, run_args
 
@@ -64,12 +63,6 @@ def finish(proc: multiprocessing.Process, timeout: float = 240) -> tuple[int, st
 def rank_logs(log_dir: Path) -> dict[int, str]:
     """Each rank's output of the first attempt, from torchrun ``--log-dir DIR --redirects 3``."""
     return {int(p.parent.name): p.read_text() for p in sorted(log_dir.glob("*/attempt_0/*/stderr.log"))}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
