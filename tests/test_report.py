@@ -26,8 +26,7 @@ def _forked_part(name: str, argv: list[str], seconds: float, log: Path, env: dic
     assert argv[0] == sys.executable, argv
     start = time.perf_counter()
     code = wait_forked(start_python(argv[1:], log, {"PYTHONUNBUFFERED": "1", **(env or {})}), timeout=seconds)
-    return {"part": name, "status": "ok" if code == 0 else f"failed (exit {code})",
-            "seconds": round(time.perf_counter() - start, 1), "log": f"{log.parent.name}/{log.name}"}
+    return report.part_record(name, code, seconds, time.perf_counter() - start, log)
 
 
 @pytest.fixture(scope="module")

@@ -69,13 +69,20 @@ def run_part(name: str, argv: list[str], seconds: float, log: Path, env: dict | 
                                 env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
         try:
             code = proc.wait(timeout=seconds)
-            status = "ok" if code == 0 else f"failed (exit {code})"
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-            status = f"cut at its budget of {seconds:.0f} s"
-    return {"part": name, "status": status, "seconds": round(time.perf_counter() - start, 1),
-            "log": f"{log.parent.name}/{log.name}"}
+            code = None
+    return part_record(name, code, seconds, time.perf_counter() - start, log)
+
+
+def part_record(name: str, code: int | None, budget: float, seconds: float, log: Path) -> dict:
+    """The report's entry for a part that ran ``seconds`` and exited with ``code`` (None: cut at ``budget``)."""
+    if code is None:
+        status = f"cut at its budget of {budget:.0f} s"
+    else:
+        status = "ok" if code == 0 else f"failed (exit {code})"
+    return {"part": name, "status": status, "seconds": round(seconds, 1), "log": f"{log.parent.name}/{log.name}"}
 
 
 def json_part(report: dict, name: str, argv: list[str], seconds: float, log: Path, out: Path) -> dict | None:
