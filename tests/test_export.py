@@ -39,12 +39,12 @@ def _ort(path, height, width):
 
 @pytest.mark.parametrize("encoder", ENCODERS)
 def test_static_export_matches_pytorch(tmp_path, capsys, encoder):
+    import onnx
+
     out = tmp_path / "model.onnx"
     argv = ["--checkpoint", str(_checkpoint(tmp_path, encoder)), "--out", str(out),
             "--height", str(HEIGHT), "--width", str(WIDTH)]
     assert export.main(argv) == 0
-    import onnx
-
     assert "argmax agreement" in capsys.readouterr().out
     dims = [d.dim_value for d in onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim]
     assert dims == [1, 3, HEIGHT, WIDTH]
