@@ -1,6 +1,8 @@
 """Fused-vs-reference comparisons shared by the interpreter tests and the CUDA tests of seg.kernels."""
 
 import copy
+import dataclasses
+import os
 from typing import Callable
 
 import torch
@@ -10,6 +12,15 @@ from seg.engine.loop import TrainState, train_step
 from seg.kernels.fast import use_fused
 from seg.modeling.attention import CoordAttention
 from seg.modeling.models import build_model
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    from triton.runtime import interpreter
+
+    # Triton's interpreter evaluates an overflow check for every integer +, - and * (in int64), then
+    # drops it, since device asserts only run with debug=True: over a third of a whole-DeepLab test's
+    # time. Off, the kernels compute the same values; only the discarded checks are skipped.
+    interpreter.interpreter_builder.options = dataclasses.replace(interpreter.interpreter_builder.options,
+                                                                  sanitize_overflow=False)
 
 # Machine epsilon of each dtype: the unit the low-precision tolerances are written in.
 EPS = {torch.float32: 2**-23, torch.bfloat16: 2**-8, torch.float16: 2**-11}
