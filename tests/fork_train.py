@@ -2,18 +2,19 @@
 
 Importing torch and smp takes seconds, so this process imports ``train_seg`` once and forks one
 child per run: each child is a real, separate process running the real entry point on real
-files, and the kernel's SIGKILL ends it. The faults wrap ``os.replace`` and ``os.write``, the two
-calls through which seg.runs.checkpoint and seg.runs.rundir change the run directory, so production code
-has no test hooks.
+files, and the kernel's SIGKILL ends it. The faults wrap ``os.replace``, ``os.open`` and ``os.write``,
+the calls through which seg.runs.checkpoint and seg.runs.rundir change the run directory, so
+production code has no test hooks.
 
 Protocol, one JSON object per line: on stdin ``{"argv": [...], "fault": SPEC or null, "log": PATH}``
 answers ``{"pid": P, "exit": RC}``, ``{"pid": P, "signal": S}`` or ``{"pid": P, "stopped": true}``;
 ``{"kill": P}`` SIGKILLs a stopped child and answers ``{"pid": P, "signal": 9}``.
 
 A fault SPEC is ``OP:NAME:N:ACTION``. OP ``replace`` counts ``os.replace`` calls onto a file called
-NAME; OP ``write`` counts ``os.write`` calls into a file whose name contains NAME. On the Nth,
-ACTION is ``kill_before`` / ``kill_after`` (SIGKILL around the real call), ``half_kill`` (write half
-the bytes, then SIGKILL), ``enospc`` (raise a full-disk OSError) or ``stop`` (SIGSTOP after the call).
+NAME, and acts on the Nth; OP ``write`` counts files opened whose name contains NAME (a checkpoint
+is streamed in several writes), and acts on the first ``os.write`` into the Nth. ACTION is
+``kill_before`` / ``kill_after`` (SIGKILL around the real call), ``half_kill`` (write half the
+bytes, then SIGKILL), ``enospc`` (raise a full-disk OSError) or ``stop`` (SIGSTOP after the call).
 
 Every child's validation score rises with training progress (``rising_scores``), so ``best.pt``
 is rewritten at every validation whatever a few random steps learned on this CPU: the kill
@@ -35,21 +36,10 @@ import train_seg
 
 def install_fault(spec: str) -> None:
     op, name, nth, action = spec.split(":")
-    calls = 0
+    calls, target_fd = 0, None
     real = {"replace": os.replace, "write": os.write}[op]
 
-    def target(args) -> bool:
-        if op == "replace":
-            return Path(args[1]).name == name
-        return name in Path(os.readlink(f"/proc/self/fd/{args[0]}")).name
-
-    def wrapper(*args):
-        nonlocal calls
-        if not target(args):
-            return real(*args)
-        calls += 1
-        if calls != int(nth):
-            return real(*args)
+    def act(*args):
         if action == "kill_before":
             os.kill(os.getpid(), signal.SIGKILL)
         if action == "enospc":
@@ -61,7 +51,36 @@ def install_fault(spec: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL if action == "kill_after" else signal.SIGSTOP)
         return result
 
-    setattr(os, op, wrapper)
+    def replace(*args):
+        nonlocal calls
+        if Path(args[1]).name == name:
+            calls += 1
+            if calls == int(nth):
+                return act(*args)
+        return real(*args)
+
+    real_open = os.open
+
+    def open_(path, *args, **kwargs):
+        nonlocal calls, target_fd
+        fd = real_open(path, *args, **kwargs)
+        if name in Path(path).name:
+            calls += 1
+            if calls == int(nth):
+                target_fd = fd
+        return fd
+
+    def write(fd, data):
+        nonlocal target_fd
+        if fd != target_fd:
+            return real(fd, data)
+        target_fd = None  # only the file's first write
+        return act(fd, data)
+
+    if op == "replace":
+        os.replace = replace
+    else:
+        os.open, os.write = open_, write
 
 
 def rising_scores() -> None:

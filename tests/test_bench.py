@@ -233,3 +233,12 @@ def test_pipeline_scope_times_each_input_against_bare_decode_with_an_aa(capsys, 
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| VOC") or
             line.startswith("| Cityscapes")]
     assert len(rows) == 2 and all(len(row.strip("|").split("|")) == 6 for row in rows)
+
+
+def test_checkpoint_scope_times_the_streamed_write_against_in_memory_with_an_aa(capsys):
+    assert bench.main(["--scope", "checkpoint", "--encoders", "mobilenet_v2", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "last.pt of DeepLabV3 mobilenet_v2 + AdamW state" in out and cpu_name() in out
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| ") and "median" not in line]
+    assert [r[0].lstrip("| ") for r in rows] == ["streamed", "in memory", "in memory A/A"]
+    assert rows[1][2] == "1.000 |" and all(float(r[1]) > 0 for r in rows)

@@ -125,6 +125,33 @@ def test_crash_mid_save_keeps_previous_file_and_leaves_no_temp(tmp_path, monkeyp
     assert load_checkpoint(tmp_path / "last.pt")["iteration"] == 1
 
 
+def test_full_disk_mid_stream_is_an_oserror_naming_the_file_and_keeps_the_previous_one(tmp_path, monkeypatch):
+    # torch's zip writer turns an error raised by the file object's write() into a RuntimeError
+    # without its errno: save_atomic must still raise the OSError, which run directories report
+    import errno
+    import os
+
+    model = nn.Conv2d(3, 512, 3)  # 55 KB of weights, streamed in more than one write below
+    save(tmp_path / "last.pt", model, iteration=1)
+    before = (tmp_path / "last.pt").read_bytes()
+    monkeypatch.setattr("seg.utils.atomic.FdWriter.CHUNK", 1024)
+    real, writes = os.write, []
+
+    def disk_fills(fd, data):
+        writes.append(len(data))
+        if len(writes) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, data)
+
+    monkeypatch.setattr(os, "write", disk_fills)
+    with pytest.raises(OSError) as err:
+        save(tmp_path / "last.pt", model, iteration=2)
+    monkeypatch.undo()
+    assert err.value.errno == errno.ENOSPC and err.value.filename == str(tmp_path / "last.pt")
+    assert len(writes) == 2 and (tmp_path / "last.pt").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
 def test_non_plain_value_is_refused_before_writing(tmp_path):
     save(tmp_path / "c.pt", tiny_model(), iteration=1)
     with pytest.raises(TypeError, match=r"checkpoint\.extra\.miou.*numpy\.float64"):

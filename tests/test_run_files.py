@@ -118,14 +118,14 @@ def test_full_disk_suggests_resume_only_when_last_pt_exists(tiny_synthetic, tmp_
     if saved_iteration is not None:
         save_state(tmp_path / "last.pt", state, cfg)
     state.iteration += 1
-    real = checkpoint.write_atomic
+    real = checkpoint.save_atomic
 
-    def full_for_last(path, data):
+    def full_for_last(obj, path):
         if path.name == "last.pt":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-        real(path, data)
+        real(obj, path)
 
-    monkeypatch.setattr(checkpoint, "write_atomic", full_for_last)
+    monkeypatch.setattr(checkpoint, "save_atomic", full_for_last)
     with pytest.raises(RunDirError) as refusal:
         commit_validation(tmp_path, state, cfg, {"iter": state.iteration}, is_best=True,
                           saved_iteration=saved_iteration)

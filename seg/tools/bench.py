@@ -19,7 +19,8 @@ instead (``seg.tools.bench_blocks``), ``--scope pipeline`` one loader worker's d
 per image (``seg.tools.bench_pipeline``), and ``--scope pretrain`` a pretraining step of MobileNetV2 and
 + CA and the ImageNet loader, projected to the paper's 200 epochs (``seg.tools.bench_pretrain``), and
 ``--scope eval`` ``eval_seg.py``'s images/s for plain, SE and CA on the default and the reference
-inference path (``seg.tools.bench_eval``).
+inference path (``seg.tools.bench_eval``), and ``--scope checkpoint`` the atomic write of a run's
+``last.pt`` (``seg.tools.bench_checkpoint``).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import torch
 from seg.config import available_cpus
 from seg.config.cli import HelpFormatter
 from seg.kernels import HAS_TRITON, INTERPRET, calibrate
-from seg.tools import bench_blocks, bench_eval, bench_pipeline, bench_pretrain
+from seg.tools import bench_blocks, bench_checkpoint, bench_eval, bench_pipeline, bench_pretrain
 from seg.tools.bench_models import AA, ATROUS_RATES, CA_TORCH, ENCODERS, VARIANTS, run_bench
 from seg.tools.bench_runners import BenchSetup, FLOPS_SIZE, STEPS
 from seg.tools.timing import noise_warning, ratio, spread
@@ -47,7 +48,7 @@ DEFAULTS = {
     "cpu": dict(batch=1, size=512, amp="none", channels_last=False, compile="off", steps=("infer",),
                 encoders=("mobilenet_v2",), os=(16,), variants=["plain", AA, "CA", CA_TORCH]),
 }
-SCOPES = ("model", "block", "tiles", "projections", "pipeline", "pretrain", "eval")
+SCOPES = ("model", "block", "tiles", "projections", "pipeline", "pretrain", "eval", "checkpoint")
 COLUMNS = ("encoder", "variant", "OS", "mode", "params (M)", "GFLOPs", "train ms (min / med / max)",
            "infer ms (min / med / max)", "train img/s", "infer img/s", "peak mem (GiB)", "train / plain",
            "infer / plain")
@@ -182,6 +183,9 @@ def other_scope(args: argparse.Namespace) -> int:
             args.warmup, args.workers or available_cpus(), args.loader_images)
         print("\n".join(lines))
         save_json(record, args.json)
+        return 0
+    if args.scope == "checkpoint":
+        print("\n".join(bench_checkpoint.checkpoint_table((args.encoders or ["mobilenet_v2_ca"])[0], args.repeats)))
         return 0
     if args.scope == "eval":
         with tempfile.TemporaryDirectory() as tmp:
