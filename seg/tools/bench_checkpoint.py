@@ -10,13 +10,17 @@ turn by :mod:`seg.tools.timing`.
 from __future__ import annotations
 
 import io
+import statistics
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
+from seg.config import ModelConfig
+from seg.modeling.models import model_from_config
 from seg.runs.checkpoint import save_atomic
-from seg.tools.timing import cpu_name, interleaved
+from seg.tools.timing import cpu_name, interleaved, noise_warning, ratio
 from seg.utils.atomic import write_atomic
 
 STREAMED, IN_MEMORY, AA = "streamed", "in memory", "in memory A/A"
@@ -24,9 +28,6 @@ STREAMED, IN_MEMORY, AA = "streamed", "in memory", "in memory A/A"
 
 def _payload(encoder: str) -> dict:
     """What a run's last.pt holds for DeepLabV3 on ``encoder`` (256 decoder channels) after an AdamW step."""
-    from seg.config import ModelConfig
-    from seg.modeling.models import model_from_config
-
     model = model_from_config(ModelConfig(encoder=encoder), 21)
     optimizer = torch.optim.AdamW(model.parameters())
     model(torch.randn(2, 3, 64, 64)).mean().backward()
@@ -49,9 +50,11 @@ def checkpoint_table(encoder: str, repeats: int) -> list[str]:
                    AA: lambda: in_memory(folder / "memory_aa.pt")}
         times = interleaved(runners, repeats, warmup=1)
         size = (folder / "streamed.pt").stat().st_size / 1e6
-    median = {name: sorted(t)[len(t) // 2] * 1e3 for name, t in times.items()}
+    if (warning := noise_warning("checkpoint write", ratio(times, AA, IN_MEMORY))) is not None:
+        print(warning, file=sys.stderr)
     lines = [f"last.pt of DeepLabV3 {encoder} + AdamW state, {size:.1f} MB, replaced in place in {tempfile.gettempdir()}; "
              f"{repeats} interleaved writes each; CPU: {cpu_name()}", "",
              "| write | median ms | / in memory |", "|---|---:|---:|"]
-    lines += [f"| {name} | {median[name]:.1f} | {median[name] / median[IN_MEMORY]:.3f} |" for name in runners]
+    lines += [f"| {name} | {statistics.median(times[name]) * 1e3:.1f} | {ratio(times, name, IN_MEMORY):.3f} |"
+              for name in runners]
     return lines
