@@ -138,6 +138,16 @@ def with_measured_bn(model: torch.nn.Module, *input_shape: int, seed: int = 0) -
     return model.eval()
 
 
+@pytest.fixture(scope="module")
+def ext():
+    """CA's compiled CPU kernels (seg.kernels.cpu), built for real once per cache."""
+    from seg.kernels import cpu
+
+    module = cpu.kernels()
+    assert module is not None, "the CPU kernels did not build; see the warning logged above"
+    return module
+
+
 @pytest.fixture(scope="session")
 def tiny_synthetic(tmp_path_factory) -> Path:
     """4 train and 2 val synthetic images of 32 px: enough for real runs that train and validate."""

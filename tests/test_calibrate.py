@@ -15,12 +15,11 @@ from seg.modeling.attention import CoordAttention
 
 
 @pytest.fixture()
-def ext(monkeypatch):
-    module = cpu.kernels()
-    assert module is not None, "the CPU kernels did not build"
+def ext(ext, monkeypatch):
+    """conftest's built kernels, with calibration on and nothing chosen yet."""
     monkeypatch.setattr(calibrate, "MODE", "auto")
     monkeypatch.setattr(calibrate, "_choices", {})
-    return module
+    return ext
 
 
 @pytest.fixture()

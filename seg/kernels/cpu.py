@@ -95,7 +95,7 @@ def _build() -> ModuleType:
         if ninja.BIN_DIR not in os.environ.get("PATH", "").split(os.pathsep):
             os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
     # torch holds an OS lock (released if the holder dies) while building, so a build killed
-    # midway is simply redone by the next process (tests/test_cpu_kernels.py kills one).
+    # midway is simply redone by the next process (tests/test_cpu_kernel_build.py kills one).
     stamp = folder / f"{NAME}.key"
     stamp.unlink(missing_ok=True)  # no process may take the library for finished while it is rewritten
     module = cpp_extension.load(name=NAME, sources=[str(SOURCE)], build_directory=str(folder),
