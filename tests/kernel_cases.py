@@ -2,6 +2,7 @@
 
 import copy
 import dataclasses
+import inspect
 import os
 from typing import Callable
 
@@ -14,6 +15,7 @@ from seg.modeling.attention import CoordAttention
 from seg.modeling.models import build_model
 
 if os.environ.get("TRITON_INTERPRET") == "1":
+    import triton.language
     from triton.runtime import interpreter
 
     # Triton's interpreter evaluates an overflow check for every integer +, - and * (in int64), then
@@ -21,6 +23,21 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     # time. Off, the kernels compute the same values; only the discarded checks are skipped.
     interpreter.interpreter_builder.options = dataclasses.replace(interpreter.interpreter_builder.options,
                                                                   sanitize_overflow=False)
+
+    _builtins: dict[object, list[tuple[str, object]]] = {}
+
+    def _patch_builtin(pkg, builder, scope) -> None:
+        # Triton lists every member of tl, tl.core, tl.math and tl.tensor (inspect.getmembers) on every
+        # kernel launch to find the builtins it reroutes, a sixth of the child's time. Which members
+        # are builtins never changes, so they are listed once, on the first launch, when none is patched
+        # (each launch restores what it patched).
+        if pkg not in _builtins:
+            _builtins[pkg] = [(name, member) for name, member in inspect.getmembers(pkg)
+                              if triton.language.core.is_builtin(member)]
+        for name, member in _builtins[pkg]:
+            interpreter._patch_attr(pkg, name, member, builder, scope)
+
+    interpreter._patch_builtin = _patch_builtin
 
 # Machine epsilon of each dtype: the unit the low-precision tolerances are written in.
 EPS = {torch.float32: 2**-23, torch.bfloat16: 2**-8, torch.float16: 2**-11}
