@@ -200,7 +200,7 @@ def test_readme_is_a_front_door():
     assert len(readme.splitlines()) <= 200
     ci_command = (ROOT / ".ci/run").read_text().strip().splitlines()[-1]
     assert f"```bash\n{ci_command}\n```" in readme  # the Quick-start test command is exactly CI's
-    assert "```bash\npython3 -m venv .venv && .venv/bin/pip install -r requirements.txt && " \
+    assert "```bash\npython3 -m venv --upgrade-deps .venv && .venv/bin/pip install -r requirements.txt && " \
            ".venv/bin/python train_seg.py\n```" in readme
 
 
