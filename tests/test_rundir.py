@@ -1,6 +1,7 @@
 """The run directory: starts that must be refused leave it untouched and say how to go on in one line."""
 
 import json
+import multiprocessing
 import os
 import shutil
 from pathlib import Path
@@ -111,8 +112,11 @@ def test_truncated_jpeg_is_named(tiny_synthetic, tmp_path, capsys, workers):
     jpeg = root / "VOCdevkit" / "VOC2012" / "JPEGImages" / "train_00002.jpg"
     jpeg.write_bytes(jpeg.read_bytes()[: jpeg.stat().st_size // 2])
     out = tmp_path / "run"
+    before = set(multiprocessing.active_children())
     assert train_seg.main(["--out", str(out), *run_args(root, f"data.num_workers={workers}")]) == 2
     assert f"error: {jpeg} is truncated" in one_error_line(capsys)
+    # the loaders' workers are gone when main returns, not at a later garbage collection that waits 5 s
+    assert set(multiprocessing.active_children()) <= before
     # met mid-run (check_dataset.py finds it up front): what was saved before it stays consistent
     iters = [json.loads(line)["iter"] for line in (out / "metrics.jsonl").read_text().splitlines()] \
         if (out / "metrics.jsonl").exists() else []

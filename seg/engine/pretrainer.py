@@ -162,6 +162,8 @@ def _pretrain(cfg: Config, run_dir: Path, dist: DistInfo, resumed: dict | None) 
                   eval_interval=cfg.train.eval_interval, on_log=tracker.scalars, on_eval=on_eval)
         finally:
             tracker.close()
+            for loader in (train_loader, val_loader):
+                loader.close()
         if dist.is_main:
             export_encoder(run_dir / BEST, run_dir / ENCODER_FILE)
             log.info("wrote %s: the best checkpoint's encoder; segmentation loads it with "

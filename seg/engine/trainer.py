@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 
 from seg.config import Config, ConfigError, config_to_dict, inference_settings
 from seg.data import build_dataset, build_eval_transform, build_loader, build_train_transform
+from seg.data.loaders import SegLoader
 from seg.data.sampling import endless_batches
 from seg.engine.graphs import graph_training
 from seg.engine.loop import NonFiniteLossError, TrainState, train
@@ -53,7 +53,7 @@ def build_datasets(cfg: Config, dist: DistInfo):
     return train_set, val_set
 
 
-def build_loaders(cfg: Config, train_set, val_set, dist: DistInfo) -> tuple[DataLoader, DataLoader]:
+def build_loaders(cfg: Config, train_set, val_set, dist: DistInfo) -> tuple[SegLoader, SegLoader]:
     data = cfg.data
     if data.batch_size % dist.world_size:
         raise ConfigError(f"data.batch_size={data.batch_size} (global) is not divisible by {dist.world_size} "
@@ -268,4 +268,6 @@ def _train(cfg: Config, run_dir: Path, dist: DistInfo, resumed: dict | None) -> 
                   eval_interval=cfg.train.eval_interval, on_log=tracker.scalars, on_eval=on_eval)
         finally:
             tracker.close()
+            for loader in (train_loader, val_loader):
+                loader.close()
     return state
