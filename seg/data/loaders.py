@@ -90,7 +90,8 @@ class SegLoader(DataLoader):
 
         A run that ends in an error leaves the loaders in reference cycles (through the traceback's
         frames): their workers then lived until a later garbage collection, which waited 5 s for
-        them to join, and a failed ``train_seg.py`` exited 5 s late.
+        them to join. That stalled whatever ran next in the process (a test, the next run of a
+        sweep), though not a script's exit.
         """
         iterator, self._iterator = self._iterator, None
         _shut_down(iterator)
