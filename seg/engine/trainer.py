@@ -18,14 +18,14 @@ from seg.data import build_dataset, build_eval_transform, build_loader, build_tr
 from seg.data.loaders import SegLoader
 from seg.data.sampling import endless_batches
 from seg.engine.graphs import graph_training
-from seg.engine.loop import NonFiniteLossError, TrainState, train
+from seg.engine.loop import TrainState, train
 from seg.engine.optim import build_optimizer, build_scheduler
 from seg.evaluation.loop import evaluate
 from seg.evaluation.scoring import prepare_synthetic
 from seg.kernels import calibrate
 from seg.kernels.fast import optimize_for_inference
 from seg.modeling.models import model_from_config
-from seg.runs.checkpoint import (CheckpointError, load_model_weights, restore_rng, save_checkpoint, saved_cpu_paths,
+from seg.runs.checkpoint import (load_model_weights, restore_rng, save_checkpoint, saved_cpu_paths,
                                  unwrap_model)
 from seg.runs.rundir import BEST, LAST, LOG, RunDirError, append_metrics, begin_run, log_to_file
 from seg.runs.start import StartPlan, started
