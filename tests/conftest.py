@@ -1,16 +1,16 @@
-"""Shared fixtures: paths to the optional real data beside the repo, a CA block with BN statistics,
-models at measured BN statistics or built with zero weights, and comparisons at an output's scale.
-The system tests' child processes are in ``children.py``."""
+"""Shared fixtures and the suite's hooks, and paths to the optional real data beside the repo. Models in
+well-conditioned states and comparisons at an output's scale are in ``numerics.py``; the system tests'
+child processes in ``children.py``.
 
-import contextlib
+torch is imported inside the hooks, not here: under xdist the first process starts its workers only
+once it has loaded this file, and importing torch first held them back by about 2 s."""
+
 import gc
 import os
 import threading
 from pathlib import Path
-from typing import Iterator
 
 import pytest
-import torch
 
 # CA's CPU kernels and PyTorch's ops agree only to fp32 rounding, and by default each process
 # times both and keeps the faster (seg/kernels/calibrate.py). Tests compare runs made in different
@@ -36,106 +36,22 @@ def shared_path(*parts: str) -> Path:
     return path
 
 
-# torch.nn.init's fills, which module constructors call for their random init
-_INITS = ("uniform_", "normal_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
-          "xavier_normal_", "orthogonal_", "constant_", "ones_", "zeros_")
-
-
-@contextlib.contextmanager
-def zero_init() -> Iterator[None]:
-    """Modules built inside this block get zeros where ``torch.nn.init`` would fill their weights:
-    for tests of shapes and structure, which do not read them. Drawing ResNet-50's random init was
-    about 80% of building it."""
-    def zero(tensor: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        with torch.no_grad():
-            return tensor.zero_()
-
-    saved = {name: getattr(torch.nn.init, name) for name in _INITS}
-    for name in _INITS:
-        setattr(torch.nn.init, name, zero)
-    try:
-        yield
-    finally:
-        for name, fill in saved.items():
-            setattr(torch.nn.init, name, fill)
-
-
 def pytest_collection_modifyitems(config, items):
     # xdist (--dist loadscope) hands a worker one module at a time, in this order. The modules with
     # system tests take up to two minutes each; run last, one of them kept a worker busy for a minute
     # after the other had finished. So they go first, and the many quick modules even out the end.
     system = {item.path for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: item.path not in system)  # stable: a module's tests keep their order
+    import torch  # only the processes that collect, and so run tests, get here
+
+    # Two OpenMP threads on a shared 2-core machine make small forwards ~100x slower; tests use one.
+    torch.set_num_threads(1)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
         if item.get_closest_marker("cuda"):
             item.add_marker(skip)
-
-
-def ca_with_bn_stats(channels: int = 16, inplace: bool = False):
-    """A CA block with its inference fast paths (seg.kernels.fast), in eval mode, whose BN is far
-    from identity, so a wrong or stale BN fold shows."""
-    from seg.modeling.attention import CoordAttention
-    from seg.kernels.fast import optimize_for_inference
-
-    block = optimize_for_inference(CoordAttention(channels))
-    block.inplace = inplace
-    with torch.no_grad():
-        block.bn1.running_mean.uniform_(-0.5, 0.5)
-        block.bn1.running_var.uniform_(0.3, 2.0)
-        block.bn1.weight.uniform_(0.5, 1.5)
-        block.bn1.bias.uniform_(-0.5, 0.5)
-    return block.eval()
-
-
-def assert_close_at_scale(got, expected, share: float = 1e-4, name: str | None = None) -> None:
-    """``got`` equals ``expected`` to a ``share`` of ``expected``'s largest |value| (tensors or arrays);
-    ``name`` prefixes the failure message.
-
-    For outputs computed in another summation order (another process, CPU path or kernel): their
-    rounding error grows with the output's scale, not with each element's size, while a wrong weight
-    or layer moves them by a percent or more of that scale. A fixed atol is either too tight for
-    large outputs or too loose for small ones."""
-    got, expected = torch.as_tensor(got), torch.as_tensor(expected)
-    torch.testing.assert_close(got, expected, atol=share * expected.abs().max().item(), rtol=0,
-                               msg=(lambda message: f"{name}: {message}") if name else None)
-
-
-def with_measured_bn(model: torch.nn.Module, *input_shape: int, seed: int = 0) -> torch.nn.Module:
-    """``model`` in eval mode at a well-conditioned operating point: each BN's running statistics
-    measured on two random batches of ``input_shape``, its affine terms set away from the kinks.
-
-    Built fresh, BN's statistics are (0, 1) and MobileNetV2's fan-out init shrinks the signal block
-    by block: features of ~1e-12 at the last level, logits that are the head's bias and gradients of
-    ~1e-18. Two implementations compared there at an atol agree however wrong one is. Measured
-    statistics normalise every layer, as training would, so each block sees values of order one.
-
-    BN's outputs are then centred at 2 (weights 0.5 to 1), between ReLU6's kinks at 0 and 6, and
-    CA's at 0, between hard-swish's at -3 and 3. Centred at 0, many values sit within rounding of a
-    kink, and two implementations that differ in the last bit disagree there by O(1) in the
-    backward: whole-DeepLab gradients then differed by up to 3% (and fp32 from float64 by up to
-    70%), depending on the seed. Centred away, they agree to 1e-6 of each tensor's scale.
-    """
-    from seg.modeling.attention import CoordAttention
-
-    in_ca = {id(m.bn1) for m in model.modules() if isinstance(m, CoordAttention)}
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    momenta = [bn.momentum for bn in norms]
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for bn in norms:
-            bn.reset_running_stats()
-            bn.momentum = None  # a plain average over the batches
-            bn.weight.uniform_(0.5, 1.0, generator=gen)
-            bn.bias.fill_(0.0 if id(bn) in in_ca else 2.0)
-        model.train()
-        for _ in range(2):
-            model(torch.randn(input_shape, generator=gen))
-    for bn, momentum in zip(norms, momenta):
-        bn.momentum = momentum
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -160,11 +76,11 @@ def tiny_synthetic(tmp_path_factory) -> Path:
 
 @pytest.fixture(autouse=True)
 def _seed():
+    import torch
+
     torch.manual_seed(0)
 
 
-# Two OpenMP threads on a shared 2-core machine make small forwards ~100x slower; tests use one.
-torch.set_num_threads(1)
 # Importing and collecting make ~400,000 objects that live to the end (see pytest_collection_finish),
 # and with the default thresholds (700, 10, 10) full collections walked them again and again. Five
 # model-heavy test files spent 1.3 to 1.4 s in the collector per xdist worker, and 0.9 s with these.
@@ -205,6 +121,8 @@ def pytest_collection_finish(session):
 def pytest_terminal_summary(terminalreporter):
     # The suite's time and --durations above mean little without the CPU: 2 cores of the x86 models
     # the project runs on differ by about 1.5x, and the vector ISA torch chose changes the float path.
+    import torch
+
     from seg.tools.timing import cpu_name
 
     terminalreporter.write_line(f"CPU: {cpu_name()}, {os.cpu_count()} cores, torch CPU capability "

@@ -4,7 +4,7 @@ reference forward: values, gating in place, hooks, and the folded-BN cache follo
 import pytest
 import torch
 
-from conftest import ca_with_bn_stats, with_measured_bn
+from numerics import ca_with_bn_stats, with_measured_bn
 from seg.kernels import cpu
 from seg.kernels.fast import optimize_for_inference
 from seg.modeling.attention import CoordAttention

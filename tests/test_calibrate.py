@@ -7,8 +7,8 @@ import copy
 import pytest
 import torch
 
-from conftest import ca_with_bn_stats, with_measured_bn
 from kernel_cases import assert_as_accurate
+from numerics import ca_with_bn_stats, with_measured_bn
 from seg.kernels import calibrate, cpu
 from seg.kernels.fast import optimize_for_inference
 from seg.modeling.attention import CoordAttention

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from children import start_python, wait_forked
-from conftest import ca_with_bn_stats
+from numerics import ca_with_bn_stats
 from seg.kernels import cpu
 from seg.modeling.attention import CoordAttention
 

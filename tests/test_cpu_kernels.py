@@ -6,7 +6,7 @@ import contextlib
 import pytest
 import torch
 
-from conftest import assert_close_at_scale, ca_with_bn_stats, with_measured_bn
+from numerics import assert_close_at_scale, ca_with_bn_stats, with_measured_bn
 from seg.kernels import cpu
 from seg.kernels.fast import optimize_for_inference
 from seg.modeling.attention import CoordAttention

@@ -6,7 +6,7 @@ import torch
 import torchvision
 from torch import nn
 
-from conftest import with_measured_bn, zero_init
+from numerics import with_measured_bn, zero_init
 from seg.modeling.attention import ATTENTIONS
 from seg.modeling.encoders import register as registry
 from seg.tools.complexity import count_params
@@ -30,7 +30,7 @@ class EncoderTester:
         return smp.encoders.get_encoder(self.name, **kwargs).eval()
 
     def build_for_shapes(self, **kwargs) -> nn.Module:
-        """:meth:`build` with zero weights, for the tests of shapes and counts (see conftest.zero_init)."""
+        """:meth:`build` with zero weights, for the tests of shapes and counts (see numerics.zero_init)."""
         with zero_init():
             return self.build(**kwargs)
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import with_measured_bn
+from numerics import with_measured_bn
 from seg.config import Config, config_to_dict
 import seg.export.onnx as export
 from seg.modeling.models import model_from_config

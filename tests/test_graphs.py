@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import with_measured_bn
+from numerics import with_measured_bn
 import train_seg
 from seg.config import ConfigError, load_config
 from seg.kernels.fast import use_fused

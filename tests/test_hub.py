@@ -9,7 +9,7 @@ import pytest
 import segmentation_models_pytorch as smp
 import torch
 
-from conftest import assert_close_at_scale, with_measured_bn
+from numerics import assert_close_at_scale, with_measured_bn
 import seg
 from seg.modeling.models import build_model
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import with_measured_bn
+from numerics import with_measured_bn
 from seg.engine.graphs import ShapeGraphs
 from seg.inference import paths
 from seg.inference.tta import predict_labels

@@ -20,10 +20,10 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 pytest.importorskip("triton")
 
 import seg.kernels  # noqa: E402
-from conftest import with_measured_bn  # noqa: E402
 from kernel_cases import (  # noqa: E402
     EPS, assert_fused_as_accurate, assert_same_gradients, deeplab_ca, fused_reference_exact, memory_format, tiny_ca_net,
     train_losses)
+from numerics import with_measured_bn  # noqa: E402
 from seg.config import ModelConfig  # noqa: E402
 from seg.kernels import coord_attention as kernels  # noqa: E402
 from seg.kernels import ops  # noqa: E402

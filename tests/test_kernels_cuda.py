@@ -7,9 +7,9 @@ Skipped without CUDA (tests/conftest.py). Sizes are those of DeepLabV3 + mobilen
 import pytest
 import torch
 
-from conftest import with_measured_bn
 from kernel_cases import (
     EPS, assert_fused_as_accurate, deeplab_ca, fused_reference_exact, memory_format, train_losses)
+from numerics import with_measured_bn
 
 pytestmark = pytest.mark.cuda
 pytest.importorskip("triton")

@@ -112,7 +112,7 @@ def test_count_flops_restores_train_mode():
 
 
 def test_meta_count_equals_the_cpu_count_and_leaves_the_model_as_it_was():
-    from conftest import ca_with_bn_stats
+    from numerics import ca_with_bn_stats
 
     block = ca_with_bn_stats(16)  # eval, with the fast path whose folds are cached between calls
     x = torch.randn(2, 16, 12, 9)

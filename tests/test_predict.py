@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import with_measured_bn
+from numerics import with_measured_bn
 import eval_seg
 import predict_seg
 import seg.export.onnx as export

@@ -8,7 +8,7 @@ import pytest
 import segmentation_models_pytorch as smp
 import torch
 
-from conftest import assert_close_at_scale, with_measured_bn
+from numerics import assert_close_at_scale, with_measured_bn
 from seg.config import load_config
 from seg.engine import trainer
 from seg.engine.pretrainer import ENCODER_FILE, build_classifier

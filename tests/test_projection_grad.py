@@ -16,8 +16,8 @@ if os.environ.get("TRITON_INTERPRET") != "1":
                 allow_module_level=True)
 pytest.importorskip("triton")
 
-from conftest import with_measured_bn  # noqa: E402
 from kernel_cases import EPS, assert_same_gradients, deeplab_ca, memory_format  # noqa: E402
+from numerics import with_measured_bn  # noqa: E402
 from seg.kernels import projection_grad  # noqa: E402
 from seg.kernels.fast import FastExpandedConv, optimize_for_inference, use_fused  # noqa: E402
 

@@ -11,7 +11,7 @@ import pytest
 import segmentation_models_pytorch as smp
 import torch
 
-from conftest import assert_close_at_scale
+from numerics import assert_close_at_scale
 import seg
 import seg.config
 import seg.data

@@ -11,10 +11,11 @@ import torchvision
 from safetensors.torch import save_file
 from torch import nn
 
+from numerics import with_measured_bn
 import seg  # noqa: F401  (registers our encoders in smp)
 from seg.modeling import weights
 from seg.modeling.weights import load_encoder_weights, resolve_weights
-from tests.conftest import shared_path, with_measured_bn
+from tests.conftest import shared_path
 
 FIXTURE_DIR = ("fixtures", "official_ca")
 OFFICIAL_TENSORS = 490
